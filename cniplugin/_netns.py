@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 _THREAD_NETNS = "/proc/thread-self/ns/net"
 
 
@@ -35,9 +36,9 @@ def open_netns(path: str) -> int:
 
 
 def _is_netns(fd: int) -> bool:
-    # os.fstatvfs exposes no f_type (nsfs magic), but a netns fd reads back as "net:[<inode>]".
+    # NS_GET_NSTYPE answers only on nsfs files, with the namespace's CLONE_* type.
     try:
-        return os.readlink(f"/proc/self/fd/{fd}").startswith("net:[")
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
     except OSError:
         return False
 

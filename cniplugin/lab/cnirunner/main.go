@@ -63,7 +63,7 @@ func parseArgs(s string) ([][2]string, error) {
 	return pairs, nil
 }
 
-// pluginEnv builds the environment of an attachment-less command (GC, STATUS): libcni
+// pluginArgs builds the environment of an attachment-less command (GC, STATUS): libcni
 // HEAD passes an empty RuntimeConf, so every CNI_* variable but CNI_COMMAND/CNI_PATH is empty.
 func pluginArgs(command string, path []string) *invoke.Args {
 	return &invoke.Args{Command: command, Path: strings.Join(path, string(os.PathListSeparator))}

@@ -1,0 +1,394 @@
+"""The pure planner: (config, attachment, facts, prior plan) -> Desired.
+
+No I/O, no netlink, no clock: the same inputs always give the same plan, which is what makes
+retried ADDs converge, CHECK meaningful and the CLI's ``plan`` trustworthy. docs/routing.md
+explains every object produced here; design.md "What the planner produces" is the spec.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from ._errors import InterfaceNotFound, InvalidConfig, UnsafeRequest
+from ._facts import Facts, NodeFacts, PodFacts
+from ._objects import (MAIN_TABLE, SCOPE_LINK, SCOPE_UNIVERSE, Desired, KernelObject,
+                       LinkAttr, Neighbour, Route, Rule, Sysctl, default_dst)
+from ._version import RTPROT_ROUTE_TUNE
+
+ETH0_REPLY_TABLE = 100
+FIRST_SECONDARY_TABLE = 101
+SOURCE_RULE_PRIORITY = 31000
+RESERVED_TABLES = frozenset({0, 253, 254, 255})
+IPV6_DEFAULT_METRIC = 1024
+UNDERLAY_VETH = "veth0"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """The interface being attached, as the previous plugins described it."""
+
+    container_id: str
+    ifname: str
+    network: str = ""
+    addresses: tuple[str, ...] = ()   # "ip/prefix", in prevResult order
+    gateways: tuple[str, ...] = ()    # at most one per family
+    mac: str = ""                     # MAC to set from podMACPrefix ("" = leave as is)
+
+    def addresses_of(self, family: int) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+        return [a for a in map(ipaddress.ip_interface, self.addresses) if a.version == family]
+
+    def gateway_of(self, family: int) -> str:
+        return next((g for g in self.gateways if ipaddress.ip_address(g).version == family), "")
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return tuple(sorted({ipaddress.ip_interface(a).version for a in self.addresses}))
+
+
+def resolve_mode(config, ifname: str, pod_links: list[str] = ()) -> str:
+    """The effective mode: ``overlay`` or ``disabled`` (the one place auto is resolved).
+
+    ``auto`` means underlay when route-tune runs for the pod's default NIC or an underlay veth0
+    already exists (coordinator's rule), else overlay.
+    """
+    mode = str(config.mode)
+    eth0 = config.pod_default_cni_nic
+    if mode in ("disabled", "disable"):
+        return "disabled"
+    if mode == "auto":
+        mode = "underlay" if ifname == eth0 or UNDERLAY_VETH in pod_links else "overlay"
+    if mode == "underlay":
+        raise InvalidConfig(
+            f"mode: underlay mode is not available yet (CNI_IFNAME={ifname!r}, "
+            f"podDefaultCniNic={eth0!r}); use mode: overlay for secondary interfaces")
+    if mode != "overlay":
+        raise InvalidConfig(f"mode: unknown value {mode!r}")
+    if ifname == eth0:
+        raise InvalidConfig(
+            f"mode: overlay tunes secondary interfaces, but CNI_IFNAME {ifname!r} is "
+            f"podDefaultCniNic; put route-tune after the secondary interface's plugin")
+    return "overlay"
+
+
+def attachment_from_result(result, ifname: str, container_id: str, network: str,
+                           pod: PodFacts, mac: str = "") -> Attachment:
+    """netK's addresses and gateways, from prevResult (design.md "Names")."""
+    interfaces = list(getattr(result, "interfaces", None) or [])
+    index = next((i for i, itf in enumerate(interfaces) if itf.name == ifname), None)
+    addresses: list[str] = []
+    gateways: dict[int, str] = {}
+    for ip in getattr(result, "ips", None) or []:
+        owner = ip.interface
+        if owner is not None and 0 <= owner < len(interfaces) and owner != index:
+            continue  # sbr semantics: no interface, or out of range, counts as ours
+        cidr = str(ipaddress.ip_interface(str(ip.address)))
+        addresses.append(cidr)
+        if ip.gateway:
+            gateways.setdefault(ipaddress.ip_address(str(ip.gateway)).version, str(ip.gateway))
+    if not addresses:
+        # SLAAC and other post-IPAM addresses: what is really on the link (coordinator #5618).
+        addresses = [a.cidr for a in pod.addrs_of(ifname)]
+    networks = [ipaddress.ip_interface(a).network for a in addresses]
+    for route in getattr(result, "routes", None) or []:
+        dst = ipaddress.ip_network(str(route.dst), strict=False)
+        gw = str(route.gw) if route.gw else ""
+        if dst.prefixlen == 0 and gw and any(ipaddress.ip_address(gw) in n for n in networks):
+            gateways.setdefault(dst.version, gw)
+    for family in (4, 6):
+        if family not in gateways:
+            default = next((r for r in pod.main_routes_of(ifname, family)
+                            if r.is_default and r.gateway), None)
+            if default:
+                gateways[family] = default.gateway
+    return Attachment(container_id=container_id, ifname=ifname, network=network,
+                      addresses=tuple(addresses),
+                      gateways=tuple(gateways[f] for f in sorted(gateways)), mac=mac)
+
+
+def plan(config, attachment: Attachment, facts: Facts, prior: Desired | None = None) -> Desired:
+    """Everything ``attachment`` needs, in the pod and on the node. Raises on unsafe input."""
+    netk = attachment.ifname
+    resolve_mode(config, netk, [link.name for link in facts.pod.links])
+    _validate(config, attachment, facts)
+    plan_ = _Plan(config, attachment, facts, prior)
+    plan_.build()
+    return Desired(
+        ifname=netk, table=plan_.table, families=attachment.families,
+        host_peer=facts.node.host_peer.name if facts.node else "",
+        pod_owned=_unique(plan_.pod_owned), pod_shared=_unique(plan_.pod_shared),
+        node_owned=_unique(plan_.node_owned), node_shared=_unique(plan_.node_shared),
+        displaced=plan_.displaced_routes(), warnings=tuple(plan_.warnings),
+    )
+
+
+def _validate(config, attachment: Attachment, facts: Facts) -> None:
+    pod, netk, eth0 = facts.pod, attachment.ifname, config.pod_default_cni_nic
+    if pod.link(netk) is None:
+        raise InterfaceNotFound(f"interface {netk!r} (CNI_IFNAME) is not in the pod netns")
+    if pod.link(eth0) is None:
+        raise InterfaceNotFound(f"podDefaultCniNic: interface {eth0!r} is not in the pod netns")
+    if not attachment.addresses:
+        raise InvalidConfig(
+            f"no usable IP addresses on {netk!r}: prevResult lists none for it and the link has "
+            f"none; route-tune must run after the plugin that configures {netk!r}")
+    nic = config.pod_default_route_nic
+    if nic and (nic == "lo" or len(nic) > 15 or "/" in nic):
+        raise InvalidConfig(f"podDefaultRouteNic: {nic!r} cannot carry a default route")
+    node = facts.node
+    if node is None:
+        return
+    for cidr in attachment.addresses:
+        ip = str(ipaddress.ip_interface(cidr).ip)
+        if ip in node.local_addrs:
+            raise UnsafeRequest(
+                f"{netk} address {ip} is an address of the node itself; routing it to the pod "
+                f"would cut the node off. Fix the IP pool so it excludes node addresses")
+        if ip in node.gateways:
+            raise UnsafeRequest(
+                f"{netk} address {ip} is the node's default gateway; refusing to route it to "
+                f"the pod. Fix the IP pool so it excludes the node's gateways")
+
+
+def _host(ip: str) -> str:
+    address = ipaddress.ip_address(ip)
+    return f"{address}/{address.max_prefixlen}"
+
+
+def _link_scope(family: int) -> str:
+    # IPv6 routes have no scope: the kernel reports every one as universe.
+    return SCOPE_LINK if family == 4 else SCOPE_UNIVERSE
+
+
+def _metric(family: int) -> int:
+    return IPV6_DEFAULT_METRIC if family == 6 else 0
+
+
+def _unique(objs: list[KernelObject]) -> tuple[KernelObject, ...]:
+    """First object per kernel key wins (the builder adds the most specific first)."""
+    seen: dict[tuple, KernelObject] = {}
+    for obj in objs:
+        seen.setdefault(obj.key(), obj)
+    return tuple(seen.values())
+
+
+def _ours(route: Route, table: int) -> Route:
+    # Copies into our tables carry our protocol; IPv6 routes never carry src (kernel bug 107071).
+    return route.with_(table=table, proto=RTPROT_ROUTE_TUNE,
+                       src=route.src if route.family == 4 else "")
+
+
+class _Plan:
+    """One planning run; methods fill the four object lists and the displaced set."""
+
+    def __init__(self, config, attachment: Attachment, facts: Facts, prior: Desired | None):
+        self.config, self.att, self.facts, self.prior = config, attachment, facts, prior
+        self.pod: PodFacts = facts.pod
+        self.node: NodeFacts | None = facts.node
+        self.eth0, self.netk = config.pod_default_cni_nic, attachment.ifname
+        self.table = self._choose_table()
+        self.pod_owned: list[KernelObject] = []
+        self.pod_shared: list[KernelObject] = []
+        self.node_owned: list[KernelObject] = []
+        self.node_shared: list[KernelObject] = []
+        self.displaced: list[Route] = list(prior.displaced) if prior else []
+        self.warnings: list[str] = list(facts.warnings)
+
+    # -- table choice -------------------------------------------------------------------
+    def _choose_table(self) -> int:
+        if self.prior is not None:
+            return self.prior.table
+        mine = {_host(str(ipaddress.ip_interface(a).ip)) for a in self.att.addresses}
+        for rule in self.pod.owned_rules:  # state lost but our rule survived: keep its table
+            if rule.priority == SOURCE_RULE_PRIORITY and rule.src in mine \
+                    and rule.table >= FIRST_SECONDARY_TABLE:
+                return rule.table
+        used = set(self.pod.used_tables) | {r.table for r in self.pod.rules} | RESERVED_TABLES
+        table = FIRST_SECONDARY_TABLE
+        while table in used:
+            table += 1
+        return table
+
+    # -- top level ----------------------------------------------------------------------
+    def build(self) -> None:
+        self._link_attrs()
+        self._sysctls()
+        for family in self.att.families:
+            if self.config.tune_pod_routes:
+                self._pod_routes(family)
+            self._node_side(family)
+        self._displace_collisions()
+
+    def displaced_routes(self) -> tuple[Route, ...]:
+        seen, out = set(), []
+        for route in self.displaced:
+            ident = (route.key(), route.dev, route.gateway)
+            if ident not in seen:
+                seen.add(ident)
+                out.append(route)
+        return tuple(out)
+
+    def _link_attrs(self) -> None:
+        if self.config.tx_queue_len:
+            self.pod_owned.append(LinkAttr(self.netk, "txqlen", str(self.config.tx_queue_len)))
+        if self.att.mac:
+            self.pod_owned.append(LinkAttr(self.netk, "address", self.att.mac.lower()))
+
+    def _sysctls(self) -> None:
+        value = int(self.config.pod_rp_filter)
+        if value != -1:
+            self.pod_shared.append(Sysctl("net/ipv4/conf/all/rp_filter", str(value)))
+            self.pod_owned.append(Sysctl(f"net/ipv4/conf/{self.netk}/rp_filter", str(value)))
+        if 6 in self.att.families:
+            self.pod_shared.append(Sysctl("net/ipv6/conf/all/disable_ipv6", "0"))
+
+    # -- pod ----------------------------------------------------------------------------
+    def _pod_routes(self, family: int) -> None:
+        table, netk = self.table, self.netk
+        addrs = self.att.addresses_of(family)
+        gateway = self.att.gateway_of(family)
+        metric = _metric(family)
+        # Table T, most specific first (_unique keeps the first per key).
+        for addr in addrs:
+            self.pod_owned.append(Route(family, table, str(addr.network), netk,
+                                        scope=_link_scope(family),
+                                        src=str(addr.ip) if family == 4 else "",
+                                        metric=_connected_metric(family)))
+        self.pod_owned += self._cluster_routes(family, table)
+        for policy in self.config.policy_routes or ():
+            dst = ipaddress.ip_network(str(policy.dst), strict=False)
+            if dst.version == family:
+                self.pod_owned.append(Route(family, table, str(dst), netk,
+                                            gateway=str(policy.gw), metric=metric))
+        for route in self.pod.main_routes_of(netk, family):
+            if route.proto != RTPROT_ROUTE_TUNE and not route.is_default \
+                    and not _is_link_local_prefix(route.dst):
+                self.pod_owned.append(_ours(route, table))
+        if gateway:
+            self.pod_owned.append(Route(family, table, default_dst(family), netk,
+                                        gateway=gateway, metric=metric))
+        else:
+            self.warnings.append(f"{netk} has no IPv{family} gateway: table {table} has no "
+                                 f"default route; other destinations fall through to main")
+        for addr in addrs:
+            self.pod_owned.append(Rule(family, SOURCE_RULE_PRIORITY, table, _host(str(addr.ip))))
+        self._eth0_reply_table(family)
+        self.pod_shared += self._cluster_routes(family, MAIN_TABLE)
+        self.pod_shared += self._cluster_neighbours(family)
+        self._main_default(family, gateway)
+
+    def _eth0_src(self, family: int) -> str:
+        if family == 6:
+            return ""
+        v4 = self.pod.addrs_of(self.eth0, 4)
+        return v4[0].address if v4 else ""
+
+    def _node_ips(self, family: int) -> list[str]:
+        if self.node is None:
+            return []
+        return [ip for ip in self.node.node_ips if ipaddress.ip_address(ip).version == family]
+
+    def _cluster_routes(self, family: int, table: int) -> list[Route]:
+        """Node IPs and cluster CIDRs via eth0 (outcome 2), for main or a rail table."""
+        if not self.pod.addrs_of(self.eth0, family):
+            if table == MAIN_TABLE:
+                self.warnings.append(f"{self.eth0} has no IPv{family} address: no IPv{family} "
+                                     f"cluster routes")
+            return []
+        node_ips, src = self._node_ips(family), self._eth0_src(family)
+        routes = [Route(family, table, _host(ip), self.eth0, scope=_link_scope(family), src=src,
+                        metric=_metric(family)) for ip in node_ips]
+        cidrs = [ipaddress.ip_network(str(c), strict=False) for c in (
+            *(self.config.overlay_pod_cidr or ()), *(self.config.service_cidr or ()),
+            *(self.config.hijack_cidr or ()))]
+        cidrs = [c for c in cidrs if c.version == family]
+        if cidrs and not node_ips:
+            if table == MAIN_TABLE:
+                self.warnings.append(f"no IPv{family} node IP to route cluster CIDRs through")
+            return routes
+        for cidr in cidrs:
+            routes.append(Route(family, table, str(cidr), self.eth0, gateway=node_ips[0],
+                                src=src, metric=_metric(family)))
+        return routes
+
+    def _cluster_neighbours(self, family: int) -> list[Neighbour]:
+        if self.node is None or not self.pod.addrs_of(self.eth0, family):
+            return []
+        return [Neighbour(family, self.eth0, ip, self.node.host_peer.mac)
+                for ip in self._node_ips(family)]
+
+    def _eth0_defaults(self, family: int) -> list[Route]:
+        """eth0's default route(s): live in main, else displaced earlier, else our table-100 copy."""
+        def defaults(routes):
+            return [r for r in routes if r.family == family and r.dev == self.eth0 and r.is_default]
+        return (defaults(r for r in self.pod.main_routes if r.proto != RTPROT_ROUTE_TUNE)
+                or defaults(self.displaced)
+                or defaults(r for r in self.pod.owned_routes if r.table == ETH0_REPLY_TABLE))
+
+    def _eth0_reply_table(self, family: int) -> None:
+        defaults = self._eth0_defaults(family)
+        eth0_addrs = self.pod.addrs_of(self.eth0, family)
+        if not defaults or not eth0_addrs:
+            self.warnings.append(f"{self.eth0} has no IPv{family} default route or address: "
+                                 f"no reply table {ETH0_REPLY_TABLE} for IPv{family}")
+            return
+        for default in defaults:
+            gw = ipaddress.ip_address(default.gateway) if default.gateway else None
+            for route in self.pod.main_routes_of(self.eth0, family):
+                if gw and not route.gateway and not route.is_default \
+                        and gw in ipaddress.ip_network(route.dst):
+                    self.pod_shared.append(_ours(route, ETH0_REPLY_TABLE))
+            self.pod_shared.append(_ours(default, ETH0_REPLY_TABLE))
+        for addr in eth0_addrs:
+            self.pod_shared.append(Rule(family, SOURCE_RULE_PRIORITY, ETH0_REPLY_TABLE,
+                                        _host(addr.address)))
+
+    def _main_default(self, family: int, gateway: str) -> None:
+        """Only podDefaultRouteNic (default: eth0) keeps a default route in main (outcome 3)."""
+        nic = self.config.pod_default_route_nic or self.eth0
+        foreign = [r for r in self.pod.main_routes
+                   if r.family == family and r.is_default and r.proto != RTPROT_ROUTE_TUNE]
+        self.displaced += [r for r in foreign if r.dev == self.netk]
+        if nic != self.netk:
+            if nic != self.eth0 and self.pod.link(nic) is None:
+                self.warnings.append(f"podDefaultRouteNic {nic!r} is not in the pod yet: the "
+                                     f"default stays on {self.eth0} until {nic!r} is attached")
+            return
+        if not gateway:
+            self.warnings.append(f"podDefaultRouteNic {nic!r} has no IPv{family} gateway: the "
+                                 f"IPv{family} default stays where it is")
+            return
+        self.displaced += [r for r in foreign if r.dev == self.eth0]
+        self.pod_owned.append(Route(family, MAIN_TABLE, default_dst(family), self.netk,
+                                    gateway=gateway, metric=_metric(family)))
+
+    def _displace_collisions(self) -> None:
+        """A foreign main route with the key of one of ours would be overwritten: record it."""
+        ours = {o.key() for o in (*self.pod_owned, *self.pod_shared)
+                if isinstance(o, Route) and o.table == MAIN_TABLE}
+        self.displaced += [r for r in self.pod.main_routes
+                           if r.proto != RTPROT_ROUTE_TUNE and r.key() in ours]
+
+    # -- node ---------------------------------------------------------------------------
+    def _node_side(self, family: int) -> None:
+        if self.node is None:
+            return
+        config, peer = self.config, self.node.host_peer
+        eth0_mac = self.pod.link(self.eth0).mac
+        self.node_shared.append(Rule(family, int(config.host_rule_priority),
+                                     int(config.host_rule_table)))
+        for addr in self.att.addresses_of(family):
+            self.node_owned.append(Route(family, int(config.host_rule_table), _host(str(addr.ip)),
+                                         peer.name, scope=_link_scope(family),
+                                         metric=_metric(family)))
+            self.node_owned.append(Neighbour(family, peer.name, str(addr.ip), eth0_mac))
+
+
+def _connected_metric(family: int) -> int:
+    # The kernel's own prefix routes: IPv4 metric 0, IPv6 metric 256.
+    return 256 if family == 6 else 0
+
+
+def _is_link_local_prefix(dst: str) -> bool:
+    network = ipaddress.ip_network(dst)
+    return network.version == 6 and (network.is_link_local or network.is_multicast)

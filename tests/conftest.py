@@ -1,0 +1,56 @@
+"""Shared test plumbing, kept small: ``require_root()``, the ``--run-slow`` option, and where the
+installed executables live. Fixtures that belong to one area live in that area's test modules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+ROUTE_TUNE = VENV_BIN / "route-tune"  # the installed console script (shebang: venv python)
+CNI_ROUTE_TUNE = VENV_BIN / "cni-route-tune"
+
+
+def require_root(*tools: str) -> None:
+    """Skip unless root and ``tools`` are on PATH; with env ``CI`` set, fail instead of skipping
+    (a CI run must never go green by silently skipping the kernel tests)."""
+    problems = [] if os.geteuid() == 0 else ["needs root"]
+    problems += [f"needs `{tool}` on PATH" for tool in tools if shutil.which(tool) is None]
+    if not problems:
+        return
+    reason = ", ".join(problems)
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
+    pytest.skip(reason)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked slow (long-running variants)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow variant: enable with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+def run_plugin(env: dict[str, str], stdin: bytes | str | dict | None = None, *,
+               executable: Path = ROUTE_TUNE, args: tuple[str, ...] = ()):
+    """Run the installed plugin as a runtime would: only ``env`` (plus PATH), ``stdin`` piped."""
+    import json
+    import subprocess
+    if isinstance(stdin, dict):
+        stdin = json.dumps(stdin)
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
+    return subprocess.run([str(executable), *args], input=stdin if stdin is not None else b"",
+                          env=full_env, capture_output=True, check=False)

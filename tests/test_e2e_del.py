@@ -1,0 +1,78 @@
+"""Issue 3's DEL matrix, end to end through libcni: DEL must always succeed and leave the
+pod and node exactly as before ADD (node side even when the pod netns is gone)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cniplugin.lab.topology import state_diff
+from lab_fixtures import *  # noqa: F401,F403
+
+pytestmark = [pytest.mark.netns, pytest.mark.libcni]
+
+
+def test_del_twice_and_without_prev_result(rail_pod):
+    pod = rail_pod("dual", rails=3)
+    lab = pod.lab
+    before = {ns: lab.state(ns) for ns in (lab.pod, lab.node)}
+    pod.add_all()
+    pod.delete(3)
+    pod.delete(3)  # second DEL: no cache, so libcni sends no prevResult
+    # DEL with the cache removed by hand: route-tune finds its state without prevResult.
+    (pod.penv.cache_dir / "results" / f"rail2-{pod.container_id}-net2").unlink()
+    pod.delete(2)
+    pod.delete(1)
+    pod.delete(1)
+    for ns, state in before.items():
+        assert state_diff(state, lab.state(ns)) == "", ns
+
+
+def test_del_with_empty_netns_cleans_the_node(rail_pod):
+    pod = rail_pod("4", rails=2)
+    lab = pod.lab
+    node_before = lab.state(lab.node)
+    pod.add_all()
+    pod.delete_all(netns="")
+    assert state_diff(node_before, lab.state(lab.node)) == ""
+
+
+def test_del_after_netns_is_gone_cleans_the_node(rail_pod):
+    pod = rail_pod("dual", rails=2)
+    lab = pod.lab
+    node_before = lab.state(lab.node)
+    pod.add_all()
+    lab.exec(lab.node, "true")
+    from cniplugin.lab.topology import run
+    run("ip", "netns", "del", lab.pod)
+    pod.delete_all()
+    pod.delete_all()
+    assert state_diff(node_before, lab.state(lab.node)) == ""
+
+
+def test_del_after_interface_is_gone(rail_pod):
+    pod = rail_pod("4", rails=3)
+    lab = pod.lab
+    before = {ns: lab.state(ns) for ns in (lab.pod, lab.node)}
+    pod.add_all()
+    lab.ip(lab.pod, "link", "del", "net2")
+    pod.delete(2)
+    assert_rail_routing(pod, rails=[1, 3])
+    pod.delete(3)
+    pod.delete(1)
+    for ns, state in before.items():
+        assert state_diff(state, lab.state(ns)) == "", ns
+
+
+def test_del_of_net3_alone_leaves_the_other_seven_working(rail_pod):
+    pod = rail_pod("dual")
+    lab = pod.lab
+    pod.add_all()
+    pod.delete(3)
+    assert_rail_routing(pod, rails=[1, 2, 4, 5, 6, 7, 8])
+    assert not [r for r in pod_rules(lab) if str(r["table"]) == "103"]
+    assert lab.ip(lab.pod, "route", "show", "table", "all").count("net3") == 0
+    for fam in lab.families:
+        assert lab.rail_ip(3, fam) not in lab.ip(lab.node, f"-{fam}", "route", "show", "table", "500")
+        assert lab.rail_ip(3, fam) not in lab.ip(lab.node, "neigh", "show")
+    for k in (1, 2, 4, 5, 6, 7, 8):
+        pod.check(k)

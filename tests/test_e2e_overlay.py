@@ -1,0 +1,138 @@
+"""Issue 3 end to end: the 8-rail overlay pod through Debian's libcni and route-tune.
+
+Each test builds its own lab (prefix rtC...), runs `[macvlan, route-tune]` per rail through
+the Go libcni runner, asserts the outcomes by behaviour (route lookups, pings) and compares
+the WHOLE pod and node state before ADD and after DEL.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cniplugin.lab.runtime import CniFailure
+from cniplugin.lab.topology import state_diff
+from lab_fixtures import *  # noqa: F401,F403
+
+pytestmark = [pytest.mark.netns, pytest.mark.libcni]
+
+
+def snapshot(pod):
+    return {ns: pod.lab.state(ns) for ns in (pod.lab.pod, pod.lab.node)}
+
+
+def assert_restored(pod, before):
+    for ns, state in before.items():
+        diff = state_diff(state, pod.lab.state(ns))
+        assert diff == "", f"{ns} differs from its pre-ADD state:\n{diff}"
+
+
+@pytest.mark.parametrize("family", ["4", "6", "dual"])
+def test_eight_rail_pod(rail_pod, family):
+    pod = rail_pod(family)
+    lab = pod.lab
+    before = snapshot(pod)
+    pod.add_all()
+    for k in pod.rails:
+        result = pod.results[k]
+        assert result["interfaces"][0]["name"] == f"net{k}"
+        assert sorted(ip["address"].split("/")[0] for ip in result["ips"]) == sorted(
+            lab.rail_ip(k, f) for f in lab.families)
+    assert_rail_routing(pod)
+    # Table numbering: eth0's reply table 100, netK → 100+K, every rule at 31000.
+    rules = {(r["src"], str(r["table"]), r["priority"]) for r in pod_rules(lab)}
+    want = {(lab.pod_ip(f), "100", 31000) for f in lab.families}
+    want |= {(lab.rail_ip(k, f), str(100 + k), 31000) for k in pod.rails for f in lab.families}
+    assert rules == want
+    # Node: one rule per family to table 500, a /32|/128 per rail address via the cali veth.
+    for fam in lab.families:
+        node_rules = json.loads(lab.ip(lab.node, "-j", f"-{fam}", "rule", "show"))
+        assert [r for r in node_rules if str(r.get("table")) == "500"] == [
+            {"priority": 1000, "src": "all", "table": "500", "protocol": "231"}]
+        table = json.loads(lab.ip(lab.node, "-j", f"-{fam}", "route", "show", "table", "500"))
+        assert sorted((r["dst"], r["dev"]) for r in table) == sorted(
+            (lab.rail_ip(k, fam), lab.cali) for k in pod.rails)
+    if "4" in lab.families:
+        sysctl = lab.state(lab.pod)["sysctl"]
+        for dev in ["all"] + [f"net{k}" for k in pod.rails]:
+            assert sysctl[f"net.ipv4.conf.{dev}.rp_filter"] == "0"
+    for k in pod.rails:
+        pod.check(k)
+    pod.delete_all()
+    assert_restored(pod, before)
+
+
+@pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
+def test_cni_versions(rail_pod, version):
+    pod = rail_pod("dual", rails=2, cni_version=version)
+    before = snapshot(pod)
+    pod.add_all()
+    for result in pod.results.values():
+        assert result["cniVersion"] == version
+        assert all(("version" in ip) == (version == "0.4.0") for ip in result["ips"])
+    assert_rail_routing(pod)
+    for k in pod.rails:
+        pod.check(k)
+    pod.delete_all()
+    assert_restored(pod, before)
+
+
+@pytest.mark.parametrize("nic", ["net1", "net8"])
+def test_pod_default_route_nic(rail_pod, nic):
+    pod = rail_pod("4", keys={"podDefaultRouteNic": nic})
+    lab = pod.lab
+    before = snapshot(pod)
+    for k in pod.rails:
+        pod.add(k)
+        if k < int(nic[3:]):
+            # net8 is attached last: until then the default stays on eth0.
+            assert lab.route_get(lab.pod, "192.0.2.1")["dev"] == "eth0", f"after net{k}"
+    got = lab.route_get(lab.pod, "192.0.2.1")
+    assert (got["dev"], got.get("gateway")) == (nic, lab.gw_ip(int(nic[3:]), "4"))
+    assert_rail_routing(pod, default_nic=nic)
+    for k in pod.rails:
+        pod.check(k)
+    pod.delete_all()
+    assert_restored(pod, before)
+
+
+def test_retried_add_converges(rail_pod):
+    pod = rail_pod("dual", rails=3)
+    before = snapshot(pod)
+    pod.add_all()
+    after_add = snapshot(pod)
+    for k in pod.rails:
+        again = pod.retry_add(k)
+        assert again == pod.results[k] or again["ips"] == pod.results[k]["ips"]
+    for ns, state in after_add.items():
+        assert state_diff(state, pod.lab.state(ns)) == "", f"retried ADD changed {ns}"
+    assert_rail_routing(pod)
+    pod.delete_all()
+    assert_restored(pod, before)
+
+
+DRIFTS = {
+    "pod rule": lambda lab: lab.ip(lab.pod, "rule", "del", "from", lab.rail_ip(3, "4"), "table", "103",
+                                   "pref", "31000"),
+    "pod table route": lambda lab: lab.ip(lab.pod, "route", "del", "default", "table", "103"),
+    "node table-500 route": lambda lab: lab.ip(lab.node, "route", "del", lab.rail_ip(3, "4"), "table", "500"),
+    "node neighbour": lambda lab: lab.ip(lab.node, "neigh", "del", lab.rail_ip(3, "4"), "dev", lab.cali),
+}
+
+
+@pytest.mark.parametrize("drift", list(DRIFTS))
+def test_check_names_the_drift(rail_pod, drift):
+    pod = rail_pod("4", rails=4)
+    pod.add_all()
+    pod.check(3)
+    # A later chained plugin changing unrelated main-table routes is fine.
+    pod.lab.ip(pod.lab.pod, "route", "add", "198.51.100.0/24", "via", pod.lab.gw_ip(2, "4"), "dev", "net2")
+    pod.check(3)
+    DRIFTS[drift](pod.lab)
+    with pytest.raises(CniFailure) as err:
+        pod.check(3)
+    text = f"{err.value.msg} {err.value.details}"
+    assert pod.lab.rail_ip(3, "4") in text or "103" in text, text
+    for k in (1, 2, 4):
+        pod.check(k)  # the other attachments did not drift
