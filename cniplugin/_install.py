@@ -256,9 +256,12 @@ def _is_complete(vdir: Path, source: _Source, digest: str) -> bool:
 
 
 def _copy_tree(source: _Source, dest: Path) -> None:
+    made: set[Path] = set()
     for e in source.entries:
         target = dest / e.rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            made.add(target.parent)
         if e.link is not None:
             os.symlink(e.link, target)
         else:

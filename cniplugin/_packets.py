@@ -15,7 +15,7 @@ __all__ = [
     "ZERO_MAC", "NA_ROUTER", "NA_SOLICITED", "NA_OVERRIDE", "ArpPacket", "NdPacket",
     "mac_to_bytes", "mac_to_str", "solicited_node", "multicast_mac", "icmpv6_checksum",
     "build_arp", "parse_arp", "build_ns", "build_na", "parse_nd", "ALL_NODES",
-    "bpf_program", "arp_sender_filter", "na_target_filter",
+    "Check", "Program", "bpf_program", "arp_sender_filter", "na_target_filter",
 ]
 
 ETH_P_ARP = 0x0806
@@ -87,7 +87,7 @@ def multicast_mac(ip: ipaddress.IPv6Address) -> bytes:
 
 
 def icmpv6_checksum(src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address, body: bytes) -> int:
-    """RFC 4443 §2.3: one's-complement sum over the pseudo-header and the message (checksum field 0)."""
+    """RFC 4443 §2.3: one's-complement sum over pseudo-header + message (checksum field zero)."""
     data = src.packed + dst.packed + struct.pack("!I3xB", len(body), _IPPROTO_ICMPV6) + body
     if len(data) % 2:
         data += b"\x00"
@@ -147,7 +147,7 @@ def build_ns(eth_src: bytes, src: str | ipaddress.IPv6Address,
 def build_na(eth_src: bytes, src: str | ipaddress.IPv6Address, target: str | ipaddress.IPv6Address,
              *, dst: str | ipaddress.IPv6Address = ALL_NODES, eth_dst: bytes | None = None,
              flags: int = NA_OVERRIDE) -> bytes:
-    """NA for ``target`` with the target LL option = ``eth_src``; default: unsolicited to ff02::1."""
+    """NA for ``target``, target LL option = ``eth_src``; by default unsolicited, to ff02::1."""
     src, target, dst = (ipaddress.IPv6Address(a) for a in (src, target, dst))
     if eth_dst is None:
         eth_dst = multicast_mac(dst)
@@ -170,12 +170,13 @@ def _nd_lladdr(options: bytes, wanted: int) -> tuple[bool, bytes | None]:
 
 
 def parse_nd(frame: bytes) -> NdPacket | None:
-    """A NS/NA passing RFC 4861 §7.1 validation (hop limit 255, code 0, checksum, lengths), else None."""
+    """A NS/NA passing RFC 4861 §7.1 validation (hop limit 255, code 0, checksum, lengths),
+    else None."""
     if len(frame) < _ETH.size + _IP6.size + 24:
         return None
     _dst, eth_src, ethertype = _ETH.unpack_from(frame)
     vtcfl, plen, nxt, hlim, src, dst = _IP6.unpack_from(frame, _ETH.size)
-    if ethertype != ETH_P_IPV6 or vtcfl >> 28 != 6 or nxt != _IPPROTO_ICMPV6 or hlim != _ND_HOP_LIMIT:
+    if (ethertype, vtcfl >> 28, nxt, hlim) != (ETH_P_IPV6, 6, _IPPROTO_ICMPV6, _ND_HOP_LIMIT):
         return None
     body = frame[_ETH.size + _IP6.size:][:plen]
     if plen < 24 or len(body) != plen:
@@ -209,10 +210,11 @@ _BPF_JEQ_K = 0x15
 _BPF_RET_K = 0x06
 _BPF_SNAPLEN = 0x40000
 Check = tuple[int, int, int]  # (size in bytes, offset from the Ethernet header, expected value)
+Program = list[tuple[int, int, int, int]]  # struct sock_filter: (code, jt, jf, k)
 
 
 def bpf_program(common: list[Check], alternatives: list[list[Check]]
-                ) -> list[tuple[int, int, int, int]] | None:
+                ) -> Program | None:
     """Instructions accepting frames that pass every ``common`` check and all checks of at least
     one alternative; None if the program would need jumps longer than BPF's 255 (too many targets).
     """
@@ -240,12 +242,12 @@ def bpf_program(common: list[Check], alternatives: list[list[Check]]
     return program + [(_BPF_RET_K, 0, 0, _BPF_SNAPLEN), (_BPF_RET_K, 0, 0, 0)]
 
 
-def arp_sender_filter(ips: list[ipaddress.IPv4Address]):
+def arp_sender_filter(ips: list[ipaddress.IPv4Address]) -> Program | None:
     """ARP frames whose sender IP is one of ``ips``."""
     return bpf_program([(2, 12, ETH_P_ARP)], [[(4, 28, int(ip))] for ip in ips])
 
 
-def na_target_filter(ips: list[ipaddress.IPv6Address]):
+def na_target_filter(ips: list[ipaddress.IPv6Address]) -> Program | None:
     """NAs (no extension headers, as RFC 4861 NDP is sent) whose target is one of ``ips``."""
     common = [(2, 12, ETH_P_IPV6), (1, 20, _IPPROTO_ICMPV6), (1, 54, ND_NA)]
     alts = [[(4, 62 + 4 * w, int.from_bytes(ip.packed[4 * w:4 * w + 4], "big")) for w in range(4)]

@@ -87,7 +87,7 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def _attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]] | None) -> None:
+def _attach_filter(sock: socket.socket, program: pk.Program | None) -> None:
     if not program:
         return
     insns = (_SockFilter * len(program))(*(_SockFilter(*i) for i in program))
@@ -98,7 +98,8 @@ def _attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]
         log.debug("SO_ATTACH_FILTER failed (%s); filtering in user space only", exc)
 
 
-def _open(ifname: str, ethertype: int, program) -> tuple[socket.socket, bytes]:
+def _open(ifname: str, ethertype: int, program: pk.Program | None
+          ) -> tuple[socket.socket, bytes]:
     """A non-blocking AF_PACKET socket on ``ifname`` for ``ethertype``, and the link's MAC.
 
     Created with protocol 0 (receives nothing) and given its filter *before* bind, so no
@@ -197,7 +198,7 @@ class _Channels:
     stack: ExitStack = field(default_factory=ExitStack)
     items: list[_Channel] = field(default_factory=list)
 
-    def open(self, ethertype: int, program) -> _Channel:
+    def open(self, ethertype: int, program: pk.Program | None) -> _Channel:
         sock, mac = _open(self.ifname, ethertype, program)
         self.stack.callback(_close, sock)
         self.items.append(_Channel(sock, mac))
@@ -281,7 +282,8 @@ def _read_int(path: str, default: int) -> int:
 
 
 def _ipv6_flags(ifname: str, ip: ipaddress.IPv6Address) -> int | None:
-    """IFA flags of ``ip`` on ``ifname`` in the *thread's* netns (``/proc/self`` is the process's)."""
+    """IFA flags of ``ip`` on ``ifname`` in the *thread's* netns (``/proc/self`` would be the
+    process's)."""
     try:
         with open("/proc/thread-self/net/if_inet6") as f:
             for line in f:
@@ -298,7 +300,7 @@ def _dad_bound(ifname: str) -> float:
     base = "/proc/sys/net/ipv6"
     transmits = _read_int(f"{base}/conf/{ifname}/dad_transmits", 1)
     retrans_ms = _read_int(f"{base}/neigh/{ifname}/retrans_time_ms", 1000)
-    delay_s = _read_int(f"{base}/conf/{ifname}/rtr_solicit_delay", 1)
+    delay_s = _read_int(f"{base}/conf/{ifname}/router_solicitation_delay", 1)
     return transmits * retrans_ms / 1000 + delay_s + 1.0
 
 
@@ -317,8 +319,8 @@ def wait_dad(ifname: str, ip: str | ipaddress.IPv6Address) -> float:
         if flags is None:
             return 0.0
         if flags & _IFA_F_DADFAILED:
-            raise IPConflict(f"IP conflict: the kernel's duplicate address detection failed for {ip} "
-                             f"on {ifname}: another node (MAC unknown) holds it")
+            raise IPConflict(f"IP conflict: the kernel's duplicate address detection failed "
+                             f"for {ip} on {ifname}: another node (MAC unknown) holds it")
         # optimistic addresses (RFC 4429) may already be used as a source
         if not flags & _IFA_F_TENTATIVE or flags & _IFA_F_OPTIMISTIC:
             return time.monotonic() - start

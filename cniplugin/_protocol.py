@@ -229,6 +229,7 @@ def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = 
                                           f'{since} or later')
             req = Request(command, env, raw, reply_version, read_node_defaults(environ),
                           pod_netns_fd, node_netns_fd)
+            _logging.set_request_options(_log_options(req))
             return _dispatch(req, logger)
         except CNIError as error:
             logger.warning("%s failed: code %d: %s%s", command, error.code, error.msg,
@@ -241,24 +242,19 @@ def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = 
             return error_outcome(error, reply_version or _reply_version(stdin))
 
 
-def _configure_file_log(req: Request, light: bool) -> None:
-    from . import _logging
-    if light:  # no pydantic: resolve logOptions directly (same rules as the config model)
-        log_dir = req.node_defaults.values.get("logDir", _logging.DEFAULT_LOG_DIR)
-        merged = {**(req.node_defaults.values.get("logOptions") or {}),
-                  **(req.raw.get("logOptions") or {})}
-        _logging.set_request_options(_logging.resolve_log_options(merged, log_dir))
-    else:
-        _logging.set_request_options(req.config.log_options)
+def _log_options(req: Request):
+    """``logOptions`` resolved without pydantic (the same function the config model uses), so the
+    file log works from the first step, also for the light DEL path and for 999s."""
+    from ._logging import DEFAULT_LOG_DIR, resolve_log_options
+    defaults = req.node_defaults.values
+    merged = {**(defaults.get("logOptions") or {}), **(req.raw.get("logOptions") or {})}
+    return resolve_log_options(merged, defaults.get("logDir", DEFAULT_LOG_DIR))
 
 
 def _dispatch(req: Request, logger) -> Outcome:
     light = req.command == "DEL" and req.netns_gone
-    if light:
-        _configure_file_log(req, light=True)
-    else:
+    if not light:
         req.config  # validate now: option errors are code 7 before anything else happens
-        _configure_file_log(req, light=False)
         req.prev_result
     logger.debug("%s: config version %s", req.command, req.cni_version)
 

@@ -110,6 +110,11 @@ def _recv_exact(conn: socket.socket, n: int, fds: list[int]) -> bytes:
     return bytes(buf)
 
 
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
+
+
 def _is_netns(fd: int) -> bool:
     try:
         return fcntl.ioctl(fd, _NS_GET_NSTYPE) == _CLONE_NEWNET
@@ -342,23 +347,29 @@ class Server:
             return
         fds: list[int] = []
         try:
-            try:
-                env, stdin, pod_fd, node_fd = read_request(conn, fds)
-            except _Mismatch as exc:
-                log.warning("pid %d speaks another protocol (magic %r)", pid, bytes(exc.args[0]))
-                self._send(conn, _shim.MISMATCH + bytes(_shim.HEADER_LEN - 4))
-                return
-            except BadRequest as exc:
-                log.warning("malformed request from pid %d: %s", pid, exc)
-                self._send(conn, _error_frame(IOFailure("malformed request", str(exc))))
-                return
-            except OSError as exc:  # timeout or peer gone: nobody to answer
-                log.warning("request from pid %d not received: %s", pid, exc)
-                return
-            self._send(conn, self._run(env, stdin, pod_fd, node_fd))
+            env, stdin, pod_fd, node_fd = read_request(conn, fds)
+        except _Mismatch as exc:
+            _close_all(fds)
+            log.warning("pid %d speaks another protocol (magic %r)", pid, bytes(exc.args[0]))
+            self._send(conn, _shim.MISMATCH + bytes(_shim.HEADER_LEN - 4))
+            return
+        except BadRequest as exc:
+            _close_all(fds)
+            log.warning("malformed request from pid %d: %s", pid, exc)
+            self._send(conn, _error_frame(IOFailure("malformed request", str(exc))))
+            return
+        except OSError as exc:  # timeout or peer gone: nobody to answer
+            _close_all(fds)
+            log.warning("request from pid %d not received: %s", pid, exc)
+            return
+        except BaseException:
+            _close_all(fds)
+            raise
+        try:
+            reply = self._run(env, stdin, pod_fd, node_fd)
         finally:
-            for fd in fds:
-                os.close(fd)
+            _close_all(fds)
+        self._send(conn, reply)
 
     def _send(self, conn: socket.socket, frame: bytes) -> None:
         try:

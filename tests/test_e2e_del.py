@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cniplugin.lab.topology import state_diff
+from cniplugin.lab.topology import run, state_diff
 from lab_fixtures import *  # noqa: F401,F403
 
 pytestmark = [pytest.mark.netns, pytest.mark.libcni]
@@ -41,8 +41,6 @@ def test_del_after_netns_is_gone_cleans_the_node(rail_pod):
     lab = pod.lab
     node_before = lab.state(lab.node)
     pod.add_all()
-    lab.exec(lab.node, "true")
-    from cniplugin.lab.topology import run
     run("ip", "netns", "del", lab.pod)
     pod.delete_all()
     pod.delete_all()

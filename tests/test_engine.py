@@ -307,3 +307,164 @@ def topo_prev(topo: Topology, k: int, ifname: str = "") -> dict:
                     "interface": 0})
     return {"cniVersion": "1.0.0", "ips": ips,
             "interfaces": [{"name": ifname, "sandbox": f"/var/run/netns/{topo.pod}"}]}
+
+
+def test_del_matrix(topo):
+    """DEL: twice, without prevResult, empty CNI_NETNS, gone interface, gone netns, no ADD."""
+    pod_before, node_before = snapshot(topo.pod), snapshot(topo.node)
+    ok(run(topo, "DEL", "net9", conf(topo)))                      # never added
+    add(topo, 1)
+    add(topo, 2)
+    ok(run(topo, "DEL", "net2", conf(topo), netns=""))            # empty CNI_NETNS: node only
+    assert rail_ip(2) not in nsx(topo.node, "ip", "route", "show", "table", "500")
+    ok(run(topo, "DEL", "net2", conf(topo)))                      # again: nothing left to do
+    nsx(topo.pod, "ip", "link", "del", "net1")                    # interface gone
+    ok(run(topo, "DEL", "net1", conf(topo)))
+    ok(run(topo, "DEL", "net1", conf(topo)))
+    nsx(topo.pod, "ip", "link", "del", "net2")
+    # net2's pod-side objects survive (netns was unknown at its DEL): only table 102 routes on
+    # the deleted link vanished with it, and its rule stays; that is the documented cost of
+    # DEL without CNI_NETNS. Everything else is back.
+    rules = [line for line in nsx(topo.pod, "ip", "rule").splitlines() if "172.16.12.10" not in line]
+    assert "\n".join(rules) + "\n" == pod_before["rule-4"]
+    assert snapshot(topo.node) == node_before
+
+
+def test_del_with_netns_gone_cleans_node(topo):
+    node_before = snapshot(topo.node)
+    add(topo, 1)
+    add(topo, 2)
+    sh("ip", "netns", "del", topo.pod)
+    for k in (2, 1):
+        ok(run(topo, "DEL", f"net{k}", conf(topo)))
+        ok(run(topo, "DEL", f"net{k}", conf(topo)))
+    # The pod's veth died with its netns (and the Calico-style route on it); the rest, including
+    # the node rule route-tune added, must be exactly as before.
+    without_veth = lambda snap: {k: [line for line in (v if isinstance(v, list) else
+                                                       v.splitlines()) if "rtBcali0" not in line]
+                                 for k, v in snap.items()}
+    assert without_veth(snapshot(topo.node)) == without_veth(node_before)
+    assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))
+
+
+def test_del_one_rail_leaves_others(topo):
+    for k in (1, 2, 3):
+        add(topo, k)
+    ok(run(topo, "DEL", "net2", conf(topo)))
+    nsx(topo.pod, "ip", "link", "del", "net2")
+    for k in (1, 3):
+        assert table_of(topo.pod, "8.8.8.8", rail_ip(k)) == str(100 + k)
+        assert pings(topo.pod, f"10.100.{k}.1", rail_ip(k))
+        assert pings(topo.node, rail_ip(k), "10.1.20.4")
+        ok(run(topo, "CHECK", f"net{k}", conf(topo, topo_prev(topo, k))))
+    assert "lookup 102" not in nsx(topo.pod, "ip", "rule")
+    assert rail_ip(2) not in nsx(topo.node, "ip", "route", "show", "table", "500")
+
+
+def test_check_detects_drift_and_ignores_unrelated_main_routes(topo):
+    add(topo, 1)
+    add(topo, 2)
+    check = lambda k: run(topo, "CHECK", f"net{k}", conf(topo, topo_prev(topo, k)))
+    nsx(topo.pod, "ip", "route", "add", "192.0.2.0/24", "dev", "net2")  # a later plugin's route
+    ok(check(2))
+    nsx(topo.pod, "ip", "route", "del", "default", "table", "102")
+    failed = check(2)
+    assert failed.returncode == 1
+    reply = json.loads(failed.stdout)
+    assert reply["code"] == 104 and "table 102" in reply["msg"] and "missing" in reply["msg"]
+    ok(check(1))
+    nsx(topo.node, "ip", "route", "replace", "172.16.11.10", "dev", "rtBup0", "table", "500",
+        "proto", "231")
+    assert "node: changed" in json.loads(check(1).stdout)["msg"]
+    # C3: a prevResult whose sandbox is another netns.
+    prev = topo_prev(topo, 2)
+    prev["interfaces"][0]["sandbox"] = "/var/run/netns/elsewhere"
+    assert json.loads(run(topo, "CHECK", "net2", conf(topo, prev)).stdout)["code"] == 104
+
+
+def test_retried_add_converges(topo):
+    prev = topo.attach(1)
+    ok(run(topo, "ADD", "net1", conf(topo, prev)))
+    pod_once, node_once = snapshot(topo.pod), snapshot(topo.node)
+    ok(run(topo, "ADD", "net1", conf(topo, prev)))
+    assert snapshot(topo.pod) == pod_once and snapshot(topo.node) == node_once
+    add(topo, 2)
+    ok(run(topo, "ADD", "net1", conf(topo, prev)))
+    assert table_of(topo.pod, "8.8.8.8", rail_ip(1)) == "101"
+    assert table_of(topo.pod, "8.8.8.8", rail_ip(2)) == "102"
+
+
+@pytest.mark.parametrize("default_nic", ["net1", "net3"])
+def test_pod_default_route_nic(topo, default_nic):
+    pod_before = snapshot(topo.pod)
+    for k in (1, 2, 3):
+        add(topo, k, podDefaultRouteNic=default_nic)
+        want = default_nic if k >= int(default_nic[-1]) else "eth0"
+        assert route_get(topo.pod, "8.8.8.8")["dev"] == want
+    k = int(default_nic[-1])
+    assert pings(topo.pod, f"10.100.{k}.1", rail_ip(k))
+    assert route_get(topo.pod, "10.233.0.10")["dev"] == "eth0"
+    assert table_of(topo.pod, "8.8.8.8", "10.233.119.164") == "100"
+    assert route_get(topo.pod, "8.8.8.8", "10.233.119.164")["dev"] == "eth0"
+    for j in (3, 2, 1):
+        ok(run(topo, "DEL", f"net{j}", conf(topo, podDefaultRouteNic=default_nic)))
+        nsx(topo.pod, "ip", "link", "del", f"net{j}")
+    assert snapshot(topo.pod) == pod_before
+
+
+@pytest.mark.parametrize("v4,v6", [(False, True), (True, True)], ids=["v6", "dual"])
+def test_ipv6_and_dual_stack(topo_factory, v4, v6):
+    topo = topo_factory(rails=2, v4=v4, v6=v6)
+    pod_before, node_before = snapshot(topo.pod), snapshot(topo.node)
+    for k in (1, 2):
+        add(topo, k)
+    for k in (1, 2):
+        src = rail_ip(k, 6)
+        got = route_get(topo.pod, "2001:db8::1", src)
+        assert got["dev"] == f"net{k}" and got["gateway"] == f"fd00:16:1{k}::254"
+        assert route_get(topo.pod, "fd00:96::10", src)["dev"] == "eth0"
+        assert pings(topo.pod, f"fd00:100:{k}::1", src)
+        assert pings(topo.node, src, "fd00:1:20::4")
+        if v4:
+            assert pings(topo.pod, f"10.100.{k}.1", rail_ip(k))
+        ok(run(topo, "CHECK", f"net{k}", conf(topo, topo_prev(topo, k))))
+    for k in (2, 1):
+        ok(run(topo, "DEL", f"net{k}", conf(topo)))
+        nsx(topo.pod, "ip", "link", "del", f"net{k}")
+    assert snapshot(topo.pod) == pod_before and snapshot(topo.node) == node_before
+
+
+def test_failed_add_rolls_back_everything(topo):
+    """A fault at every apply step leaves pod, node and state exactly as before."""
+    from cniplugin import _engine, _netns, _protocol
+
+    add(topo, 1)
+    prev = topo.attach(2)
+    pod_before, node_before = snapshot(topo.pod), snapshot(topo.node)
+    points: list[str] = []
+    environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": CID, "CNI_IFNAME": "net2",
+               "CNI_NETNS": f"/var/run/netns/{topo.pod}", "CNI_PATH": "/usr/lib/cni",
+               "ROUTE_TUNE_DEFAULTS": os.path.join(topo.tmp, f"{topo.tag}-defaults.json")}
+    stdin = json.dumps(conf(topo, prev)).encode()
+    node_fd = _netns.open_netns(f"/var/run/netns/{topo.node}")
+    try:
+        _engine.fault_hook = points.append
+        assert _protocol.run(environ, stdin, node_netns_fd=node_fd).exit_code == 0
+        ok(run(topo, "DEL", "net2", conf(topo)))
+        assert snapshot(topo.pod) == pod_before and snapshot(topo.node) == node_before
+        assert len(points) > 10
+        for point in points:
+            def fail_at(here, point=point):
+                if here == point:
+                    raise RuntimeError(f"injected fault at {here}")
+            _engine.fault_hook = fail_at
+            outcome = _protocol.run(environ, stdin, node_netns_fd=node_fd)
+            assert outcome.exit_code == 1, point
+            assert snapshot(topo.pod) == pod_before, point
+            assert snapshot(topo.node) == node_before, point
+            assert not os.path.exists(os.path.join(topo.tmp, "state", "attachments", CID,
+                                                   "net2.json")), point
+    finally:
+        _engine.fault_hook = None
+        os.close(node_fd)
+    ok(run(topo, "CHECK", "net1", conf(topo, topo_prev(topo, 1))))

@@ -31,7 +31,7 @@ from typing import TypeVar
 import pytest
 
 from cniplugin import _packets as pk
-from cniplugin._errors import GatewayUnreachable, InterfaceNotFound, IPConflict
+from cniplugin._errors import GatewayUnreachable, InterfaceNotFound, IPConflict, TryAgainLater
 from cniplugin._probe import (ProbeOptions, announce, check_conflicts, check_gateways,
                               mac_from_prefix, probe_interface, wait_dad,
                               wait_sockets_closed)
@@ -90,6 +90,16 @@ def in_netns(name: str, fn: Callable[[], T]) -> T:
     return box["value"]  # type: ignore[return-value]
 
 
+def _timed(fn: Callable[..., object], *args, **kwargs) -> tuple[float, Exception | None]:
+    """(seconds, exception or None) of one call, timed where it runs."""
+    start = time.perf_counter()
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - handed to the test
+        return time.perf_counter() - start, exc
+    return time.perf_counter() - start, None
+
+
 @dataclass
 class Segment:
     pod: str
@@ -113,15 +123,7 @@ class Segment:
 
     def timed_in_pod(self, fn: Callable[..., object], *args, **kwargs
                      ) -> tuple[float, BaseException | None]:
-        """(seconds, exception or None), timed inside the pod thread."""
-        def body():
-            start = time.perf_counter()
-            try:
-                fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - handed to the test
-                return time.perf_counter() - start, exc
-            return time.perf_counter() - start, None
-        return in_netns(self.pod, body)
+        return in_netns(self.pod, lambda: _timed(fn, *args, **kwargs))
 
     def gw_neigh(self, ip: str) -> str:
         """The gateway's neighbour entry for ``ip`` (lladdr and state), '' if none."""
@@ -285,7 +287,8 @@ def test_probe_interface_orders_conflict_then_gateway(seg: Segment) -> None:
         elif nd and nd.type == pk.ND_NS:
             kinds.append("conflict" if nd.src.is_unspecified else "gateway")
     assert kinds.count("conflict") == 2 * DEFAULTS.retries and "gateway" in kinds
-    assert kinds == sorted(kinds, key=lambda k: k == "gateway")  # no gateway probe before a conflict probe
+    # no gateway probe before the last conflict probe
+    assert kinds == sorted(kinds, key=lambda k: k == "gateway")
 
 
 # --- IPv6 -------------------------------------------------------------------------------------
@@ -426,3 +429,15 @@ def test_measure_live_gateway_cost(seg: Segment) -> None:
     print(f"dead gateway (defaults, bound {DEFAULTS.bound * 1000:.0f} ms): "
           f"median {statistics.median(dead):.1f} ms, max {max(dead):.1f} ms")
     assert packet_sockets(seg) == 0
+
+
+def test_link_down_is_reported_not_crashed(seg: Segment) -> None:
+    """Run in the squatter (an expendable interface): probes on a down link cannot be sent."""
+    sh("ip", "-n", seg.sq, "link", "set", "rtDsq0", "down")
+    try:
+        _, exc = in_netns(seg.sq, lambda: _timed(check_gateways, "rtDsq0", [(POD4, GW4)], DEFAULTS))
+        assert isinstance(exc, GatewayUnreachable) and "sending failed" in str(exc)
+        _, exc = in_netns(seg.sq, lambda: _timed(check_conflicts, "rtDsq0", [POD4], DEFAULTS))
+        assert isinstance(exc, TryAgainLater) and exc.code == 11
+    finally:
+        sh("ip", "-n", seg.sq, "link", "set", "rtDsq0", "up")

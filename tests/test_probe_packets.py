@@ -170,7 +170,7 @@ def _run_bpf(program: list[tuple[int, int, int, int]], frame: bytes) -> int:
 
 
 def test_bpf_matchers_accept_only_their_targets() -> None:
-    arp = pk.arp_sender_filter([ipaddress.IPv4Address("10.9.9.9"), ipaddress.IPv4Address("10.77.0.1")])
+    arp = pk.arp_sender_filter([ipaddress.IPv4Address(a) for a in ("10.9.9.9", "10.77.0.1")])
     assert _run_bpf(arp, KERNEL_ARP_REPLY) > 0
     assert _run_bpf(arp, KERNEL_ARP_REQUEST) == 0  # sender 10.77.0.10
     assert _run_bpf(arp, KERNEL_NA) == 0
@@ -226,7 +226,8 @@ def test_mac_from_prefix(prefix: str, ip: str, mac: str) -> None:
 
 @pytest.mark.parametrize(("prefix", "ip", "reason"), [
     ("0b:1b", "10.0.0.1", "multicast"), ("ff:ff", "10.0.0.1", "multicast"),
-    ("0a1b", "10.0.0.1", "xx:xx"), ("0a:1b:2c", "10.0.0.1", "xx:xx"), ("zz:00", "10.0.0.1", "xx:xx"),
+    ("0a1b", "10.0.0.1", "xx:xx"), ("0a:1b:2c", "10.0.0.1", "xx:xx"),
+    ("zz:00", "10.0.0.1", "xx:xx"),
     ("a:1b", "10.0.0.1", "xx:xx"), ("", "10.0.0.1", "xx:xx"), ("0a:1b", "10.0.0.256", "10.0.0.256"),
 ])
 def test_mac_from_prefix_rejects(prefix: str, ip: str, reason: str) -> None:

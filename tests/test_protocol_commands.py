@@ -31,7 +31,7 @@ def exact(obj: dict) -> bytes:
 
 
 PREV = {"cniVersion": "1.0.0", "interfaces": [{"name": "net1", "sandbox": "/run/netns/rtA-x"}],
-        "ips": [{"address": "10.9.0.5/24", "gateway": "10.9.0.1", "interface": 0}]}
+        "ips": [{"interface": 0, "address": "10.9.0.5/24", "gateway": "10.9.0.1"}]}
 
 
 def conf(**extra) -> dict:
@@ -180,3 +180,7 @@ def test_unexpected_exception_is_999_with_traceback_only_in_the_log(env, monkeyp
         "details": "the traceback is in the route-tune log"})
     assert b"Traceback" not in outcome.stdout
     assert "Traceback" not in capsys.readouterr().err  # stderr shows tracebacks only at DEBUG
+    lines = [json.loads(line) for line in (tmp_path / "log" / "route-tune.log").read_text()
+             .splitlines()]
+    assert lines[-1]["level"] == "error" and "ZeroDivisionError: boom" in lines[-1]["error"]
+    assert lines[-1]["containerID"] == "rtA-c1" and lines[-1]["command"] == "ADD"
