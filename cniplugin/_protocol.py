@@ -23,15 +23,18 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Mapping
 
 from ._errors import CNIError, DecodeFailure, IncompatibleVersion, InternalError, \
     InvalidConfig, NotChained
 from ._version import PLUGIN_NAME, SUPPORTED_VERSIONS, __version__
 
+# Neither ``typing`` nor ``dataclasses`` is imported at run time: together they cost more than
+# the whole VERSION command (dataclasses pulls in ``inspect``). Hence plain classes below.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Mapping
+
     from ._config import PluginConfig
     from ._env import CniEnv, NodeDefaults
     from ._wire import Result
@@ -45,13 +48,26 @@ _FALLBACK_VERSION = SUPPORTED_VERSIONS[-1]
 _COMMAND_SINCE = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
 
 
-@dataclass
 class Outcome:
-    """What the plugin process prints and returns."""
+    """What the plugin process prints and returns.
 
-    stdout: bytes  # exactly what goes to stdout: the result, the error JSON, or b""
-    exit_code: int  # 0 or 1
-    stderr: bytes = b""  # only the about text; logs go through logging
+    ``stdout``: exactly what goes to stdout (the result, the error JSON, or b"");
+    ``exit_code``: 0 or 1; ``stderr``: only the about text (logs go through logging).
+    """
+
+    __slots__ = ("stdout", "exit_code", "stderr")
+
+    def __init__(self, stdout: bytes, exit_code: int, stderr: bytes = b"") -> None:
+        self.stdout = stdout
+        self.exit_code = exit_code
+        self.stderr = stderr
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Outcome) and (self.stdout, self.exit_code, self.stderr) == (
+            other.stdout, other.exit_code, other.stderr)
+
+    def __repr__(self) -> str:
+        return f"Outcome(stdout={self.stdout!r}, exit_code={self.exit_code}, stderr={self.stderr!r})"
 
 
 # ---------------------------------------------------------------- versions (stdlib only)
@@ -110,22 +126,35 @@ def version_reply() -> bytes:
 
 # ---------------------------------------------------------------- the request
 
-@dataclass
 class Request:
     """One CNI invocation, as the engine sees it.
 
-    ``config`` and ``prev_result`` are loaded on first access (and cached), so that a DEL whose
-    netns is gone imports pydantic only if the engine actually asks for them. For every other
-    command ``run`` touches both before calling the engine, so validation errors come first.
+    - ``command``: ADD | DEL | CHECK | GC | STATUS
+    - ``env``: the validated CNI_* variables (container_id, netns, ifname, args, path)
+    - ``raw``: the whole stdin config; ``cni_version``: the negotiated version of the reply
+    - ``node_defaults``: the node defaults file (already read)
+    - ``pod_netns_fd``: given by the resident server (SCM_RIGHTS); None = open ``env.netns``
+    - ``node_netns_fd``: the caller's netns (the node); None = this process's netns
+    - ``config`` (PluginConfig) and ``prev_result`` (canonical 1.x Result or None) are loaded on
+      first access and cached, so a DEL whose netns is gone imports pydantic only if the engine
+      asks for them. For every other command ``run`` touches both before calling the engine, so
+      validation errors come first.
     """
 
-    command: str  # ADD | DEL | CHECK | GC | STATUS
-    env: CniEnv
-    raw: dict  # the whole stdin config
-    cni_version: str  # negotiated version used for the reply
-    node_defaults: NodeDefaults
-    pod_netns_fd: int | None = None  # from the resident server (SCM_RIGHTS); else open env.netns
-    node_netns_fd: int | None = None  # the caller's netns (the node); None = this process's
+    def __init__(self, command: str, env: CniEnv, raw: dict, cni_version: str,
+                 node_defaults: NodeDefaults, pod_netns_fd: int | None = None,
+                 node_netns_fd: int | None = None) -> None:
+        self.command = command
+        self.env = env
+        self.raw = raw
+        self.cni_version = cni_version
+        self.node_defaults = node_defaults
+        self.pod_netns_fd = pod_netns_fd
+        self.node_netns_fd = node_netns_fd
+
+    def __repr__(self) -> str:
+        return (f"Request({self.command} {self.env.container_id}/{self.env.ifname} "
+                f"netns={self.env.netns!r} cniVersion={self.cni_version})")
 
     @cached_property
     def config(self) -> PluginConfig:

@@ -480,6 +480,9 @@ def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THR
     log.info("resident engine listening on %s (pid %d, %d threads)", socket_path, os.getpid(),
              threads)
     server.serve_forever()
+    # Already stopping: a repeated signal must not kill the interpreter while it tears down.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

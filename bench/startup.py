@@ -1,0 +1,80 @@
+"""Measure the wall time of route-tune's cheap commands against a bare interpreter start.
+
+Run:  .venv/bin/python bench/startup.py [--runs 20]
+Prints a Markdown table (median and min over the runs, in milliseconds) for the README.
+Each command runs as a runtime would run it: the installed console script, env + stdin only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = REPO / ".venv" / "bin"
+
+
+def _cases(scratch: str) -> list[tuple[str, list[str], dict, bytes]]:
+    defaults = os.path.join(scratch, "defaults.json")
+    with open(defaults, "w") as handle:
+        json.dump({"logDir": os.path.join(scratch, "log"),
+                   "stateDir": os.path.join(scratch, "state")}, handle)
+    attach = {"CNI_CONTAINERID": "bench", "CNI_IFNAME": "net1", "CNI_PATH": "/usr/lib/cni",
+              "ROUTE_TUNE_DEFAULTS": defaults}
+    disabled = {"cniVersion": "1.0.0", "name": "bench", "type": "route-tune", "mode": "disabled"}
+    prev = {"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24", "gateway": "10.9.0.1"}]}
+    py, plugin, cli = str(BIN / "python"), str(BIN / "route-tune"), str(BIN / "cni-route-tune")
+    return [
+        ("bare interpreter: `python -I -S -c pass`", [py, "-I", "-S", "-c", "pass"], {}, b""),
+        ("interpreter + json: `python -I -c 'import json'`", [py, "-I", "-c", "import json"],
+         {}, b""),
+        ("`CNI_COMMAND=VERSION route-tune`", [plugin], {"CNI_COMMAND": "VERSION"}, b""),
+        ("about text (no CNI_COMMAND)", [plugin], {}, b""),
+        ("`route-tune --version`", [plugin, "--version"], {}, b""),
+        ("`cni-route-tune --version`", [cli, "--version"], {}, b""),
+        ("DEL, netns gone, `mode: disabled`", [plugin],
+         {"CNI_COMMAND": "DEL", "CNI_NETNS": "", **attach}, json.dumps(disabled).encode()),
+        ("ADD pass-through (`mode: disabled`, pydantic)", [plugin],
+         {"CNI_COMMAND": "ADD", "CNI_NETNS": "/run/netns/bench", **attach},
+         json.dumps({**disabled, "prevResult": prev}).encode()),
+    ]
+
+
+def _time_once(argv: list[str], env: dict, stdin: bytes) -> float:
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
+    start = time.perf_counter()
+    proc = subprocess.run(argv, input=stdin, env=full_env, capture_output=True)
+    elapsed = (time.perf_counter() - start) * 1000
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv} failed: {proc.stdout!r} {proc.stderr!r}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    runs = parser.parse_args().runs
+    with tempfile.TemporaryDirectory(prefix="rt-bench-") as scratch:
+        cases = _cases(scratch)
+        samples: list[list[float]] = [[] for _ in cases]
+        # Round-robin, after two warm-up rounds: background load hits every row alike.
+        for round_number in range(runs + 2):
+            for index, (_, argv, env, stdin) in enumerate(cases):
+                elapsed = _time_once(argv, env, stdin)
+                if round_number >= 2:
+                    samples[index].append(elapsed)
+        rows = [(case[0], row) for case, row in zip(cases, samples)]
+    print(f"| command ({runs} runs) | median ms | min ms |")
+    print("|---|---:|---:|")
+    for name, samples in rows:
+        print(f"| {name} | {statistics.median(samples):.1f} | {min(samples):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
