@@ -5,8 +5,8 @@ Import what you need in a test module (or a conftest):
     from lab_fixtures import overlay_lab, plugin_env, libcni, rail_pod, require_root  # noqa: F401
 
 - `overlay_lab(family="4", rails=8)`: factory; each lab gets a unique `rtC<n>` prefix and is
-  torn down after the test even when it fails.  Leftovers of crashed runs (prefix `rtC`) are
-  removed once per session.
+  torn down after the test even when it fails.  Leftovers of crashed sessions (prefix `rtC`,
+  owner pid gone) are removed once per session; live labs of parallel sessions are kept.
 - `plugin_env`: a `PluginEnv` (private CNI_PATH, node defaults, state/log dirs), parametrised
   over `ENGINE_MODES`.  To add an engine mode, register a context manager factory:
   `ENGINE_MODES["resident"] = start_resident` where `start_resident(penv)` starts the server
@@ -22,17 +22,46 @@ import contextlib
 import json
 import itertools
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import ContextManager
 
 import pytest
 
 from cniplugin.lab.runtime import Libcni, PluginEnv, RailPod, build_cnirunner
-from cniplugin.lab.topology import OverlayLab, cleanup
+from cniplugin.lab.topology import OverlayLab, cleanup, ip_batch, netns_names
 
 PREFIX = "rtC"
 _counter = itertools.count(1)
+
+
+def _b36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
+
+
+#: This session's lab prefix: rtC<pid base36>x<n>.  Other sessions (other engineers' suites
+#: importing these fixtures) run at the same time, so only labs of dead pids are removed.
+SESSION_PREFIX = f"{PREFIX}{_b36(os.getpid())}x"
+_OWNER = re.compile(rf"^{PREFIX}([0-9a-z]+)x\d+-")
+
+
+def cleanup_stale() -> None:
+    """Remove labs (namespaces, temp dirs) left by crashed sessions whose process is gone."""
+    names = [n for n in netns_names(PREFIX) if (m := _OWNER.match(n)) and not Path(f"/proc/{int(m[1], 36)}").exists()]
+    ip_batch([f"netns del {n}" for n in names])
+    for leftover in Path(tempfile.gettempdir()).glob(f"{PREFIX}*x*-lab-*"):
+        m = _OWNER.match(leftover.name.replace("-lab-", "-", 1))
+        if m and not Path(f"/proc/{int(m[1], 36)}").exists():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -58,9 +87,9 @@ def require_root() -> None:
 @pytest.fixture(scope="session")
 def _lab_session_cleanup() -> Iterator[None]:
     require_root()
-    cleanup(PREFIX)
+    cleanup_stale()
     yield
-    cleanup(PREFIX)
+    cleanup(SESSION_PREFIX)
 
 
 @pytest.fixture
@@ -69,7 +98,7 @@ def overlay_lab(_lab_session_cleanup: None) -> Iterator[Callable[..., OverlayLab
     labs: list[OverlayLab] = []
 
     def make(family: str = "4", rails: int = 8) -> OverlayLab:
-        lab = OverlayLab(f"{PREFIX}{os.getpid() % 1000}{next(_counter)}", rails=rails, family=family)
+        lab = OverlayLab(f"{SESSION_PREFIX}{next(_counter)}", rails=rails, family=family)
         labs.append(lab)
         return lab.__enter__()
 
