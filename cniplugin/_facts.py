@@ -28,6 +28,8 @@ class Link:
     txqlen: int = 0
     peer_index: int = 0          # IFLA_LINK: a veth's peer ifindex (in the peer's netns)
     peer_nsid: int = -1          # IFLA_LINK_NETNSID: the peer's netns, as this netns names it
+    mtu: int = 0
+    alias: str = ""              # IFLA_IFALIAS
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class RuleInfo:
     table: int
     src: str = ""
     proto: int = 0
+    fwmark: int = 0
+    fwmask: int = 0
+    selectors: bool = False      # other selectors (iif, oif, dst, tos, ...): never "identical"
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class PodFacts:
 
 @dataclass(frozen=True)
 class NodeFacts:
-    host_peer: Link
+    host_peer: Link | None                     # None: underlay veth not created yet
     node_ips: tuple[str, ...] = ()             # ordered; the first of a family = hijack gateway
     local_addrs: frozenset[str] = frozenset()  # every address on the node (for safety checks)
     gateways: frozenset[str] = frozenset()     # gateways of the node's main default routes
@@ -120,8 +125,9 @@ class Facts:
         node = data.get("node")
         node_facts = None
         if node:
+            peer = node.get("host_peer")
             node_facts = NodeFacts(
-                host_peer=Link(**node["host_peer"]), node_ips=tuple(node.get("node_ips", ())),
+                host_peer=Link(**peer) if peer else None, node_ips=tuple(node.get("node_ips", ())),
                 local_addrs=frozenset(node.get("local_addrs", ())),
                 gateways=frozenset(node.get("gateways", ())))
         return cls(pod=pod_facts, node=node_facts, warnings=tuple(data.get("warnings", ())))

@@ -1,9 +1,13 @@
-"""The netlink adapter: the only module that imports pyroute2.
+"""The netlink adapter: kernel state in and out as ``_facts``/``_objects`` values.
 
-A ``Netlink`` session is bound to the netns the calling thread is in when it is opened (use
-``session(fd)``, which enters the netns for the thread first: ``IPRoute(netns=...)`` forks and
-may create namespaces). It reads kernel state into ``_facts``/``_objects`` values, applies and
-removes ``_objects`` idempotently, and turns every NetlinkError into an ``_errors`` type.
+A ``Netlink`` session owns one rtnetlink socket (``_rtnl``) bound to one netns for its whole
+life, whatever netns the calling thread is in later; file-based work (sysctls, nftables) enters
+that netns for the calling thread only while it runs. So the engine opens one session per netns
+per request and uses both freely. Every read is a single request with kernel-side filters; no
+session caches anything beyond its request (the resident server is long-lived).
+
+It is still the only module that imports pyroute2: lazily, for ``Netlink.ipr``, which the CLI's
+inspection code uses to read everything (the engine itself never touches it).
 """
 
 from __future__ import annotations
@@ -16,23 +20,22 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import _netns
+from . import _netns, _rtnl
 from ._errors import InterfaceNotFound, RouteConflict
 from ._facts import NODE_LINK_EXCLUDE, Addr, Link, NodeFacts, PodFacts, RuleInfo
 from ._objects import (MAIN_TABLE, SCOPE_LINK, SCOPE_UNIVERSE, KernelObject, LinkAttr,
-                       Neighbour, Route, Rule, Sysctl, default_dst)
+                       Neighbour, NftTable, Route, Rule, Sysctl, Veth, default_dst)
+from ._rtnl import NetlinkError
 from ._version import RTPROT_ROUTE_TUNE
 
-RTM_F_LOOKUP_TABLE = 0x1000   # report the table the lookup really used (pyroute2 lacks it)
-RTN_UNICAST = 1
-FR_ACT_TO_TBL = 1
-NUD_PERMANENT = 0x80
-IFF_UP = 0x1
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
 _SCOPES = {0: SCOPE_UNIVERSE, 253: SCOPE_LINK, 254: "host"}
 _SCOPE_NUMBERS = {v: k for k, v in _SCOPES.items()}
 _GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
+_FULL = {4: 32, 6: 128}
+#: Documentation addresses: a FIB-match lookup of one of them finds the default route in use.
+_PROBE_DST = {4: "192.0.2.1", 6: "2001:db8::1"}
 
 
 @dataclass(frozen=True)
@@ -43,153 +46,262 @@ class RouteGet:
     dev: str
     gateway: str = ""
     prefsrc: str = ""
+    local: bool = False           # the destination is an address of this netns
 
 
 @contextlib.contextmanager
 def session(fd: int | None) -> Iterator[Netlink]:
-    """A Netlink session in netns ``fd`` (None: the thread's current netns), thread stays inside."""
+    """A session in netns ``fd`` (None: the thread's current one); the thread stays inside for
+    the body (callers may use ``entered`` semantics, e.g. raw sockets, alongside)."""
     with _netns.entered(fd):
-        nl = Netlink()
+        nl = Netlink(fd)
         try:
             yield nl
         finally:
             nl.close()
 
 
-class Netlink:
-    def __init__(self) -> None:
-        from pyroute2 import IPRoute
+@contextlib.contextmanager
+def open_session(fd: int) -> Iterator[Netlink]:
+    """A session bound to netns ``fd``; the calling thread does not stay inside."""
+    nl = Netlink(fd)
+    try:
+        yield nl
+    finally:
+        nl.close()
 
-        # strict_check: the kernel filters dumps by table/protocol/ifindex, so a node with
-        # thousands of foreign routes in hostRuleTable costs nothing to read.
-        self.ipr = IPRoute(strict_check=True)
+
+class Netlink:
+    def __init__(self, fd: int | None = None) -> None:
+        with _netns.entered(fd):
+            self.sock = _rtnl.Socket()
+        self.fd = fd
+        #: The node's session, for objects with an end there (the underlay veth pair).
+        self.node: Netlink | None = None
         self._names: dict[int, str] | None = None
         self._indexes: dict[str, int] = {}   # name -> ifindex, positive lookups only
+        self._ipr = None
 
     def close(self) -> None:
-        self.ipr.close()
+        self.sock.close()
+        if self._ipr is not None:
+            self._ipr.close()
+
+    @property
+    def ipr(self):
+        """A pyroute2 ``IPRoute`` in this session's netns, opened on first use (CLI only)."""
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            with _netns.entered(self.fd):
+                self._ipr = IPRoute(strict_check=True)
+        return self._ipr
 
     # -- reading ------------------------------------------------------------------------
     def links(self) -> list[Link]:
-        links = [_link(msg) for msg in self.ipr.link("dump")]
+        msgs = self.sock.dump(_rtnl.RTM_GETLINK, _rtnl.ifinfomsg() + _EXT_MASK)
+        links = [_link(m) for m in msgs]
         self._names = {link.index: link.name for link in links}
+        self._indexes.update({link.name: link.index for link in links})
         return links
 
     def link(self, name: str) -> Link | None:
-        try:
-            return _link(self.ipr.link("get", ifname=name)[0])
-        except _netlink_error() as err:
-            if err.code == errno.ENODEV:
-                return None
-            raise
+        return self._get_link(_rtnl.ifinfomsg() + _rtnl.attr_str(_rtnl.IFLA_IFNAME, name))
 
     def link_by_index(self, index: int) -> Link | None:
+        return self._get_link(_rtnl.ifinfomsg(index=index))
+
+    def _get_link(self, body: bytes) -> Link | None:
         try:
-            return _link(self.ipr.link("get", index=index)[0])
-        except _netlink_error() as err:
+            link = _link(self.sock.get(_rtnl.RTM_GETLINK, body + _EXT_MASK))
+        except NetlinkError as err:
             if err.code == errno.ENODEV:
                 return None
             raise
+        self._indexes[link.name] = link.index
+        return link
 
-    def addresses(self) -> list[Addr]:
-        names = self._index_names()
+    def addresses(self, family: int | None = None, index: int = 0,
+                  names: dict[int, str] | None = None) -> list[Addr]:
+        """Addresses (kernel-filtered by family and ifindex); names from ``names`` or a dump."""
+        records = self.address_records(family, index)
+        if names is None:
+            names = self._index_names()
+        return [Addr(names.get(i, ""), *rest) for i, *rest in records]
+
+    def address_records(self, family: int | None = None,
+                        index: int = 0) -> list[tuple[int, int, str, int, bool]]:
+        """(ifindex, family, ip, prefixlen, link_local) per address, without names."""
+        msgs = self.sock.dump(_rtnl.RTM_GETADDR, _rtnl.ifaddrmsg(_AF.get(family, 0), index=index))
         out = []
-        for msg in self.ipr.addr("dump"):
-            family = _FAMILY.get(msg["family"])
-            address = msg.get_attr("IFA_ADDRESS")
-            if family is None or address is None:
+        for msg in msgs:
+            fam = _FAMILY.get(msg.fields[0])
+            raw = msg.attrs.get(_rtnl.IFA_LOCAL) or msg.attrs.get(_rtnl.IFA_ADDRESS)
+            if fam is None or not raw:
                 continue
-            ip = ipaddress.ip_address(address)
-            out.append(Addr(names.get(msg["index"], ""), family, str(ip), msg["prefixlen"],
-                            link_local=ip.is_link_local))
+            ip = ipaddress.ip_address(raw)
+            out.append((msg.fields[4], fam, str(ip), msg.fields[1], ip.is_link_local))
         return out
 
     def routes(self, family: int | None = None, table: int | None = None,
-               proto: int | None = None) -> list[Route]:
-        filters = {}
-        if table is not None:
-            filters["table"] = table
-        if proto is not None:
-            filters["proto"] = proto
-        families = [family] if family else [4, 6]
-        names = self._index_names()
-        out = []
-        for fam in families:
-            for msg in self.ipr.route("dump", family=_AF[fam], **filters):
-                out += _routes(msg, names)
-        return out
-
-    def rules(self, family: int | None = None) -> list[RuleInfo]:
-        out = []
-        for fam in [family] if family else [4, 6]:
-            for msg in self.ipr.rule("dump", family=_AF[fam]):
-                if msg["action"] != FR_ACT_TO_TBL:
-                    continue
-                src = msg.get_attr("FRA_SRC")
-                out.append(RuleInfo(
-                    family=fam, priority=msg.get_attr("FRA_PRIORITY") or 0,
-                    table=msg.get_attr("FRA_TABLE") or msg["table"],
-                    src=f"{src}/{msg['src_len']}" if src else "",
-                    proto=msg.get_attr("FRA_PROTOCOL") or 0))
-        return out
-
-    def owned_rules(self) -> list[Rule]:
-        return [Rule(r.family, r.priority, r.table, r.src) for r in self.rules()
-                if r.proto == RTPROT_ROUTE_TUNE]
-
-    def owned_neighbours(self, dev: str | None = None) -> list[Neighbour]:
-        names = self._index_names()
-        filters = {}
+               proto: int | None = None, dev: str | None = None) -> list[Route]:
+        """Unicast routes, filtered by the kernel (family, table, protocol, output device)."""
+        body = _route_dump_body(family, table, proto)
+        names = None
         if dev is not None:
             index = self._index(dev)
             if index is None:
                 return []
-            filters["ifindex"] = index
+            body += _rtnl.attr_u32(_rtnl.RTA_OIF, index)
+            names = {index: dev}
+        try:
+            msgs = self.sock.dump(_rtnl.RTM_GETROUTE, body)
+        except NetlinkError as err:
+            if err.code == errno.ENOENT:   # the table does not exist (yet): nothing in it
+                return []
+            raise
+        if names is None:
+            names = self._index_names()
         out = []
-        for fam in (4, 6):
-            for msg in self.ipr.neigh("dump", family=_AF[fam], **filters):
-                if msg.get_attr("NDA_PROTOCOL") != RTPROT_ROUTE_TUNE:
-                    continue
-                out.append(Neighbour(fam, names.get(msg["ifindex"], ""),
-                                     str(ipaddress.ip_address(msg.get_attr("NDA_DST"))),
-                                     msg.get_attr("NDA_LLADDR") or ""))
+        for msg in msgs:
+            out += _routes(msg, names)
         return out
 
-    def route_get(self, dst: str, src: str | None = None, iif: str | None = None) -> RouteGet:
+    def rules(self, family: int | None = None) -> list[RuleInfo]:
+        """Every lookup rule (the kernel cannot filter rule dumps beyond the family)."""
+        msgs = self.sock.dump(_rtnl.RTM_GETRULE, _rtnl.fib_rule_hdr(_AF.get(family, 0)))
+        return [_rule(m) for m in msgs if m.fields[7] == _rtnl.FR_ACT_TO_TBL
+                and m.fields[0] in _FAMILY]
+
+    def owned_rules(self) -> list[Rule]:
+        return [_owned_rule(r) for r in self.rules() if r.proto == RTPROT_ROUTE_TUNE]
+
+    def owned_neighbours(self, dev: str | None = None) -> list[Neighbour]:
+        """Neighbours carrying our protocol (kernel-filtered to ``dev`` when given)."""
+        body = _rtnl.ndmsg()
+        if dev is not None:
+            index = self._index(dev)
+            if index is None:
+                return []
+            body += _rtnl.attr_u32(_rtnl.NDA_IFINDEX, index)
+            names = {index: dev}
+        else:
+            names = None
+        out = []
+        for msg in self.sock.dump(_rtnl.RTM_GETNEIGH, body):
+            fam = _FAMILY.get(msg.fields[0])
+            if fam is None or msg.u8(_rtnl.NDA_PROTOCOL) != RTPROT_ROUTE_TUNE:
+                continue
+            if names is None:
+                names = self._index_names()
+            out.append(Neighbour(fam, names.get(msg.fields[1], ""), msg.ip(_rtnl.NDA_DST),
+                                 msg.mac(_rtnl.NDA_LLADDR)))
+        return out
+
+    def route_get(self, dst: str, src: str | None = None, iif: str | None = None,
+                  mark: int = 0) -> RouteGet:
         """``ip route get``; ``table`` is the table the rules really selected."""
-        kwargs = {"dst": dst, "flags": RTM_F_LOOKUP_TABLE}
+        family = 6 if ":" in dst else 4
+        body = [_rtnl.rtmsg(_AF[family], dst_len=_FULL[family],
+                            src_len=_FULL[family] if src else 0,
+                            flags=_rtnl.RTM_F_LOOKUP_TABLE),
+                _rtnl.attr(_rtnl.RTA_DST, _rtnl.ip_bytes(dst))]
         if src:
-            kwargs["src"] = src
+            body.append(_rtnl.attr(_rtnl.RTA_SRC, _rtnl.ip_bytes(src)))
         if iif:
-            kwargs["iif"] = self._index(iif)
+            body.append(_rtnl.attr_u32(_rtnl.RTA_IIF, self._require_index(iif)))
+        if mark:
+            body.append(_rtnl.attr_u32(_rtnl.RTA_MARK, mark))
         try:
-            msg = self.ipr.route("get", **kwargs)[0]
-        except _netlink_error() as err:
+            msg = self.sock.get(_rtnl.RTM_GETROUTE, b"".join(body))
+        except NetlinkError as err:
             raise RouteConflict(f"no route to {dst}" + (f" from {src}" if src else "")
                                 + f": {os.strerror(err.code)}") from None
-        return RouteGet(table=msg.get_attr("RTA_TABLE") or msg["table"],
-                        dev=self._index_names().get(msg.get_attr("RTA_OIF"), ""),
-                        gateway=msg.get_attr("RTA_GATEWAY") or "",
-                        prefsrc=msg.get_attr("RTA_PREFSRC") or "")
+        oif = msg.u32(_rtnl.RTA_OIF)
+        return RouteGet(table=msg.u32(_rtnl.RTA_TABLE) or msg.fields[4],
+                        dev=self._name_of(oif) if oif else "",
+                        gateway=msg.ip(_rtnl.RTA_GATEWAY), prefsrc=msg.ip(_rtnl.RTA_PREFSRC),
+                        local=msg.fields[7] == _rtnl.RTN_LOCAL)
+
+    def default_gateways(self, family: int) -> list[str]:
+        """Gateways of the default route this netns uses (a FIB-match lookup: one message,
+        however large the main table is)."""
+        dst = _PROBE_DST[family]
+        body = (_rtnl.rtmsg(_AF[family], dst_len=_FULL[family],
+                            flags=_rtnl.RTM_F_LOOKUP_TABLE | _RTM_F_FIB_MATCH)
+                + _rtnl.attr(_rtnl.RTA_DST, _rtnl.ip_bytes(dst)))
+        try:
+            msg = self.sock.get(_rtnl.RTM_GETROUTE, body)
+        except NetlinkError:
+            return []
+        if msg.fields[1] != 0:   # a more specific route matched: not a default route
+            return []
+        legs = msg.attrs.get(_rtnl.RTA_MULTIPATH)
+        if legs:
+            return [_rtnl.ip_text(a[_rtnl.RTA_GATEWAY]) for _, a in _rtnl.multipath(legs)
+                    if a.get(_rtnl.RTA_GATEWAY)]
+        gateway = msg.ip(_rtnl.RTA_GATEWAY)
+        return [gateway] if gateway else []
 
     def node_ns_id(self, node_fd: int) -> int:
         """The id this netns gives the node netns (-1: none assigned)."""
-        info = self.ipr.get_netnsid(fd=node_fd) or {}
-        nsid = info.get("nsid")
-        return -1 if nsid is None or nsid >= 2**31 else nsid
+        msg = self.sock.get(_rtnl.RTM_GETNSID,
+                            _rtnl.rtgenmsg() + _rtnl.attr_u32(_rtnl.NETNSA_FD, node_fd))
+        nsid = msg.i32(_rtnl.NETNSA_NSID, -1)
+        return -1 if nsid < 0 else nsid
 
     def read_attr(self, obj: KernelObject) -> str | None:
         """The live value of a sysctl or link attribute (None: it does not exist)."""
         if isinstance(obj, Sysctl):
-            try:
-                with open(f"/proc/sys/{obj.path}") as f:
-                    return f.read().strip()
-            except FileNotFoundError:
-                return None
+            return self.read_sysctl(obj.path)
         link = self.link(obj.ifname)
         if link is None:
             return None
         return str(link.txqlen) if obj.attr == "txqlen" else link.mac
+
+    def read_sysctl(self, path: str) -> str | None:
+        try:
+            with _netns.entered(self.fd), open(f"/proc/sys/{path}") as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
+
+    def read(self, obj: KernelObject):
+        """The live counterpart of a whole-object kind (Veth, NftTable); None when absent."""
+        if isinstance(obj, Veth):
+            return self.read_veth(obj.name)
+        if isinstance(obj, NftTable):
+            from . import _nft
+
+            with _netns.entered(self.fd):
+                text = _nft.read_reply_steering()
+            if text is None:
+                return None
+            if text == _nft.expected_reply_steering(obj.ifname, obj.mark, obj.mask):
+                return obj
+            return "a different table inet route_tune"
+        return self.read_attr(obj)
+
+    def read_veth(self, name: str) -> Veth | None:
+        """The pair whose pod end is ``name``, as a Veth (``configured`` False if it is not)."""
+        link = self.link(name)
+        if link is None:
+            return None
+        peer = None
+        if link.kind == "veth" and self.node is not None and link.peer_index:
+            peer = self.node.link_by_index(link.peer_index)
+            if peer is not None and (peer.kind != "veth" or peer.peer_index != link.index
+                                     or link.peer_nsid != self.node_ns_id(self.node.fd)):
+                peer = None
+        if peer is None:
+            return Veth(name, "", link.mtu, link.mac, "", configured=False)
+        address = next((f"{a.address}/32" for a in self.addresses(4, link.index, {})
+                        if a.prefixlen == 32), "")
+        accept_ra = self.node.read_sysctl(f"net/ipv6/conf/{peer.name}/accept_ra")
+        configured = (link.up and peer.up and peer.mtu == link.mtu
+                      and accept_ra in ("0", None))
+        return Veth(name, peer.name, link.mtu, link.mac, peer.mac, address, peer.alias,
+                    configured)
 
     # -- writing ------------------------------------------------------------------------
     def apply(self, obj: KernelObject) -> None:
@@ -198,50 +310,81 @@ class Netlink:
             if isinstance(obj, Rule):
                 self._rule_add(obj)
             elif isinstance(obj, Route):
-                self.ipr.route("replace", **self._route_spec(obj))
+                self.sock.change(_rtnl.RTM_NEWROUTE, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_REPLACE,
+                                 self._route_body(obj))
             elif isinstance(obj, Neighbour):
-                self.ipr.neigh("replace", family=_AF[obj.family], dst=obj.ip, lladdr=obj.lladdr,
-                               ifindex=self._require_index(obj.dev), state=NUD_PERMANENT,
-                               protocol=RTPROT_ROUTE_TUNE)
+                self.sock.change(_rtnl.RTM_NEWNEIGH, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_REPLACE,
+                                 self._neigh_body(obj, self._require_index(obj.dev), True))
             elif isinstance(obj, Sysctl):
-                with open(f"/proc/sys/{obj.path}", "w") as f:
-                    f.write(obj.value)
-            else:
+                self._write_sysctl(obj.path, obj.value)
+            elif isinstance(obj, LinkAttr):
                 self._link_set(obj, obj.value)
-        except _netlink_error() as err:
+            elif isinstance(obj, Veth):
+                self._veth_apply(obj)
+            elif isinstance(obj, NftTable):
+                from . import _nft
+
+                with _netns.entered(self.fd):
+                    _nft.ensure_reply_steering(obj.ifname, obj.mark, obj.mask)
+        except NetlinkError as err:
             raise _refused(obj, err) from None
 
     def remove(self, obj: KernelObject) -> None:
         """Delete ``obj`` exactly (explicit priority, family, device, protocol); gone is fine."""
         try:
             if isinstance(obj, Rule):
-                self.ipr.rule("del", **_rule_spec(obj))
+                self.sock.change(_rtnl.RTM_DELRULE, 0, _rule_body(obj))
             elif isinstance(obj, Route):
                 if self._index(obj.dev) is not None:
-                    self.ipr.route("del", **self._route_spec(obj))
+                    self.sock.change(_rtnl.RTM_DELROUTE, 0, self._route_body(obj))
             elif isinstance(obj, Neighbour):
                 index = self._index(obj.dev)
                 if index is not None:
-                    self.ipr.neigh("del", family=_AF[obj.family], dst=obj.ip, ifindex=index)
-        except _netlink_error() as err:
+                    self.sock.change(_rtnl.RTM_DELNEIGH, 0, self._neigh_body(obj, index, False))
+            elif isinstance(obj, Veth):
+                index = self._index(obj.name)
+                if index is not None:  # deleting one end deletes the pair (and its routes)
+                    self.sock.change(_rtnl.RTM_DELLINK, 0, _rtnl.ifinfomsg(index=index))
+                    self._indexes.pop(obj.name, None)
+            elif isinstance(obj, NftTable):
+                from . import _nft
+
+                with _netns.entered(self.fd):
+                    _nft.remove_reply_steering()
+        except NetlinkError as err:
             if err.code not in _GONE:
                 raise _refused(obj, err, "remove") from None
 
-    def restore(self, obj: KernelObject, original: str | None = None) -> None:
-        """Put back a displaced foreign route, or an original sysctl/link value."""
+    def remove_veth_peer(self, veth: Veth) -> bool:
+        """Delete the node end of ``veth`` (a node session), only if its alias proves it is
+        ours: the DEL path when the pod cannot be reached. True when something was deleted."""
+        link = self.link(veth.peer)
+        if link is None or link.kind != "veth" or not veth.alias or link.alias != veth.alias:
+            return False
+        try:
+            self.sock.change(_rtnl.RTM_DELLINK, 0, _rtnl.ifinfomsg(index=link.index))
+        except NetlinkError as err:
+            if err.code not in _GONE:
+                raise _refused(veth, err, "remove") from None
+        return True
+
+    def restore(self, obj: KernelObject, original=None) -> None:
+        """Put back a displaced foreign route, or an original sysctl/link value/veth."""
         try:
             if isinstance(obj, Route):
                 if self._index(obj.dev) is not None:
-                    self.ipr.route("add", **self._route_spec(obj))
+                    self.sock.change(_rtnl.RTM_NEWROUTE, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_EXCL,
+                                     self._route_body(obj))
             elif isinstance(obj, Sysctl) and original is not None:
-                with open(f"/proc/sys/{obj.path}", "w") as f:
-                    f.write(original)
+                self._write_sysctl(obj.path, original)
             elif isinstance(obj, LinkAttr) and original is not None:
                 if self._index(obj.ifname) is not None:
                     self._link_set(obj, original)
+            elif isinstance(obj, Veth) and isinstance(original, Veth):
+                self._veth_apply(original)
         except FileNotFoundError:
             pass  # the interface (and its sysctls) went away: nothing to restore
-        except _netlink_error() as err:
+        except NetlinkError as err:
             if err.code not in (*_GONE, errno.EEXIST, errno.ENETUNREACH):
                 raise _refused(obj, err, "restore") from None
 
@@ -251,12 +394,17 @@ class Netlink:
             self.links()
         return self._names
 
+    def _name_of(self, index: int) -> str:
+        if self._names is not None and index in self._names:
+            return self._names[index]
+        link = self.link_by_index(index)
+        return link.name if link else ""
+
     def _index(self, name: str) -> int | None:
         if name not in self._indexes:
             link = self.link(name)
             if link is None:
                 return None
-            self._indexes[name] = link.index
         return self._indexes[name]
 
     def _require_index(self, name: str) -> int:
@@ -265,26 +413,45 @@ class Netlink:
             raise InterfaceNotFound(f"interface {name!r} is gone")
         return index
 
-    def _route_spec(self, route: Route) -> dict:
-        spec = {"family": _AF[route.family], "dst": route.dst, "table": route.table,
-                "oif": self._require_index(route.dev), "priority": route.metric,
-                "proto": route.proto, "type": "unicast"}
+    def _write_sysctl(self, path: str, value: str) -> None:
+        with _netns.entered(self.fd), open(f"/proc/sys/{path}", "w") as f:
+            f.write(value)
+
+    def _route_body(self, route: Route) -> bytes:
+        family = _AF[route.family]
+        net = ipaddress.ip_network(route.dst)
+        scope = _SCOPE_NUMBERS.get(route.scope, 0) if route.family == 4 else 0
+        parts = [_rtnl.rtmsg(family, dst_len=net.prefixlen, table=route.table,
+                             proto=route.proto, scope=scope, rtype=_rtnl.RTN_UNICAST),
+                 _rtnl.attr_u32(_rtnl.RTA_TABLE, route.table),
+                 _rtnl.attr_u32(_rtnl.RTA_OIF, self._require_index(route.dev))]
+        if net.prefixlen:
+            parts.append(_rtnl.attr(_rtnl.RTA_DST, net.network_address.packed))
         if route.gateway:
-            spec["gateway"] = route.gateway
+            parts.append(_rtnl.attr(_rtnl.RTA_GATEWAY, _rtnl.ip_bytes(route.gateway)))
         if route.src:
-            spec["prefsrc"] = route.src
-        if route.family == 4:
-            spec["scope"] = _SCOPE_NUMBERS.get(route.scope, 0)
-        return spec
+            parts.append(_rtnl.attr(_rtnl.RTA_PREFSRC, _rtnl.ip_bytes(route.src)))
+        if route.metric:
+            parts.append(_rtnl.attr_u32(_rtnl.RTA_PRIORITY, route.metric))
+        return b"".join(parts)
+
+    @staticmethod
+    def _neigh_body(neigh: Neighbour, index: int, full: bool) -> bytes:
+        parts = [_rtnl.ndmsg(_AF[neigh.family], index, _rtnl.NUD_PERMANENT if full else 0),
+                 _rtnl.attr(_rtnl.NDA_DST, _rtnl.ip_bytes(neigh.ip))]
+        if full:
+            parts += [_rtnl.attr(_rtnl.NDA_LLADDR, _rtnl.mac_bytes(neigh.lladdr)),
+                      _rtnl.attr(_rtnl.NDA_PROTOCOL, bytes([RTPROT_ROUTE_TUNE]))]
+        return b"".join(parts)
 
     def _rule_add(self, rule: Rule) -> None:
         try:
-            self.ipr.rule("add", **_rule_spec(rule))
-        except _netlink_error() as err:
+            self.sock.change(_rtnl.RTM_NEWRULE, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_EXCL,
+                             _rule_body(rule))
+        except NetlinkError as err:
             if err.code != errno.EEXIST:
                 raise
-            live = [Rule(r.family, r.priority, r.table, r.src, r.proto)
-                    for r in self.rules(rule.family)]
+            live = [_owned_rule(r) for r in self.rules(rule.family) if not r.selectors]
             if rule not in live:
                 raise RouteConflict(
                     f"`{rule.render()}` collides with an existing rule that is not "
@@ -293,113 +460,234 @@ class Netlink:
     def _link_set(self, attr: LinkAttr, value: str) -> None:
         index = self._require_index(attr.ifname)
         if attr.attr == "txqlen":
-            self.ipr.link("set", index=index, txqlen=int(value))
+            payload = _rtnl.attr_u32(_rtnl.IFLA_TXQLEN, int(value))
         else:
-            self.ipr.link("set", index=index, address=value)
+            payload = _rtnl.attr(_rtnl.IFLA_ADDRESS, _rtnl.mac_bytes(value))
+        self.sock.change(_rtnl.RTM_NEWLINK, 0, _rtnl.ifinfomsg(index=index) + payload)
+
+    def _set_link(self, index: int, up: bool = False, *attrs: bytes) -> None:
+        flags = _rtnl.IFF_UP if up else 0
+        self.sock.change(_rtnl.RTM_NEWLINK, 0,
+                         _rtnl.ifinfomsg(index=index, flags=flags, change=flags) + b"".join(attrs))
+
+    def _veth_apply(self, veth: Veth) -> None:
+        """Create (or repair) the pair: the node end is configured before it goes up, so it
+        never accepts a router advertisement from the pod (accept_ra=0 on that link only)."""
+        node = self.node
+        if node is None or node.fd is None:
+            raise RuntimeError("a veth needs the node's session (Netlink.node)")
+        live = self.link(veth.name)
+        if live is None:
+            self._veth_create(veth)
+            live = self.link(veth.name)
+        elif live.kind != "veth":
+            raise RouteConflict(f"{veth.name} exists in the pod and is not a veth ({live.kind or "
+                                f"'no kind'}); underlay mode needs that name for its veth pair")
+        peer = node.link(veth.peer)
+        if peer is None or peer.kind != "veth" or peer.peer_index != live.index:
+            raise RouteConflict(
+                f"the node end {veth.peer!r} of {veth.name} is missing or is another pod's "
+                f"link (node link names use the first 11 characters of the container id)")
+        node._write_sysctl(f"net/ipv6/conf/{veth.peer}/accept_ra", "0")
+        node._set_link(peer.index, True,
+                       _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu),
+                       _rtnl.attr_str(_rtnl.IFLA_IFALIAS, veth.alias))
+        if veth.address:
+            ip, _, length = veth.address.partition("/")
+            self.sock.change(_rtnl.RTM_NEWADDR, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_REPLACE,
+                             _rtnl.ifaddrmsg(socket.AF_INET, int(length), live.index)
+                             + _rtnl.attr(_rtnl.IFA_LOCAL, _rtnl.ip_bytes(ip))
+                             + _rtnl.attr(_rtnl.IFA_ADDRESS, _rtnl.ip_bytes(ip)))
+        self._set_link(live.index, True, _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu))
+
+    def _veth_create(self, veth: Veth) -> None:
+        peer = (_rtnl.ifinfomsg() + _rtnl.attr_str(_rtnl.IFLA_IFNAME, veth.peer)
+                + _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu)
+                + _rtnl.attr(_rtnl.IFLA_ADDRESS, _rtnl.mac_bytes(veth.peer_mac))
+                + _rtnl.attr_u32(_rtnl.IFLA_NET_NS_FD, self.node.fd))
+        info = (_rtnl.attr_str(_rtnl.IFLA_INFO_KIND, "veth")
+                + _rtnl.attr(_rtnl.IFLA_INFO_DATA, _rtnl.attr(_rtnl.VETH_INFO_PEER, peer)))
+        body = (_rtnl.ifinfomsg() + _rtnl.attr_str(_rtnl.IFLA_IFNAME, veth.name)
+                + _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu)
+                + _rtnl.attr(_rtnl.IFLA_ADDRESS, _rtnl.mac_bytes(veth.mac))
+                + _rtnl.attr(_rtnl.IFLA_LINKINFO, info))
+        try:
+            self.sock.change(_rtnl.RTM_NEWLINK, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_EXCL, body)
+        except NetlinkError as err:
+            if err.code == errno.EEXIST:
+                raise RouteConflict(
+                    f"cannot create the veth pair {veth.name}/{veth.peer}: the node already has "
+                    f"a link named {veth.peer!r} (another container whose id starts with the "
+                    f"same 11 characters?)") from None
+            raise
 
 
-def _netlink_error():
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    return NetlinkError
+_RTM_F_FIB_MATCH = 0x2000
+_EXT_MASK = _rtnl.attr_u32(_rtnl.IFLA_EXT_MASK, _rtnl.RTEXT_FILTER_SKIP_STATS)
 
 
-def _refused(obj: KernelObject, err, action: str = "install") -> RouteConflict:
+def _refused(obj: KernelObject, err: NetlinkError, action: str = "install") -> RouteConflict:
+    reason = f"; {err.reason}" if err.reason else ""
     return RouteConflict(f"the kernel refused to {action} `{obj.render()}`: "
-                         f"{os.strerror(err.code)} (errno {err.code})")
+                         f"{os.strerror(err.code)} (errno {err.code}{reason})")
 
 
-def _rule_spec(rule: Rule) -> dict:
-    # Explicit priority and family on add AND del: pyroute2 defaults them (32000, AF_INET).
-    spec = {"family": _AF[rule.family], "priority": rule.priority, "table": rule.table,
-            "action": "to_tbl", "protocol": rule.proto}
+def _route_dump_body(family: int | None, table: int | None, proto: int | None) -> bytes:
+    # Strict dump filters: table (RTA_TABLE, any size), protocol and type in the header.
+    body = _rtnl.rtmsg(_AF.get(family, 0), table=table or 0, proto=proto or 0,
+                       rtype=_rtnl.RTN_UNICAST)
+    if table:
+        body += _rtnl.attr_u32(_rtnl.RTA_TABLE, table)
+    return body
+
+
+def _rule_body(rule: Rule) -> bytes:
+    # Explicit priority and family on add AND del, so a delete can only match this rule.
+    src_len = int(rule.src.partition("/")[2]) if rule.src else 0
+    parts = [_rtnl.fib_rule_hdr(_AF[rule.family], src_len, rule.table, _rtnl.FR_ACT_TO_TBL),
+             _rtnl.attr_u32(_rtnl.FRA_PRIORITY, rule.priority),
+             _rtnl.attr_u32(_rtnl.FRA_TABLE, rule.table),
+             _rtnl.attr(_rtnl.FRA_PROTOCOL, bytes([rule.proto]))]
     if rule.src:
-        ip, _, length = rule.src.partition("/")
-        spec.update(src=ip, src_len=int(length))
-    else:
-        spec["src_len"] = 0
-    return spec
+        parts.append(_rtnl.attr(_rtnl.FRA_SRC, _rtnl.ip_bytes(rule.src.partition("/")[0])))
+    if rule.fwmark:
+        parts += [_rtnl.attr_u32(_rtnl.FRA_FWMARK, rule.fwmark),
+                  _rtnl.attr_u32(_rtnl.FRA_FWMASK, rule.fwmask)]
+    return b"".join(parts)
 
 
-def _link(msg) -> Link:
-    info = msg.get_attr("IFLA_LINKINFO")
-    kind = info.get_attr("IFLA_INFO_KIND") if info else ""
-    nsid = msg.get_attr("IFLA_LINK_NETNSID")
-    return Link(index=msg["index"], name=msg.get_attr("IFLA_IFNAME"), kind=kind or "",
-                mac=msg.get_attr("IFLA_ADDRESS") or "", up=bool(msg["flags"] & IFF_UP),
-                txqlen=msg.get_attr("IFLA_TXQLEN") or 0, peer_index=msg.get_attr("IFLA_LINK") or 0,
-                peer_nsid=-1 if nsid is None else nsid)
+def _link(msg: _rtnl.Msg) -> Link:
+    info = msg.nested(_rtnl.IFLA_LINKINFO)
+    kind = info.get(_rtnl.IFLA_INFO_KIND, b"").split(b"\0", 1)[0].decode()
+    nsid = msg.i32(_rtnl.IFLA_LINK_NETNSID)
+    return Link(index=msg.fields[2], name=msg.text(_rtnl.IFLA_IFNAME), kind=kind,
+                mac=msg.mac(_rtnl.IFLA_ADDRESS), up=bool(msg.fields[3] & _rtnl.IFF_UP),
+                txqlen=msg.u32(_rtnl.IFLA_TXQLEN, 0), peer_index=msg.u32(_rtnl.IFLA_LINK, 0),
+                peer_nsid=-1 if nsid is None else nsid, mtu=msg.u32(_rtnl.IFLA_MTU, 0),
+                alias=msg.text(_rtnl.IFLA_IFALIAS))
 
 
-def _routes(msg, names: dict[int, str]) -> list[Route]:
-    """One netlink route message as Routes (a multipath route becomes one per next hop)."""
-    if msg["type"] != RTN_UNICAST:
+def _routes(msg: _rtnl.Msg, names: dict[int, str]) -> list[Route]:
+    """One route message as Routes (a multipath route becomes one per next hop)."""
+    rfamily, dst_len, _, _, table, proto, scope, rtype, _ = msg.fields
+    family = _FAMILY.get(rfamily)
+    if family is None or rtype != _rtnl.RTN_UNICAST:
         return []
-    family = _FAMILY[msg["family"]]
-    dst = msg.get_attr("RTA_DST")
-    dst = str(ipaddress.ip_network(f"{dst}/{msg['dst_len']}")) if dst else default_dst(family)
-    base = dict(family=family, table=msg.get_attr("RTA_TABLE") or msg["table"], dst=dst,
-                scope=_SCOPES.get(msg["scope"], str(msg["scope"])),
-                src=msg.get_attr("RTA_PREFSRC") or "", metric=msg.get_attr("RTA_PRIORITY") or 0,
-                proto=msg["proto"])
-    legs = msg.get_attr("RTA_MULTIPATH")
+    dst = msg.ip(_rtnl.RTA_DST)
+    dst = str(ipaddress.ip_network(f"{dst}/{dst_len}")) if dst else default_dst(family)
+    base = dict(family=family, table=msg.u32(_rtnl.RTA_TABLE) or table, dst=dst,
+                scope=_SCOPES.get(scope, str(scope)), src=msg.ip(_rtnl.RTA_PREFSRC),
+                metric=msg.u32(_rtnl.RTA_PRIORITY, 0), proto=proto)
+    legs = msg.attrs.get(_rtnl.RTA_MULTIPATH)
     if legs:
-        hops = [(leg["oif"], leg.get_attr("RTA_GATEWAY") or "") for leg in legs]
+        hops = [(oif, _rtnl.ip_text(a[_rtnl.RTA_GATEWAY]) if a.get(_rtnl.RTA_GATEWAY) else "")
+                for oif, a in _rtnl.multipath(legs)]
     else:
-        hops = [(msg.get_attr("RTA_OIF"), msg.get_attr("RTA_GATEWAY") or "")]
+        hops = [(msg.u32(_rtnl.RTA_OIF), msg.ip(_rtnl.RTA_GATEWAY))]
     return [Route(dev=names.get(oif, ""), gateway=gw, **base) for oif, gw in hops if oif]
 
 
-# -- fact gathering (each runs inside a session of the right netns) --------------------
+def _rule(msg: _rtnl.Msg) -> RuleInfo:
+    rfamily, dst_len, src_len, tos, table, _, _, _, _ = msg.fields
+    src = msg.ip(_rtnl.FRA_SRC)
+    others = dst_len or tos or bool(msg.attrs.keys() - _KNOWN_FRA)
+    return RuleInfo(family=_FAMILY[rfamily], priority=msg.u32(_rtnl.FRA_PRIORITY, 0),
+                    table=msg.u32(_rtnl.FRA_TABLE) or table,
+                    src=f"{src}/{src_len}" if src else "", proto=msg.u8(_rtnl.FRA_PROTOCOL, 0),
+                    fwmark=msg.u32(_rtnl.FRA_FWMARK, 0), fwmask=msg.u32(_rtnl.FRA_FWMASK, 0),
+                    selectors=bool(others))
+
+
+#: Rule attributes that do not select traffic beyond what RuleInfo records.
+_KNOWN_FRA = frozenset({_rtnl.FRA_SRC, _rtnl.FRA_PRIORITY, _rtnl.FRA_TABLE, _rtnl.FRA_FWMARK,
+                        _rtnl.FRA_FWMASK, _rtnl.FRA_PROTOCOL})
+
+
+def _owned_rule(r: RuleInfo) -> Rule:
+    # fwmask 0xffffffff is what the kernel reports for a plain ``fwmark X`` rule
+    return Rule(r.family, r.priority, r.table, r.src, r.proto, r.fwmark,
+                r.fwmask if r.fwmark else 0)
+
+
+# -- fact gathering --------------------------------------------------------------------
 def gather_pod(nl: Netlink) -> PodFacts:
-    """Everything the planner needs from the pod (pod tables are tiny: dump them all)."""
+    """Everything the planner needs from the pod: one dump each of links, addresses, routes
+    (both families, every table), rules and neighbours (pod tables are tiny)."""
     links = nl.links()
+    names = {link.index: link.name for link in links}
     routes = nl.routes()
     rules = nl.rules()
     return PodFacts(
-        links=tuple(links), addrs=tuple(nl.addresses()),
+        links=tuple(links), addrs=tuple(nl.addresses(names=names)),
         main_routes=tuple(r for r in routes if r.table == MAIN_TABLE),
         used_tables=frozenset(r.table for r in routes),
         rules=tuple(rules),
         owned_routes=tuple(r for r in routes if r.proto == RTPROT_ROUTE_TUNE),
-        owned_rules=tuple(Rule(r.family, r.priority, r.table, r.src)
-                          for r in rules if r.proto == RTPROT_ROUTE_TUNE),
+        owned_rules=tuple(_owned_rule(r) for r in rules if r.proto == RTPROT_ROUTE_TUNE),
         owned_neighbours=tuple(nl.owned_neighbours()))
 
 
-def gather_node(nl: Netlink, pod_eth0: Link, eth0_addrs: list[str],
-                node_nsid_in_pod: int) -> NodeFacts:
-    """The host peer of pod eth0 (verified) and the node IPs, as coordinator finds them."""
-    peer = nl.link_by_index(pod_eth0.peer_index) if pod_eth0.kind == "veth" else None
-    if (peer is None or peer.kind != "veth" or peer.peer_index != pod_eth0.index
-            or pod_eth0.peer_nsid != node_nsid_in_pod):
+def verified_peer(nl: Netlink, pod_link: Link, node_nsid_in_pod: int) -> Link | None:
+    """The node end of the pod veth ``pod_link``, or None unless all three ties hold: pod_link
+    is a veth, its IFLA_LINK names a node veth whose IFLA_LINK is pod_link, and pod_link's
+    link-netnsid is this node netns."""
+    if pod_link.kind != "veth" or pod_link.peer_nsid != node_nsid_in_pod:
+        return None
+    peer = nl.link_by_index(pod_link.peer_index)
+    if peer is None or peer.kind != "veth" or peer.peer_index != pod_link.index:
+        return None
+    return peer
+
+
+def gather_node(nl: Netlink, pod_eth0: Link | None, eth0_addrs: list[str],
+                node_nsid_in_pod: int, *, peer_required: bool = True) -> NodeFacts:
+    """The host peer of ``pod_eth0`` (verified; overlay: eth0's, underlay: veth0's) and the
+    node IPs, as coordinator finds them.
+
+    Requests: one link get for the peer, one address dump, one link get per addressed link
+    (names for the exclusion list), a route get per pod address only when no node address
+    shares its subnet, and one FIB-match lookup per family for the default gateways.
+    """
+    peer = verified_peer(nl, pod_eth0, node_nsid_in_pod) if pod_eth0 is not None else None
+    if peer is None and peer_required:
+        name = pod_eth0.name if pod_eth0 is not None else "eth0"
         raise InterfaceNotFound(
-            f"pod {pod_eth0.name} is not a veth whose peer is in this node netns; overlay mode "
+            f"pod {name} is not a veth whose peer is in this node netns; overlay mode "
             f"needs the cluster CNI's veth (podDefaultCniNic)")
-    links = nl.links()
-    addrs = nl.addresses()
+    records = nl.address_records()
+    # Names only for links with a usable address (a node has hundreds of pod veths: no dump).
+    names = {i: nl._name_of(i) for i in dict.fromkeys(r[0] for r in records if not r[4])}
+    addrs = [Addr(names.get(i, ""), *rest) for i, *rest in records]
+    usable = [a for a in addrs if a.ifname and not a.link_local
+              and not NODE_LINK_EXCLUDE.search(a.ifname)]
     node_ips: list[str] = []
-    for ip in eth0_addrs:  # the source the node uses to reach the pod comes first
-        try:
-            src = nl.route_get(ip).prefsrc
-        except RouteConflict:
-            continue
-        if src and src not in node_ips:
-            node_ips.append(src)
-    excluded = {link.name for link in links if NODE_LINK_EXCLUDE.search(link.name)}
-    for addr in addrs:
-        if addr.ifname not in excluded and not addr.link_local and addr.address not in node_ips:
-            node_ips.append(addr.address)
-    gateways = frozenset(r.gateway for r in nl.routes(table=MAIN_TABLE)
-                         if r.is_default and r.gateway)
-    return NodeFacts(host_peer=peer, node_ips=tuple(node_ips),
+    for ip in eth0_addrs:  # the address the node uses to reach the pod comes first
+        pod_ip = ipaddress.ip_address(ip)
+        same = next((a.address for a in usable if a.family == pod_ip.version and a.prefixlen
+                     < pod_ip.max_prefixlen and pod_ip in ipaddress.ip_interface(a.cidr).network
+                     and a.address != ip), "")
+        if not same:
+            try:
+                same = nl.route_get(ip).prefsrc
+            except RouteConflict:
+                continue
+        if same and same not in node_ips:
+            node_ips.append(same)
+    node_ips += [a.address for a in usable if a.address not in node_ips]
+    families = {ipaddress.ip_address(ip).version for ip in eth0_addrs} or {4, 6}
+    gateways = frozenset(g for fam in sorted(families) for g in nl.default_gateways(fam))
+    return NodeFacts(host_peer=peer, node_ips=tuple(dict.fromkeys(node_ips)),
                      local_addrs=frozenset(a.address for a in addrs), gateways=gateways)
 
 
-def owned_node_objects(nl: Netlink, host_rule_table: int, host_peer: str) -> list[KernelObject]:
-    """route-tune's objects on the node: the rules, hostRuleTable routes, neighbours on the peer."""
-    routes = nl.routes(table=host_rule_table, proto=RTPROT_ROUTE_TUNE)
-    return [*nl.owned_rules(), *routes, *nl.owned_neighbours(dev=host_peer)]
+def owned_node_objects(nl: Netlink, host_rule_table: int | None,
+                       host_peer: str) -> list[KernelObject]:
+    """route-tune's objects on the node that concern this pod: the rules, the hostRuleTable
+    routes via the host peer and the neighbours on it (all filtered by the kernel)."""
+    routes = nl.routes(table=host_rule_table, proto=RTPROT_ROUTE_TUNE, dev=host_peer) \
+        if host_rule_table and host_peer else []
+    neighbours = nl.owned_neighbours(dev=host_peer) if host_peer else []
+    return [*nl.owned_rules(), *routes, *neighbours]
 
 
 def owned_pod_objects(nl: Netlink) -> list[KernelObject]:

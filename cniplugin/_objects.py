@@ -38,21 +38,29 @@ def _table_word(table: int) -> str:
 
 @dataclass(frozen=True, order=True)
 class Rule:
-    """``from <src> lookup <table> pref <priority>``; src "" means ``from all``."""
+    """``from <src> [fwmark <fwmark>/<fwmask>] lookup <table> pref <priority>``.
+
+    src "" means ``from all``; fwmark 0 means no mark selector (the underlay reply rule is
+    ``fwmark 0x1/0x1``, masked so that other tools' mark bits do not stop it matching).
+    """
 
     family: int
     priority: int
     table: int
     src: str = ""
     proto: int = RTPROT_ROUTE_TUNE
+    fwmark: int = 0
+    fwmask: int = 0
 
     kind = "rule"
 
     def key(self) -> tuple:
-        return ("rule", self.family, self.priority, self.src or "all", self.table)
+        key = ("rule", self.family, self.priority, self.src or "all", self.table)
+        return key + (self.fwmark, self.fwmask) if self.fwmark else key
 
     def render(self) -> str:
-        return (f"{_ip_cmd(self.family)} rule add from {self.src or 'all'} "
+        mark = f" fwmark {self.fwmark:#x}/{self.fwmask:#x}" if self.fwmark else ""
+        return (f"{_ip_cmd(self.family)} rule add from {self.src or 'all'}{mark} "
                 f"lookup {_table_word(self.table)} pref {self.priority} proto {self.proto}")
 
 
@@ -157,8 +165,63 @@ class LinkAttr:
         return f"ip link set dev {self.ifname} {word} {self.value}"
 
 
-KernelObject = Union[Rule, Route, Neighbour, Sysctl, LinkAttr]
-_KINDS = {cls.kind: cls for cls in (Rule, Route, Neighbour, Sysctl, LinkAttr)}
+@dataclass(frozen=True, order=True)
+class Veth:
+    """The underlay veth pair: ``name`` (veth0) in the pod, ``peer`` on the node.
+
+    Both MACs are explicit (udev's MACAddressPolicy leaves a set address alone, so the PERMANENT
+    neighbours that name them cannot go stale). ``address`` is vethLinkAddress ("ip/32", "" =
+    none). ``alias`` is written to the node end's ifalias: it names the owning container, so a
+    DEL that cannot reach the pod deletes only its own node end. ``configured`` is always True
+    in a plan; a read says False when an end is down, the MTUs differ or the node end's
+    ``accept_ra`` is not 0.
+    """
+
+    name: str
+    peer: str
+    mtu: int
+    mac: str
+    peer_mac: str
+    address: str = ""
+    alias: str = ""
+    configured: bool = True
+
+    kind = "veth"
+
+    def key(self) -> tuple:
+        return ("veth", self.name)
+
+    def render(self) -> str:
+        lines = [f"ip link add {self.name} mtu {self.mtu} address {self.mac} type veth peer name "
+                 f"{self.peer} mtu {self.mtu} address {self.peer_mac} netns <node>",
+                 f"sysctl -w net/ipv6/conf/{self.peer}/accept_ra=0  # node",
+                 f"ip link set {self.peer} alias {self.alias} up  # node"]
+        if self.address:
+            lines.append(f"ip addr replace {self.address} dev {self.name}")
+        lines.append(f"ip link set {self.name} up")
+        return "; ".join(lines)
+
+
+@dataclass(frozen=True, order=True)
+class NftTable:
+    """route-tune's nftables table (``inet route_tune``, see ``_nft``): reply steering."""
+
+    ifname: str = "veth0"
+    mark: int = 0x1
+    mask: int = 0x1
+
+    kind = "nft"
+
+    def key(self) -> tuple:
+        return ("nft", "inet", "route_tune")
+
+    def render(self) -> str:
+        return (f"nft -f -  # table inet route_tune: connections in via {self.ifname} get ct "
+                f"mark {self.mark:#x}/{self.mask:#x}, their replies the same meta mark")
+
+
+KernelObject = Union[Rule, Route, Neighbour, Sysctl, LinkAttr, Veth, NftTable]
+_KINDS = {cls.kind: cls for cls in (Rule, Route, Neighbour, Sysctl, LinkAttr, Veth, NftTable)}
 
 
 def to_dict(obj: KernelObject) -> dict:
@@ -171,18 +234,21 @@ def object_from_dict(data: dict) -> KernelObject:
 
 
 def _rank(obj: KernelObject) -> int:
-    # Dependency order: link attributes, sysctls, neighbours, link-scope routes, routes via a
-    # gateway (their next hop must resolve), and rules last (a rule must never point at a
-    # table that is still being filled).
+    # Dependency order: link attributes, the veth pair (its sysctls, neighbours and routes need
+    # it), sysctls and the nft table, neighbours, link-scope routes, routes via a gateway (their
+    # next hop must resolve), and rules last (a rule must never point at a table that is still
+    # being filled). Removal is the reverse.
     if isinstance(obj, LinkAttr):
         return 0
-    if isinstance(obj, Sysctl):
+    if isinstance(obj, Veth):
         return 1
-    if isinstance(obj, Neighbour):
+    if isinstance(obj, (Sysctl, NftTable)):
         return 2
+    if isinstance(obj, Neighbour):
+        return 3
     if isinstance(obj, Route):
-        return 4 if obj.gateway else 3
-    return 5
+        return 5 if obj.gateway else 4
+    return 6
 
 
 def apply_order(objs) -> list[KernelObject]:
@@ -199,6 +265,8 @@ class Desired:
       cluster routes, neighbours, ``all`` sysctls); removed by the last attachment's DEL.
     * ``node_shared``: the node rule(s) into hostRuleTable; removed with the node's last
       attachment.
+    * underlay: the veth pair, the nft table, table 100 and the main-table cluster routes belong
+      to the first invocation's (eth0's) ``pod_owned``: later NICs never list them.
     * ``displaced``: foreign pod main-table routes that ADD removes and DEL restores.
     """
 
@@ -206,6 +274,7 @@ class Desired:
     table: int
     families: tuple[int, ...]
     host_peer: str = ""
+    mode: str = "overlay"          # overlay | underlay (what auto resolved to)
     pod_owned: tuple[KernelObject, ...] = ()
     pod_shared: tuple[KernelObject, ...] = ()
     node_owned: tuple[KernelObject, ...] = ()
@@ -221,7 +290,7 @@ class Desired:
 
     def render_lines(self) -> list[str]:
         """The whole plan as commands, grouped by side, in installation order."""
-        lines = [f"# pod: {self.ifname} uses table {self.table}"]
+        lines = [f"# pod ({self.mode}): {self.ifname} uses table {self.table}"]
         lines += [f"{_ip_cmd(r.family)} route del {_displaced_words(r)}  # displaced, restored on DEL"
                   for r in self.displaced]
         lines += [o.render() for o in apply_order(self.pod_objects())]
@@ -235,7 +304,7 @@ class Desired:
             return [to_dict(o) for o in objs]
         return {
             "ifname": self.ifname, "table": self.table, "families": list(self.families),
-            "host_peer": self.host_peer,
+            "host_peer": self.host_peer, "mode": self.mode,
             "pod_owned": dump(self.pod_owned), "pod_shared": dump(self.pod_shared),
             "node_owned": dump(self.node_owned), "node_shared": dump(self.node_shared),
             "displaced": dump(self.displaced), "warnings": list(self.warnings),
@@ -247,7 +316,7 @@ class Desired:
             return tuple(object_from_dict(d) for d in data.get(name, ()))
         return cls(
             ifname=data["ifname"], table=data["table"], families=tuple(data["families"]),
-            host_peer=data.get("host_peer", ""),
+            host_peer=data.get("host_peer", ""), mode=data.get("mode", "overlay"),
             pod_owned=load("pod_owned"), pod_shared=load("pod_shared"),
             node_owned=load("node_owned"), node_shared=load("node_shared"),
             displaced=load("displaced"), warnings=tuple(data.get("warnings", ())),

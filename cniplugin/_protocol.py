@@ -172,6 +172,10 @@ class Request:
     @property
     def netns_gone(self) -> bool:
         """True when CNI_NETNS is empty or names nothing (possible only on DEL)."""
+        # A netns fd handed over by the resident server means the pod netns exists, whatever
+        # the server's own mount namespace shows at that path.
+        if self.pod_netns_fd is not None:
+            return False
         return not self.env.netns or not os.path.exists(self.env.netns)
 
 
@@ -230,7 +234,7 @@ def _effective_mode(req: Request) -> str:
 # ---------------------------------------------------------------- dispatch
 
 def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = None,
-        node_netns_fd: int | None = None) -> Outcome:
+        node_netns_fd: int | None = None, via: str = "") -> Outcome:
     """Serve one CNI invocation; never raises."""
     command = environ.get("CNI_COMMAND", "")
     if not command:
@@ -259,6 +263,8 @@ def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = 
             req = Request(command, env, raw, reply_version, read_node_defaults(environ),
                           pod_netns_fd, node_netns_fd)
             _logging.set_request_options(_log_options(req))
+            if via:
+                logger.info("served %s", via)
             return _dispatch(req, logger)
         except CNIError as error:
             logger.warning("%s failed: code %d: %s%s", command, error.code, error.msg,

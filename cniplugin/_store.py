@@ -166,8 +166,33 @@ class Store:
 
     def node_peers(self, state: AttachmentState) -> list[AttachmentState]:
         """Every other attachment on the same node netns."""
-        return [s for s in self.all() if s.node_inode == state.node_inode
-                and (s.container_id, s.ifname) != (state.container_id, state.ifname)]
+        return list(self._node_peers(state))
+
+    def _node_peers(self, state: AttachmentState) -> Iterator[AttachmentState]:
+        for other in self.all():
+            if other.node_inode == state.node_inode and \
+                    (other.container_id, other.ifname) != (state.container_id, state.ifname):
+                yield other
+
+    def still_listed(self, state: AttachmentState, objs, *, node: bool) -> set[tuple]:
+        """Keys of ``objs`` that another attachment still lists: the pod's other attachments
+        (``node`` False) or every other attachment on the node (``node`` True).
+
+        Stops reading state files as soon as every key is accounted for: a node with hundreds
+        of attachments usually answers from its first file, not from all of them.
+        """
+        wanted = {o.key() for o in objs}
+        found: set[tuple] = set()
+        if not wanted:
+            return found
+        others = self._node_peers(state) if node else iter(self.pod_siblings(state))
+        for other in others:
+            d = other.desired
+            found |= wanted & {o.key() for o in (*d.pod_owned, *d.pod_shared, *d.node_owned,
+                                                 *d.node_shared)}
+            if found == wanted:
+                break
+        return found
 
 
 def _component(name: str) -> str:

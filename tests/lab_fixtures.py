@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ContextManager
@@ -54,13 +55,23 @@ SESSION_PREFIX = f"{PREFIX}{_b36(os.getpid())}x"
 _OWNER = re.compile(rf"^{PREFIX}([0-9a-z]+)x\d+-")
 
 
+def _stale(name: str, path: Path) -> bool:
+    """Owner pid gone AND older than an hour (a session in another pid namespace cannot be
+    seen in /proc, so age is the second guard against deleting a live lab)."""
+    m = _OWNER.match(name)
+    try:
+        old = time.time() - path.stat().st_mtime > 3600
+    except OSError:
+        return False
+    return bool(m) and old and not Path(f"/proc/{int(m[1], 36)}").exists()
+
+
 def cleanup_stale() -> None:
-    """Remove labs (namespaces, temp dirs) left by crashed sessions whose process is gone."""
-    names = [n for n in netns_names(PREFIX) if (m := _OWNER.match(n)) and not Path(f"/proc/{int(m[1], 36)}").exists()]
+    """Remove labs (namespaces, temp dirs) left by crashed sessions."""
+    names = [n for n in netns_names(PREFIX) if _stale(n, Path("/run/netns") / n)]
     ip_batch([f"netns del {n}" for n in names])
     for leftover in Path(tempfile.gettempdir()).glob(f"{PREFIX}*x*-lab-*"):
-        m = _OWNER.match(leftover.name.replace("-lab-", "-", 1))
-        if m and not Path(f"/proc/{int(m[1], 36)}").exists():
+        if _stale(leftover.name.replace("-lab-", "-", 1), leftover):
             shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -373,6 +373,13 @@ class RailPod:
         for k in reversed(self.rails):
             self.delete(k, netns)
 
+    def plugin_only(self, command: str, k: int, prev: dict | None = None, netns: str | None = None) -> dict | None:
+        """Run route-tune (the chain's last plugin) alone for rail k, as libcni would call it."""
+        conflist = self.conflist(k)
+        return PyRuntime(self.lab.node, self.penv).invoke(
+            command, conflist["plugins"][-1], conflist, prev, self.lab.pod_netns if netns is None else netns,
+            f"net{k}", self.container_id)
+
     def retry_add(self, k: int) -> dict:
         """ADD route-tune alone again for rail k with the runtime's cached final result as prevResult
         (what a runtime retrying a half-finished chain sends; the macvlan step cannot be repeated)."""
