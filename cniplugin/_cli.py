@@ -121,18 +121,21 @@ def _add_state_dir(p: argparse.ArgumentParser) -> None:
 def _guarded(name: str, run, argv: list[str], build) -> int:
     """Parse ``argv`` with ``build()``, run, and map failures to the documented exit codes."""
     args = build().parse_args(argv)
-    from ._errors import CNIError
-    from ._inspect import NotFound
     try:
         return run(args)
     except UsageError as err:
         code, text = EXIT_USAGE, str(err)
-    except NotFound as err:
-        code, text = EXIT_NOT_FOUND, str(err)
-    except CNIError as err:
-        code, text = EXIT_PROBLEM, err.msg + (f" ({err.details})" if err.details else "")
     except PermissionError as err:
         code, text = EXIT_PROBLEM, f"{err} (this command needs root)"
+    except Exception as err:
+        from ._errors import CNIError
+        inspect = sys.modules.get(f"{__package__}._inspect")  # only it raises NotFound
+        if inspect is not None and isinstance(err, inspect.NotFound):
+            code, text = EXIT_NOT_FOUND, str(err)
+        elif isinstance(err, CNIError):
+            code, text = EXIT_PROBLEM, err.msg + (f" ({err.details})" if err.details else "")
+        else:
+            raise
     sys.stdout.flush()
     sys.stderr.write(f"cni-route-tune {name}: {text}\n")
     return code
@@ -457,13 +460,13 @@ def _plan_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> int:
+    req = build_request(args, "ADD")
+    if req.prev_result is None:
+        raise UsageError("plan needs a prevResult: --prev-result FILE, or a config that holds one")
     from . import _engine, _render
     from ._errors import IOFailure
     from ._facts import Facts
     from ._planner import resolve_mode
-    req = build_request(args, "ADD")
-    if req.prev_result is None:
-        raise UsageError("plan needs a prevResult: --prev-result FILE, or a config that holds one")
     if args.facts:
         data = _read_json(args.facts, "facts")
         try:
@@ -583,14 +586,14 @@ def _explain_parser() -> argparse.ArgumentParser:
 
 def _explain(args) -> int:
     import ipaddress
-    from . import _explain, _inspect, _render
-    from ._errors import InterfaceNotFound
     try:
         family = ipaddress.ip_address(args.dst).version
         if args.src and ipaddress.ip_address(args.src).version != family:
             raise UsageError(f"--from {args.src} and {args.dst} are of different families")
     except ValueError as err:
         raise UsageError(str(err)) from None
+    from . import _explain, _inspect, _render
+    from ._errors import InterfaceNotFound
     path = _inspect.resolve_netns(args.netns)
     pod_fd = _inspect.open_netns(path)
     try:

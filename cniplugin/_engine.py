@@ -5,33 +5,27 @@ probes -> displaced routes out -> pod objects in dependency order -> node object
 lock -> state marked applied -> announce. Any failure undoes the journal in reverse and restores
 the previous state record (or removes it) before the error propagates.
 DEL works from the state record alone, so it needs neither prevResult nor a live netns.
+A request opens one netlink session per netns (pod, node) and uses it throughout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from . import _netlink, _netns
+from . import _faults, _netlink, _netns
 from ._errors import (CheckFailed, InterfaceNotFound, IOFailure, NotChained, PluginError,
-                      PluginNotAvailable, UnknownContainer)
+                      PluginNotAvailable, RouteConflict, UnknownContainer)
 from ._facts import Facts
-from ._objects import Desired, KernelObject, LinkAttr, Route, Sysctl, apply_order
-from ._planner import attachment_from_result, plan, resolve_mode
+from ._journal import READ_KINDS, Applier, Step, undo
+from ._objects import Desired, KernelObject, LinkAttr, Route, Sysctl, Veth, apply_order
+from ._planner import UNDERLAY_VETH, attachment_from_result, plan, resolve_mode
 from ._store import PHASE_APPLIED, AttachmentState, Store, key_text
 
 DEFAULT_STATE_DIR = "/run/route-tune"
-
-#: Reliability tests set this to a callable(point: str) that may raise, to fail ADD at a chosen
-#: step. Points: "pod:<render>", "node:<render>", "probe", "state".
-fault_hook: Callable[[str], None] | None = None
-
-
-def _fault(point: str) -> None:
-    if fault_hook is not None:
-        fault_hook(point)
+_fault = _faults.point  # test-only fault points (see _faults and docs/routing.md)
 
 
 @dataclass(frozen=True)
@@ -94,18 +88,35 @@ def _pod_fd(req, required: bool) -> Iterator[int | None]:
             os.close(fd)
 
 
-# -- facts and plan ----------------------------------------------------------------------
-def _gather(req, pod_fd: int, node_fd: int) -> Facts:
-    eth0 = req.config.pod_default_cni_nic
-    with _netlink.session(pod_fd) as nl:
-        pod = _netlink.gather_pod(nl)
-        node_nsid = nl.node_ns_id(node_fd)
+# -- sessions, facts and plan ------------------------------------------------------------
+@contextlib.contextmanager
+def _sessions(pod_fd: int, node_fd: int) -> Iterator[tuple[_netlink.Netlink, _netlink.Netlink]]:
+    """One netlink session per netns for the whole request; the pod's knows the node's (the
+    underlay veth pair has an end on each side)."""
+    with _netlink.open_session(node_fd) as node_nl, _netlink.open_session(pod_fd) as pod_nl:
+        pod_nl.node = node_nl
+        yield pod_nl, node_nl
+
+
+def _gather(req, pod_nl, node_nl, node_fd: int) -> Facts:
+    config, ifname = req.config, req.env.ifname
+    eth0 = config.pod_default_cni_nic
+    pod = _netlink.gather_pod(pod_nl)
+    mode = resolve_mode(config, ifname, [link.name for link in pod.links])
     eth0_link = pod.link(eth0)
     if eth0_link is None:
         raise InterfaceNotFound(f"podDefaultCniNic: interface {eth0!r} is not in the pod netns")
-    with _netlink.session(node_fd) as nl:
-        node = _netlink.gather_node(nl, eth0_link, [a.address for a in pod.addrs_of(eth0)],
-                                    node_nsid)
+    nsid = pod_nl.node_ns_id(node_fd)
+    eth0_addrs = [a.address for a in pod.addrs_of(eth0)]
+    if mode == "underlay":
+        veth = pod.link(UNDERLAY_VETH)
+        node = _netlink.gather_node(node_nl, veth, eth0_addrs, nsid, peer_required=False)
+        if veth is not None and node.host_peer is None:
+            raise RouteConflict(
+                f"{UNDERLAY_VETH} exists in the pod but is not a veth whose peer is on this "
+                f"node; underlay mode needs that name for its veth pair")
+    else:
+        node = _netlink.gather_node(node_nl, eth0_link, eth0_addrs, nsid)
     return Facts(pod=pod, node=node)
 
 
@@ -128,63 +139,10 @@ def plan_for(req, facts: Facts | None = None) -> Desired:
     store = Store(req.config.state_dir)
     prior = store.load(req.env.container_id, req.env.ifname)
     if facts is None:
-        with _pod_fd(req, required=True) as pod_fd, _node_fd(req) as node_fd:
-            facts = _gather(req, pod_fd, node_fd)
+        with _pod_fd(req, required=True) as pod_fd, _node_fd(req) as node_fd, \
+                _sessions(pod_fd, node_fd) as (pod_nl, node_nl):
+            facts = _gather(req, pod_nl, node_nl, node_fd)
     return _plan(req, facts, prior.desired if prior else None)
-
-
-# -- journal and rollback ----------------------------------------------------------------
-@dataclass
-class _Step:
-    side: str               # pod | node
-    action: str             # applied | displaced
-    obj: KernelObject
-    previous: object = None  # live object/value before we touched it (None: absent)
-    shared: bool = False
-
-
-class _Applier:
-    """Applies objects on one side, journaling every real change for rollback."""
-
-    def __init__(self, nl, side: str, live: list[KernelObject], journal: list[_Step]):
-        self.nl, self.side, self.journal = nl, side, journal
-        self.live = {o.key(): o for o in live}
-
-    def apply(self, obj: KernelObject, shared: bool) -> None:
-        if isinstance(obj, (Sysctl, LinkAttr)):
-            previous = self.nl.read_attr(obj)
-            if previous == obj.value:
-                return
-        else:
-            previous = self.live.get(obj.key())
-            if previous == obj:
-                return
-        _fault(f"{self.side}:{obj.render()}")
-        self.nl.apply(obj)
-        self.journal.append(_Step(self.side, "applied", obj, previous, shared))
-
-    def displace(self, route: Route) -> None:
-        _fault(f"{self.side}:displace {route.render()}")
-        self.nl.remove(route)
-        self.journal.append(_Step(self.side, "displaced", route))
-
-
-def _undo(nl, steps: list[_Step], still_listed: Callable[[KernelObject], bool]) -> list[str]:
-    """Reverse ``steps``; returns what could not be undone (rollback keeps going)."""
-    errors = []
-    for step in reversed(steps):
-        try:
-            if step.action == "displaced":
-                nl.restore(step.obj)
-            elif isinstance(step.obj, (Sysctl, LinkAttr)):
-                nl.restore(step.obj, step.previous)
-            elif step.previous is not None:
-                nl.apply(step.previous)
-            elif not (step.shared and still_listed(step.obj)):
-                nl.remove(step.obj)
-        except Exception as err:  # rollback must try every step; report the rest
-            errors.append(f"{step.obj.render()}: {err}")
-    return errors
 
 
 # -- ADD ---------------------------------------------------------------------------------
@@ -193,32 +151,35 @@ def cmd_add(req):
     if req.prev_result is None:
         raise NotChained("route-tune must be chained: it needs a prevResult")
     config, env = req.config, req.env
-    if resolve_mode(config, env.ifname) == "disabled":
+    if str(config.mode) in ("disabled", "disable"):
         return req.prev_result
+    _faults.begin()
     store = Store(config.state_dir)
     with _pod_fd(req, required=True) as pod_fd, _node_fd(req) as node_fd, \
-            _netns.pod_lock(pod_fd):
+            _netns.pod_lock(pod_fd), _sessions(pod_fd, node_fd) as (pod_nl, node_nl):
         prior = store.load(env.container_id, env.ifname)
         if prior is not None and prior.netns_inode != _netns.inode(pod_fd):
             prior = None  # a record of another sandbox with this id: never reuse its plan
-        facts = _gather(req, pod_fd, node_fd)
+        facts = _gather(req, pod_nl, node_nl, node_fd)
         desired = _plan(req, facts, prior.desired if prior else None)
         state = AttachmentState(
             container_id=env.container_id, ifname=env.ifname, network=_network(req),
             netns=env.netns, netns_inode=_netns.inode(pod_fd), node_inode=_netns.inode(node_fd),
             desired=desired)
-        with _netlink.session(pod_fd) as nl:
-            state.originals = _originals(nl, desired, prior, store.pod_siblings(state))
+        state.originals = _originals(pod_nl, desired, prior, store.pod_siblings(state))
         _fault("state")
         store.write(state)  # write-ahead: from here on DEL/GC can clean up
-        journal: list[_Step] = []
+        journal: list[Step] = []
         try:
-            _apply_pod(req, pod_fd, desired, facts, journal)
-            _apply_node(store, state, node_fd, journal)
+            _fault("state:written")
+            _apply_pod(req, pod_nl, pod_fd, desired, facts, journal)
+            _apply_node(store, state, node_nl, node_fd, journal)
+            _fault("state:before-applied")
             state.phase = PHASE_APPLIED
             store.write(state)
+            _fault("state:applied")
         except BaseException:
-            _rollback(store, state, pod_fd, node_fd, journal)
+            _rollback(store, state, pod_nl, journal)
             if prior is not None:
                 store.write(prior)
             else:
@@ -241,56 +202,54 @@ def _originals(nl, desired: Desired, prior: AttachmentState | None,
     return out
 
 
-def _apply_pod(req, pod_fd: int, desired: Desired, facts: Facts, journal: list[_Step]) -> None:
+def _apply_pod(req, nl, pod_fd: int, desired: Desired, facts: Facts,
+               journal: list[Step]) -> None:
     shared = {o.key() for o in desired.pod_shared}
     live = [*facts.pod.owned_rules, *facts.pod.owned_routes, *facts.pod.owned_neighbours]
-    with _netlink.session(pod_fd) as nl:
-        applier = _Applier(nl, "pod", live, journal)
-        ordered = apply_order(desired.pod_objects())
-        for obj in ordered:
-            if isinstance(obj, LinkAttr):  # the MAC must be final before anyone is probed
-                applier.apply(obj, shared=False)
-        _probe_addresses(req.config, req.env.ifname, desired, facts)
-        for route in desired.displaced:
-            if route in facts.pod.main_routes:
-                applier.displace(route)
-        for obj in ordered:
-            if not isinstance(obj, LinkAttr):
-                applier.apply(obj, shared=obj.key() in shared)
+    applier = Applier(nl, "pod", live, journal)
+    ordered = apply_order(desired.pod_objects())
+    for obj in ordered:
+        if isinstance(obj, LinkAttr):  # the MAC must be final before anyone is probed
+            applier.apply(obj, shared=False)
+    _probe_addresses(req.config, req.env.ifname, pod_fd, desired, facts)
+    for route in desired.displaced:
+        if route in facts.pod.main_routes:
+            applier.displace(route)
+    for obj in ordered:
+        if not isinstance(obj, LinkAttr):
+            applier.apply(obj, shared=obj.key() in shared)
 
 
-def _apply_node(store: Store, state: AttachmentState, node_fd: int,
-                journal: list[_Step]) -> None:
+def _apply_node(store: Store, state: AttachmentState, nl, node_fd: int,
+                journal: list[Step]) -> None:
     desired = state.desired
     if not desired.node_objects():
         return
     shared = {o.key() for o in desired.node_shared}
     table = next((o.table for o in desired.node_shared), None)
-    with _netns.node_lock(node_fd), _netlink.session(node_fd) as nl:
+    with _netns.node_lock(node_fd):
         live = _netlink.owned_node_objects(nl, table, desired.host_peer)
-        applier = _Applier(nl, "node", live, journal)
+        applier = Applier(nl, "node", live, journal)
         start = len(journal)
         try:
             for obj in apply_order(desired.node_objects()):
                 applier.apply(obj, shared=obj.key() in shared)
         except BaseException:
             # Undo the node part while still holding the node lock, then let _rollback do the pod.
-            peers = store.node_peers(state)
-            _undo(nl, journal[start:], lambda o: any(p.lists(o) for p in peers))
+            listed = store.still_listed(state, [s.obj for s in journal[start:]], node=True)
+            undo(nl, journal[start:], lambda o: o.key() in listed)
             del journal[start:]
             raise
 
 
-def _rollback(store: Store, state: AttachmentState, pod_fd: int, node_fd: int,
-              journal: list[_Step]) -> None:
+def _rollback(store: Store, state: AttachmentState, nl, journal: list[Step]) -> None:
     pod_steps = [s for s in journal if s.side == "pod"]
     if pod_steps:
-        siblings = store.pod_siblings(state)
-        with _netlink.session(pod_fd) as nl:
-            _undo(nl, pod_steps, lambda o: any(s.lists(o) for s in siblings))
+        listed = store.still_listed(state, [s.obj for s in pod_steps], node=False)
+        undo(nl, pod_steps, lambda o: o.key() in listed)
 
 
-def _probe_addresses(config, ifname: str, desired: Desired, facts: Facts) -> None:
+def _probe_addresses(config, ifname: str, pod_fd: int, desired: Desired, facts: Facts) -> None:
     """Conflict first, then gateway (#4475), from inside the pod, before routes change."""
     if not (config.detect_ip_conflict or config.detect_gateway):
         return
@@ -301,16 +260,18 @@ def _probe_addresses(config, ifname: str, desired: Desired, facts: Facts) -> Non
     opts = _probe.ProbeOptions(retries=options.retries, interval=options.interval,
                                timeout=options.timeout)
     addresses = [a.cidr for a in facts.pod.addrs_of(ifname)]
-    if config.detect_ip_conflict:
-        _probe.check_conflicts(ifname, addresses, opts)
-    if config.detect_gateway:
-        pairs = []
-        for route in desired.pod_owned:
-            if isinstance(route, Route) and route.is_default and route.dev == ifname:
-                src = next((a.address for a in facts.pod.addrs_of(ifname, route.family)), None)
-                if src and (src, route.gateway) not in pairs:
-                    pairs.append((src, route.gateway))
-        _probe.check_gateways(ifname, pairs, opts)
+    with _netns.entered(pod_fd):
+        if config.detect_ip_conflict:
+            _probe.check_conflicts(ifname, addresses, opts)
+        if config.detect_gateway:
+            pairs = []
+            for route in desired.pod_owned:
+                if isinstance(route, Route) and route.is_default and route.dev == ifname:
+                    src = next((a.address for a in facts.pod.addrs_of(ifname, route.family)),
+                               None)
+                    if src and (src, route.gateway) not in pairs:
+                        pairs.append((src, route.gateway))
+            _probe.check_gateways(ifname, pairs, opts)
 
 
 def _announce(config, pod_fd: int, ifname: str, facts: Facts) -> None:
@@ -347,44 +308,55 @@ def cmd_del(req) -> None:
     state = store.load(env.container_id, env.ifname)
     if state is None:
         return  # write-ahead: no record means ADD changed nothing
+    _faults.begin()
     with _pod_fd(req, required=False) as pod_fd, _node_fd(req) as node_fd:
         errors = _teardown(store, state, pod_fd, node_fd)
     if errors:
         raise PluginError(f"DEL of {env.ifname} could not remove everything; retry DEL",
                           "; ".join(errors))
+    _fault("del:state")
     store.remove(env.container_id, env.ifname)
 
 
 def _teardown(store: Store, state: AttachmentState, pod_fd: int | None,
               node_fd: int) -> list[str]:
+    """Pod side (under the pod lock), then node side (under the node lock); every step is
+    attempted, failures are returned. A veth pair goes with its pod end; when the pod cannot
+    be reached its node end is deleted from the node (only if its alias names this pod)."""
     errors: list[str] = []
     if pod_fd is not None and _netns.inode(pod_fd) != state.netns_inode:
         pod_fd = None  # the path now names another sandbox: leave it alone
     desired = state.desired
     if pod_fd is not None:
-        with _netns.pod_lock(pod_fd):
-            siblings = store.pod_siblings(state)
-            with _netlink.session(pod_fd) as nl:
-                errors += _remove_side(nl, desired.pod_owned, desired.pod_shared, siblings,
-                                       state.originals)
-                for route in desired.displaced:
-                    errors += _attempt(nl.restore, route)
-    if desired.node_objects() and _netns.inode(node_fd) == state.node_inode:
-        with _netns.node_lock(node_fd), _netlink.session(node_fd) as nl:
-            errors += _remove_side(nl, desired.node_owned, desired.node_shared,
-                                   store.node_peers(state), state.originals)
+        with _netns.pod_lock(pod_fd), _netlink.open_session(pod_fd) as nl:
+            listed = store.still_listed(state, desired.pod_shared, node=False)
+            errors += _remove_side(nl, "pod", desired.pod_owned, desired.pod_shared, listed,
+                                   state.originals)
+            for route in desired.displaced:
+                errors += _attempt(nl.restore, route)
+                _fault(f"del:pod:restore {route.render()}")
+    veth = next((o for o in desired.pod_owned if isinstance(o, Veth)), None)
+    if (desired.node_objects() or veth) and _netns.inode(node_fd) == state.node_inode:
+        with _netns.node_lock(node_fd), _netlink.open_session(node_fd) as nl:
+            if veth is not None and pod_fd is None:
+                errors += _attempt(nl.remove_veth_peer, veth)
+                _fault(f"del:node:veth {veth.peer}")
+            listed = store.still_listed(state, desired.node_shared, node=True)
+            errors += _remove_side(nl, "node", desired.node_owned, desired.node_shared, listed,
+                                   state.originals)
     return errors
 
 
-def _remove_side(nl, owned, shared, others: list[AttachmentState],
+def _remove_side(nl, side: str, owned, shared, listed: set[tuple],
                  originals: dict) -> list[str]:
     errors: list[str] = []
-    doomed = [*owned, *(o for o in shared if not any(s.lists(o) for s in others))]
+    doomed = [*owned, *(o for o in shared if o.key() not in listed)]
     for obj in reversed(apply_order(doomed)):
         if isinstance(obj, (Sysctl, LinkAttr)):
             errors += _attempt(nl.restore, obj, originals.get(key_text(obj)))
         else:
             errors += _attempt(nl.remove, obj)
+        _fault(f"del:{side}:{obj.render()}")
     return errors
 
 
@@ -404,19 +376,23 @@ def diff(req) -> list[Drift]:
     if state is None:
         raise CheckFailed(f"no route-tune state for {env.container_id}/{env.ifname}: "
                           f"was ADD run for this attachment?")
-    drifts: list[Drift] = []
     with _pod_fd(req, required=True) as pod_fd, _node_fd(req) as node_fd:
         if _netns.inode(pod_fd) != state.netns_inode:
             raise CheckFailed(f"netns {env.netns} is not the sandbox ADD configured")
-        with _netlink.session(pod_fd) as nl:
-            drifts += _compare(nl, "pod", state.desired.pod_objects(),
-                               _netlink.owned_pod_objects(nl))
-        desired = state.desired
+        return diff_state(state, pod_fd, node_fd)
+
+
+def diff_state(state: AttachmentState, pod_fd: int, node_fd: int) -> list[Drift]:
+    """Recorded intent of one attachment vs the kernel (the CLI's verify uses this too)."""
+    desired = state.desired
+    drifts: list[Drift] = []
+    with _sessions(pod_fd, node_fd) as (pod_nl, node_nl):
+        drifts += _compare(pod_nl, "pod", desired.pod_objects(),
+                           _netlink.owned_pod_objects(pod_nl))
         if desired.node_objects():
-            table = next(o.table for o in desired.node_shared)
-            with _netlink.session(node_fd) as nl:
-                live = _netlink.owned_node_objects(nl, table, desired.host_peer)
-                drifts += _compare(nl, "node", desired.node_objects(), live)
+            table = next((o.table for o in desired.node_shared), None)
+            live = _netlink.owned_node_objects(node_nl, table, desired.host_peer, by_peer=False)
+            drifts += _compare(node_nl, "node", desired.node_objects(), live)
     return drifts
 
 
@@ -429,7 +405,7 @@ def _compare(nl, side: str, expected: list[KernelObject], live: list[KernelObjec
             if value != obj.value:
                 out.append(Drift(side, "missing" if value is None else "changed", obj, value))
             continue
-        found = by_key.get(obj.key())
+        found = nl.read(obj) if isinstance(obj, READ_KINDS) else by_key.get(obj.key())
         if found is None:
             out.append(Drift(side, "missing", obj))
         elif found != obj:

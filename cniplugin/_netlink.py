@@ -481,8 +481,9 @@ class Netlink:
             self._veth_create(veth)
             live = self.link(veth.name)
         elif live.kind != "veth":
-            raise RouteConflict(f"{veth.name} exists in the pod and is not a veth ({live.kind or "
-                                f"'no kind'}); underlay mode needs that name for its veth pair")
+            kind = live.kind or "no kind"
+            raise RouteConflict(f"{veth.name} exists in the pod and is not a veth ({kind}); "
+                                f"underlay mode needs that name for its veth pair")
         peer = node.link(veth.peer)
         if peer is None or peer.kind != "veth" or peer.peer_index != live.index:
             raise RouteConflict(
@@ -680,12 +681,21 @@ def gather_node(nl: Netlink, pod_eth0: Link | None, eth0_addrs: list[str],
                      local_addrs=frozenset(a.address for a in addrs), gateways=gateways)
 
 
-def owned_node_objects(nl: Netlink, host_rule_table: int | None,
-                       host_peer: str) -> list[KernelObject]:
+def owned_node_objects(nl: Netlink, host_rule_table: int | None, host_peer: str,
+                       by_peer: bool = True) -> list[KernelObject]:
     """route-tune's objects on the node that concern this pod: the rules, the hostRuleTable
-    routes via the host peer and the neighbours on it (all filtered by the kernel)."""
-    routes = nl.routes(table=host_rule_table, proto=RTPROT_ROUTE_TUNE, dev=host_peer) \
-        if host_rule_table and host_peer else []
+    routes and the neighbours on the host peer (all filtered by the kernel).
+
+    ``by_peer`` (ADD) reads only the routes via the host peer: the cost does not grow with the
+    node's other attachments. CHECK passes False to also see our routes moved elsewhere.
+    """
+    if not host_rule_table:
+        routes = []
+    elif by_peer:
+        routes = nl.routes(table=host_rule_table, proto=RTPROT_ROUTE_TUNE, dev=host_peer) \
+            if host_peer else []
+    else:
+        routes = nl.routes(table=host_rule_table, proto=RTPROT_ROUTE_TUNE)
     neighbours = nl.owned_neighbours(dev=host_peer) if host_peer else []
     return [*nl.owned_rules(), *routes, *neighbours]
 

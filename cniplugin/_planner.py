@@ -7,21 +7,25 @@ explains every object produced here; design.md "What the planner produces" is th
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 
-from ._errors import InterfaceNotFound, InvalidConfig, UnsafeRequest
+from ._errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
 from ._facts import Facts, NodeFacts, PodFacts
 from ._objects import (MAIN_TABLE, SCOPE_LINK, SCOPE_UNIVERSE, Desired, KernelObject,
-                       LinkAttr, Neighbour, Route, Rule, Sysctl, default_dst)
+                       LinkAttr, Neighbour, NftTable, Route, Rule, Sysctl, Veth, default_dst)
 from ._version import RTPROT_ROUTE_TUNE
 
-ETH0_REPLY_TABLE = 100
+ETH0_REPLY_TABLE = 100          # overlay: eth0's replies; underlay: replies steered to veth0
 FIRST_SECONDARY_TABLE = 101
 SOURCE_RULE_PRIORITY = 31000
+FWMARK_RULE_PRIORITY = 30000
+REPLY_MARK = REPLY_MASK = 0x1   # docs/nft.md: only bit 0 is ours
 RESERVED_TABLES = frozenset({0, 253, 254, 255})
 IPV6_DEFAULT_METRIC = 1024
 UNDERLAY_VETH = "veth0"
+NODE_VETH_PREFIX = "rt"         # node end: "rt" + the first 11 characters of the container id
 
 
 @dataclass(frozen=True)
@@ -46,29 +50,57 @@ class Attachment:
         return tuple(sorted({ipaddress.ip_interface(a).version for a in self.addresses}))
 
 
-def resolve_mode(config, ifname: str, pod_links: list[str] = ()) -> str:
-    """The effective mode: ``overlay`` or ``disabled`` (the one place auto is resolved).
+def resolve_mode(config, ifname: str, pod_links: list[str] | None = None) -> str:
+    """The effective mode: ``overlay``, ``underlay`` or ``disabled`` (the one place auto is
+    resolved).
 
-    ``auto`` means underlay when route-tune runs for the pod's default NIC or an underlay veth0
-    already exists (coordinator's rule), else overlay.
+    ``auto`` means underlay when route-tune runs for the pod's default NIC (podDefaultCniNic)
+    or the underlay veth0 already exists (coordinator's rule), else overlay. ``pod_links`` are
+    the pod's link names; None (unknown, e.g. the CLI's disabled check) skips the checks that
+    need them.
     """
     mode = str(config.mode)
     eth0 = config.pod_default_cni_nic
     if mode in ("disabled", "disable"):
         return "disabled"
+    has_veth = pod_links is not None and UNDERLAY_VETH in pod_links
     if mode == "auto":
-        mode = "underlay" if ifname == eth0 or UNDERLAY_VETH in pod_links else "overlay"
+        mode = "underlay" if ifname == eth0 or has_veth else "overlay"
     if mode == "underlay":
-        raise InvalidConfig(
-            f"mode: underlay mode is not available yet (CNI_IFNAME={ifname!r}, "
-            f"podDefaultCniNic={eth0!r}); use mode: overlay for secondary interfaces")
+        if pod_links is not None and ifname != eth0 and not has_veth:
+            raise UnderlayNotReady(
+                f"underlay mode for {ifname!r} needs the pod's {UNDERLAY_VETH}, and it does not "
+                f"exist: route-tune must run on {eth0} (podDefaultCniNic) first, in underlay "
+                f"mode, to create {UNDERLAY_VETH}; add route-tune to the default network's "
+                f"chain, after its macvlan/SR-IOV plugin")
+        return "underlay"
     if mode != "overlay":
         raise InvalidConfig(f"mode: unknown value {mode!r}")
     if ifname == eth0:
         raise InvalidConfig(
             f"mode: overlay tunes secondary interfaces, but CNI_IFNAME {ifname!r} is "
             f"podDefaultCniNic; put route-tune after the secondary interface's plugin")
+    if has_veth:
+        raise InvalidConfig(
+            f"mode: overlay, but the pod has {UNDERLAY_VETH}: its default network runs in "
+            f"underlay mode; use mode: underlay (or auto) for {ifname!r}")
     return "overlay"
+
+
+def node_veth_name(container_id: str) -> str:
+    """The node end of the underlay veth: ``rt`` + the first 11 characters of the container
+    id (at most 15 characters). Two containers sharing those 11 characters on one node (for
+    hex ids: 1 in 2^44) collide: the second ADD fails with code 103 and the runtime retries
+    with a new sandbox."""
+    return NODE_VETH_PREFIX + container_id[:11]
+
+
+def planned_mac(container_id: str, role: str) -> str:
+    """A locally administered unicast MAC derived from the container id (same id, same MAC:
+    a retried ADD plans the identical pair; an explicit MAC is also one udev leaves alone)."""
+    raw = bytearray(hashlib.sha256(f"{container_id}/{role}".encode()).digest()[:6])
+    raw[0] = (raw[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in raw)
 
 
 def attachment_from_result(result, ifname: str, container_id: str, network: str,
@@ -109,13 +141,13 @@ def attachment_from_result(result, ifname: str, container_id: str, network: str,
 def plan(config, attachment: Attachment, facts: Facts, prior: Desired | None = None) -> Desired:
     """Everything ``attachment`` needs, in the pod and on the node. Raises on unsafe input."""
     netk = attachment.ifname
-    resolve_mode(config, netk, [link.name for link in facts.pod.links])
+    mode = resolve_mode(config, netk, [link.name for link in facts.pod.links])
     _validate(config, attachment, facts)
-    plan_ = _Plan(config, attachment, facts, prior)
+    plan_ = _Plan(config, attachment, facts, prior, mode)
     plan_.build()
     return Desired(
         ifname=netk, table=plan_.table, families=attachment.families,
-        host_peer=facts.node.host_peer.name if facts.node else "",
+        host_peer=plan_.peer_name, mode=mode,
         pod_owned=_unique(plan_.pod_owned), pod_shared=_unique(plan_.pod_shared),
         node_owned=_unique(plan_.node_owned), node_shared=_unique(plan_.node_shared),
         displaced=plan_.displaced_routes(), warnings=tuple(plan_.warnings),
@@ -179,13 +211,25 @@ def _ours(route: Route, table: int) -> Route:
 
 
 class _Plan:
-    """One planning run; methods fill the four object lists and the displaced set."""
+    """One planning run; methods fill the four object lists and the displaced set.
 
-    def __init__(self, config, attachment: Attachment, facts: Facts, prior: Desired | None):
+    Overlay: cluster traffic leaves through eth0 (the cluster CNI's veth) and eth0 replies use
+    the shared table 100. Underlay: cluster traffic leaves through veth0; the first invocation
+    (eth0 itself) creates veth0, the main-table cluster routes, table 100 for replies steered
+    by the nft mark, and eth0's own source table, all owned by eth0's attachment; later NICs
+    get their own tables as in overlay (docs/underlay.md).
+    """
+
+    def __init__(self, config, attachment: Attachment, facts: Facts, prior: Desired | None,
+                 mode: str = "overlay"):
         self.config, self.att, self.facts, self.prior = config, attachment, facts, prior
         self.pod: PodFacts = facts.pod
         self.node: NodeFacts | None = facts.node
         self.eth0, self.netk = config.pod_default_cni_nic, attachment.ifname
+        self.underlay = mode == "underlay"
+        self.first = self.underlay and self.netk == self.eth0
+        self.cluster_dev = UNDERLAY_VETH if self.underlay else self.eth0
+        self._peer_facts()
         self.table = self._choose_table()
         self.pod_owned: list[KernelObject] = []
         self.pod_shared: list[KernelObject] = []
@@ -193,6 +237,23 @@ class _Plan:
         self.node_shared: list[KernelObject] = []
         self.displaced: list[Route] = list(prior.displaced) if prior else []
         self.warnings: list[str] = list(facts.warnings)
+
+    def _peer_facts(self) -> None:
+        """Who the node talks to: the host peer's name and MAC, and the pod end's MAC."""
+        peer = self.node.host_peer if self.node else None
+        if not self.underlay:
+            self.peer_name = peer.name if peer else ""
+            self.peer_mac = peer.mac if peer else ""
+            eth0 = self.pod.link(self.eth0)
+            self.pod_end_mac = eth0.mac if eth0 else ""
+            return
+        # Underlay: live values when the pair exists (a re-ADD keeps what the kernel has, so
+        # the PERMANENT neighbours are replaced with the current MACs, #2464), else the plan's.
+        cid = self.att.container_id
+        veth = self.pod.link(UNDERLAY_VETH)
+        self.peer_name = peer.name if peer else node_veth_name(cid)
+        self.peer_mac = peer.mac if peer else planned_mac(cid, "node")
+        self.pod_end_mac = veth.mac if veth else planned_mac(cid, "pod")
 
     # -- table choice -------------------------------------------------------------------
     def _choose_table(self) -> int:
@@ -213,7 +274,11 @@ class _Plan:
     def build(self) -> None:
         self._link_attrs()
         self._sysctls()
+        if self.first:
+            self._underlay_infrastructure()
         for family in self.att.families:
+            if self.first:
+                self._underlay_first(family)
             if self.config.tune_pod_routes:
                 self._pod_routes(family)
             self._node_side(family)
@@ -242,6 +307,39 @@ class _Plan:
         if 6 in self.att.families:
             self.pod_shared.append(Sysctl("net/ipv6/conf/all/disable_ipv6", "0"))
 
+    # -- underlay first invocation ------------------------------------------------------
+    def _underlay_infrastructure(self) -> None:
+        """veth0 (+ its rp_filter: replies to the node arrive there) and the nft table."""
+        config, cid = self.config, self.att.container_id
+        address = ""
+        if config.veth_link_address and self.pod.addrs_of(self.eth0, 4):
+            address = f"{config.veth_link_address}/32"  # IPv4 only (Istio, #3568)
+        self.pod_owned.append(Veth(UNDERLAY_VETH, self.peer_name, int(config.veth_mtu),
+                                   self.pod_end_mac, self.peer_mac, address,
+                                   alias=f"route-tune:{cid}"))
+        value = int(config.pod_rp_filter)
+        if value != -1:
+            self.pod_owned.append(Sysctl(f"net/ipv4/conf/{UNDERLAY_VETH}/rp_filter", str(value)))
+        self.pod_owned.append(NftTable(UNDERLAY_VETH, REPLY_MARK, REPLY_MASK))
+
+    def _underlay_first(self, family: int) -> None:
+        """Main: node IPs and cluster CIDRs via veth0 (+ PERMANENT neighbours), policyRoutes;
+        table 100 and the fwmark rule for replies to connections that came in via veth0."""
+        self.pod_owned += self._cluster_routes(family, MAIN_TABLE)
+        self.pod_owned += self._cluster_neighbours(family)
+        self.pod_owned += self._policy_routes(family, MAIN_TABLE)
+        node_ips = self._node_ips(family)
+        if not node_ips or not self.pod.addrs_of(self.eth0, family):
+            self.warnings.append(f"no IPv{family} node IP or {self.eth0} address: no IPv{family} "
+                                 f"reply steering through {UNDERLAY_VETH}")
+            return
+        self.pod_owned += self._cluster_routes(family, ETH0_REPLY_TABLE)
+        self.pod_owned.append(Route(family, ETH0_REPLY_TABLE, default_dst(family),
+                                    UNDERLAY_VETH, gateway=node_ips[0], src=self._eth0_src(family),
+                                    metric=_metric(family)))
+        self.pod_owned.append(Rule(family, FWMARK_RULE_PRIORITY, ETH0_REPLY_TABLE,
+                                   fwmark=REPLY_MARK, fwmask=REPLY_MASK))
+
     # -- pod ----------------------------------------------------------------------------
     def _pod_routes(self, family: int) -> None:
         table, netk = self.table, self.netk
@@ -255,11 +353,7 @@ class _Plan:
                                         src=str(addr.ip) if family == 4 else "",
                                         metric=_connected_metric(family)))
         self.pod_owned += self._cluster_routes(family, table)
-        for policy in self.config.policy_routes or ():
-            dst = ipaddress.ip_network(str(policy.dst), strict=False)
-            if dst.version == family:
-                self.pod_owned.append(Route(family, table, str(dst), netk,
-                                            gateway=str(policy.gw), metric=metric))
+        self.pod_owned += self._policy_routes(family, table)
         for route in self.pod.main_routes_of(netk, family):
             if route.proto != RTPROT_ROUTE_TUNE and not route.is_default \
                     and not _is_link_local_prefix(route.dst):
@@ -272,10 +366,22 @@ class _Plan:
                                  f"default route; other destinations fall through to main")
         for addr in addrs:
             self.pod_owned.append(Rule(family, SOURCE_RULE_PRIORITY, table, _host(str(addr.ip))))
-        self._eth0_reply_table(family)
-        self.pod_shared += self._cluster_routes(family, MAIN_TABLE)
-        self.pod_shared += self._cluster_neighbours(family)
+        if self.first:
+            return  # eth0 keeps its main default; main cluster routes: _underlay_first
+        if not self.underlay:
+            self._eth0_reply_table(family)
+            self.pod_shared += self._cluster_routes(family, MAIN_TABLE)
+            self.pod_shared += self._cluster_neighbours(family)
         self._main_default(family, gateway)
+
+    def _policy_routes(self, family: int, table: int) -> list[Route]:
+        out = []
+        for policy in self.config.policy_routes or ():
+            dst = ipaddress.ip_network(str(policy.dst), strict=False)
+            if dst.version == family:
+                out.append(Route(family, table, str(dst), self.netk, gateway=str(policy.gw),
+                                 metric=_metric(family)))
+        return out
 
     def _eth0_src(self, family: int) -> str:
         if family == 6:
@@ -289,14 +395,15 @@ class _Plan:
         return [ip for ip in self.node.node_ips if ipaddress.ip_address(ip).version == family]
 
     def _cluster_routes(self, family: int, table: int) -> list[Route]:
-        """Node IPs and cluster CIDRs via eth0 (outcome 2), for main or a rail table."""
+        """Node IPs and cluster CIDRs via the cluster device (eth0 in overlay, veth0 in
+        underlay), for main or a pod table."""
         if not self.pod.addrs_of(self.eth0, family):
             if table == MAIN_TABLE:
                 self.warnings.append(f"{self.eth0} has no IPv{family} address: no IPv{family} "
                                      f"cluster routes")
             return []
-        node_ips, src = self._node_ips(family), self._eth0_src(family)
-        routes = [Route(family, table, _host(ip), self.eth0, scope=_link_scope(family), src=src,
+        node_ips, src, dev = self._node_ips(family), self._eth0_src(family), self.cluster_dev
+        routes = [Route(family, table, _host(ip), dev, scope=_link_scope(family), src=src,
                         metric=_metric(family)) for ip in node_ips]
         cidrs = [ipaddress.ip_network(str(c), strict=False) for c in (
             *(self.config.overlay_pod_cidr or ()), *(self.config.service_cidr or ()),
@@ -307,14 +414,14 @@ class _Plan:
                 self.warnings.append(f"no IPv{family} node IP to route cluster CIDRs through")
             return routes
         for cidr in cidrs:
-            routes.append(Route(family, table, str(cidr), self.eth0, gateway=node_ips[0],
+            routes.append(Route(family, table, str(cidr), dev, gateway=node_ips[0],
                                 src=src, metric=_metric(family)))
         return routes
 
     def _cluster_neighbours(self, family: int) -> list[Neighbour]:
-        if self.node is None or not self.pod.addrs_of(self.eth0, family):
+        if self.node is None or not self.pod.addrs_of(self.eth0, family) or not self.peer_mac:
             return []
-        return [Neighbour(family, self.eth0, ip, self.node.host_peer.mac)
+        return [Neighbour(family, self.cluster_dev, ip, self.peer_mac)
                 for ip in self._node_ips(family)]
 
     def _eth0_defaults(self, family: int) -> list[Route]:
@@ -371,17 +478,19 @@ class _Plan:
 
     # -- node ---------------------------------------------------------------------------
     def _node_side(self, family: int) -> None:
+        """hostRuleTable routes and PERMANENT neighbours for netK's addresses via the host peer
+        (overlay: eth0's Calico-side veth; underlay: veth0's node end)."""
         if self.node is None:
             return
-        config, peer = self.config, self.node.host_peer
-        eth0_mac = self.pod.link(self.eth0).mac
+        config = self.config
         self.node_shared.append(Rule(family, int(config.host_rule_priority),
                                      int(config.host_rule_table)))
         for addr in self.att.addresses_of(family):
             self.node_owned.append(Route(family, int(config.host_rule_table), _host(str(addr.ip)),
-                                         peer.name, scope=_link_scope(family),
+                                         self.peer_name, scope=_link_scope(family),
                                          metric=_metric(family)))
-            self.node_owned.append(Neighbour(family, peer.name, str(addr.ip), eth0_mac))
+            self.node_owned.append(Neighbour(family, self.peer_name, str(addr.ip),
+                                             self.pod_end_mac))
 
 
 def _connected_metric(family: int) -> int:

@@ -32,7 +32,7 @@ from typing import ContextManager
 
 import pytest
 
-from cniplugin.lab.runtime import Libcni, PluginEnv, RailPod, build_cnirunner
+from cniplugin.lab.runtime import Libcni, PluginEnv, RailPod, ResidentEngine, build_cnirunner
 from cniplugin.lab.topology import OverlayLab, cleanup, ip_batch, netns_names
 
 PREFIX = "rtC"
@@ -81,8 +81,17 @@ def _inprocess(penv: PluginEnv) -> Iterator[None]:
     yield
 
 
+@contextlib.contextmanager
+def _resident(penv: PluginEnv) -> Iterator[None]:
+    """Every plugin process forwards to one `cni-route-tune serve` (no in-process fallback)."""
+    with ResidentEngine(penv.workdir / "engine", f"{SESSION_PREFIX}{next(_counter)}-srv") as engine:
+        penv.env.update(engine.env)
+        yield
+
+
 #: Engine modes the plugin-env fixture runs under (ROUTE_TUNE_ENGINE=<mode>).
-ENGINE_MODES: dict[str, Callable[[PluginEnv], ContextManager[None]]] = {"inprocess": _inprocess}
+ENGINE_MODES: dict[str, Callable[[PluginEnv], ContextManager[None]]] = {
+    "inprocess": _inprocess, "resident": _resident}
 
 
 def require_root() -> None:

@@ -436,7 +436,7 @@ def test_ipv6_and_dual_stack(topo_factory, v4, v6):
 
 def test_failed_add_rolls_back_everything(topo):
     """A fault at every apply step leaves pod, node and state exactly as before."""
-    from cniplugin import _engine, _netns, _protocol
+    from cniplugin import _faults, _netns, _protocol
 
     add(topo, 1)
     prev = topo.attach(2)
@@ -448,7 +448,7 @@ def test_failed_add_rolls_back_everything(topo):
     stdin = json.dumps(conf(topo, prev)).encode()
     node_fd = _netns.open_netns(f"/var/run/netns/{topo.node}")
     try:
-        _engine.fault_hook = points.append
+        _faults.hook = points.append
         assert _protocol.run(environ, stdin, node_netns_fd=node_fd).exit_code == 0
         ok(run(topo, "DEL", "net2", conf(topo)))
         assert snapshot(topo.pod) == pod_before and snapshot(topo.node) == node_before
@@ -457,7 +457,7 @@ def test_failed_add_rolls_back_everything(topo):
             def fail_at(here, point=point):
                 if here == point:
                     raise RuntimeError(f"injected fault at {here}")
-            _engine.fault_hook = fail_at
+            _faults.hook = fail_at
             outcome = _protocol.run(environ, stdin, node_netns_fd=node_fd)
             assert outcome.exit_code == 1, point
             assert snapshot(topo.pod) == pod_before, point
@@ -465,6 +465,6 @@ def test_failed_add_rolls_back_everything(topo):
             assert not os.path.exists(os.path.join(topo.tmp, "state", "attachments", CID,
                                                    "net2.json")), point
     finally:
-        _engine.fault_hook = None
+        _faults.hook = None
         os.close(node_fd)
     ok(run(topo, "CHECK", "net1", conf(topo, topo_prev(topo, 1))))

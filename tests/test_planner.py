@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cniplugin._errors import InterfaceNotFound, InvalidConfig, UnsafeRequest
+from cniplugin._errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
 from cniplugin._facts import Addr, Facts, Link, NodeFacts, PodFacts
 from cniplugin._objects import MAIN_TABLE, Desired, Neighbour, Route, Rule
 from cniplugin._planner import Attachment, plan
@@ -92,7 +92,7 @@ def test_table_skips_used_tables_and_reuses_prior():
 
 
 def test_validation_errors():
-    with pytest.raises(InvalidConfig, match="underlay mode is not available"):
+    with pytest.raises(UnderlayNotReady, match="must run on eth0 .* first, in underlay mode"):
         plan(Config(mode="underlay"), attachment(1), eth0_facts(1))
     with pytest.raises(InterfaceNotFound):
         plan(Config(), attachment(3), eth0_facts(1))

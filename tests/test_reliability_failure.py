@@ -1,0 +1,112 @@
+"""Failure mid-ADD (issue 8): a later step fails, and ADD's own rollback leaves nothing behind.
+
+route-tune runs alone after the interface plugin (macvlan + host-local), so "before" is the state
+the runtime hands it. Each test makes one step of ADD fail and compares the whole pod and node
+state (rules, tables, links, neighbours, sysctls, nft, state files) with "before" WITHOUT any DEL:
+the failed ADD itself must have undone everything. Then it removes the obstacle and shows that a
+retried ADD converges and a DEL cleans up. Both engine modes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from reliability_fixtures import *  # noqa: F401,F403
+
+pytestmark = [pytest.mark.netns]
+
+
+def converge_and_clean(rig, prevs: dict[int, dict], before: dict, keys: dict | None = None) -> None:
+    """With the obstacle gone: ADD every rail in ``prevs`` succeeds, DEL returns to ``before``."""
+    for k, prev in prevs.items():
+        reply = rig.rt("ADD", k, prev, keys=keys)
+        assert reply.code == 0, str(reply)
+    for k, prev in reversed(prevs.items()):
+        reply = rig.rt("DEL", k, prev, keys=keys)
+        assert reply.code == 0, str(reply)
+    rig.assert_unchanged(before, "after the retried ADD and DEL")
+
+
+def test_foreign_node_rule_fails_add_after_the_pod_side(make_rig):
+    """A hand-made rule with the exact key of route-tune's node rule (pref 1000, from all, table
+    500, but not protocol 231) makes the node step - after the whole pod side - fail: code 103,
+    the pod side is rolled back, the foreign rule stays untouched."""
+    rig = make_rig("dual", rails=1)
+    lab = rig.lab
+    prev = rig.bare().add(1)
+    lab.ip(lab.node, "-6", "rule", "add", "from", "all", "lookup", "500", "pref", "1000")
+    before = rig.snapshot()
+    err = assert_cni_error(rig.rt("ADD", 1, prev), 103)
+    assert "1000" in err["msg"], err
+    rig.assert_unchanged(before, "after ADD failed on a foreign rule")
+    lab.ip(lab.node, "-6", "rule", "del", "from", "all", "lookup", "500", "pref", "1000")
+    converge_and_clean(rig, {1: prev}, rig.snapshot())
+
+
+def test_foreign_route_on_the_node_key_is_not_clobbered(make_rig):
+    """A foreign route already holds the exact node key route-tune needs (``172.16.11.10/32`` in
+    table 500). route-tune must not overwrite it: ADD fails with code 103 and changes nothing."""
+    rig = make_rig("4", rails=1)
+    lab = rig.lab
+    prev = rig.bare().add(1)
+    lab.ip(lab.node, "route", "add", "172.16.11.10/32", "dev", "rail1", "table", "500")
+    before = rig.snapshot()
+    assert_cni_error(rig.rt("ADD", 1, prev), 103)
+    rig.assert_unchanged(before, "after ADD met a foreign route in hostRuleTable")
+
+
+def test_foreign_route_in_pod_main_is_not_clobbered(make_rig):
+    """The pod's main table already has a foreign route for a cluster CIDR route-tune installs
+    (``10.233.0.0/18``, e.g. from the cluster CNI). route-tune must not take it over: either ADD
+    fails with code 103 changing nothing, or it succeeds and DEL gives the foreign route back."""
+    rig = make_rig("4", rails=1)
+    lab = rig.lab
+    prev = rig.bare().add(1)
+    lab.ip(lab.pod, "route", "add", "10.233.0.0/18", "via", "169.254.1.1", "dev", "eth0", "proto", "static")
+    before = rig.snapshot()
+    reply = rig.rt("ADD", 1, prev)
+    if reply.code != 0:
+        assert_cni_error(reply, 103)
+        rig.assert_unchanged(before, "after ADD met a foreign pod route")
+        return
+    reply = rig.rt("DEL", 1, prev)
+    assert reply.code == 0, str(reply)
+    rig.assert_unchanged(before, "after ADD + DEL over a foreign pod route")
+
+
+def test_unreachable_gateway_rolls_back_link_attributes(make_rig):
+    """``detectGateway`` with the rail's gateway down: code 11 (try again later). The MAC rewrite
+    (``podMACPrefix``) and ``txQueueLen`` applied before the probe are undone; nothing else was
+    changed. With the gateway back, ADD converges."""
+    rig = make_rig("dual", rails=1)
+    lab = rig.lab
+    keys = {"detectGateway": True, "podMACPrefix": "0a:1b", "txQueueLen": 4321,
+            "detectOptions": {"retries": 2, "timeout": "50ms"}}
+    prev = rig.bare().add(1)
+    lab.ip(lab.gw(1), "link", "set", "rail", "down")
+    before = rig.snapshot()
+    err = assert_cni_error(rig.rt("ADD", 1, prev, keys=keys), 11)
+    assert "172.16.11.254" in err["msg"] + err.get("details", "") or "fd00:16:11::254" in \
+        err["msg"] + err.get("details", ""), err
+    rig.assert_unchanged(before, "after ADD failed on an unreachable gateway")
+    lab.ip(lab.gw(1), "link", "set", "rail", "up")
+    converge_and_clean(rig, {1: prev}, rig.snapshot(), keys=keys)
+
+
+def test_failed_second_rail_keeps_the_first(make_rig):
+    """Rail 1 is configured; rail 2's ADD fails at the node step (foreign rule on its table). The
+    rollback must keep everything rail 1 shares (table 100, eth0 rule, main routes, node rule of
+    table 500): the state equals the state right after rail 1's ADD."""
+    rig = make_rig("4", rails=2)
+    lab = rig.lab
+    bare = rig.bare()
+    prevs = {k: bare.add(k) for k in (1, 2)}
+    before_all = rig.snapshot()
+    assert rig.rt("ADD", 1, prevs[1]).code == 0
+    lab.ip(lab.node, "rule", "add", "from", "all", "lookup", "600", "pref", "1000")
+    after_rail1 = rig.snapshot()
+    assert_cni_error(rig.rt("ADD", 2, prevs[2], keys={"hostRuleTable": 600}), 103)
+    rig.assert_unchanged(after_rail1, "after rail 2 failed")
+    lab.ip(lab.node, "rule", "del", "from", "all", "lookup", "600", "pref", "1000")
+    assert rig.rt("DEL", 1, prevs[1]).code == 0
+    rig.assert_unchanged(before_all, "after DEL of rail 1")
