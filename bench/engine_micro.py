@@ -105,25 +105,22 @@ def prev_result(ifname: str, address: str, gateway: str) -> dict:
 
 
 class Counter:
-    """Counts netlink requests sent and messages decoded by pyroute2 (patched in place)."""
+    """Counts netlink requests sent and messages decoded (``_rtnl.Socket`` patched in place)."""
 
     def __init__(self) -> None:
-        from pyroute2.netlink import marshal, nlsocket
+        from cniplugin import _rtnl
 
         self.sent = self.decoded = 0
-        parse_one, send = marshal.Marshal.parse_one_message, nlsocket.NetlinkRequest.send
+        exchange = _rtnl.Socket._exchange
         counter = self
 
-        def parse_one_message(self, *args, **kwargs):
-            counter.decoded += 1
-            return parse_one(self, *args, **kwargs)
-
-        async def send_counted(self, *args, **kwargs):
+        def counted(self, *args, **kwargs):
             counter.sent += 1
-            return await send(self, *args, **kwargs)
+            out = exchange(self, *args, **kwargs)
+            counter.decoded += len(out)
+            return out
 
-        marshal.Marshal.parse_one_message = parse_one_message
-        nlsocket.NetlinkRequest.send = send_counted
+        _rtnl.Socket._exchange = counted
 
     def take(self) -> tuple[int, int]:
         out = (self.sent, self.decoded)
@@ -155,21 +152,24 @@ def measure(lab: Lab, scratch: str, cycles: int, counter: Counter, node_fd: int,
     else:
         ifname, prev = "net1", prev_result("net1", "172.16.11.10/24", "172.16.11.254")
         extra = {}
-    add_ms, del_ms, add_msgs, del_msgs = [], [], None, None
+    add_ms, del_ms, add_cpu, del_cpu, add_msgs, del_msgs = [], [], [], [], None, None
     for _ in range(cycles):
         add_req = request(lab, scratch, "ADD", ifname, prev, node_fd, pod_fd, **extra)
         del_req = request(lab, scratch, "DEL", ifname, None, node_fd, pod_fd, **extra)
         counter.take()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         _engine.cmd_add(add_req)
         add_ms.append((time.perf_counter() - start) * 1000)
+        add_cpu.append((time.thread_time() - cpu) * 1000)
         add_msgs = counter.take()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         _engine.cmd_del(del_req)
         del_ms.append((time.perf_counter() - start) * 1000)
+        del_cpu.append((time.thread_time() - cpu) * 1000)
         del_msgs = counter.take()
     return {"add_ms": statistics.median(add_ms), "del_ms": statistics.median(del_ms),
             "add_min": min(add_ms), "del_min": min(del_ms),
+            "add_cpu": statistics.median(add_cpu), "del_cpu": statistics.median(del_cpu),
             "add_msgs": add_msgs, "del_msgs": del_msgs}
 
 
@@ -178,13 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=50)
     parser.add_argument("--foreign", type=int, default=5000)
     parser.add_argument("--underlay", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="cProfile ADD, print the top 25")
     options = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 2
     counter = Counter()
     lab = Lab(options.underlay)
-    with tempfile.TemporaryDirectory(prefix="rtU-bench-") as scratch, \
+    if options.profile:
+        import cProfile
+        import pstats
+        profiler = cProfile.Profile()
+        _engine_add = _engine.cmd_add
+
+        def profiled(req):
+            return profiler.runcall(_engine_add, req)
+        _engine.cmd_add = profiled
+    # State on tmpfs, as /run/route-tune is on a node (fsync on ext4 would dominate).
+    with tempfile.TemporaryDirectory(prefix="rtU-bench-", dir="/dev/shm") as scratch, \
             contextlib.ExitStack() as stack:
         stack.callback(lab.cleanup)
         with open(os.path.join(scratch, "defaults.json"), "w") as f:
@@ -203,14 +214,19 @@ def main(argv: list[str] | None = None) -> int:
         lab.foreign_routes(options.foreign)
         rows.append((f"{options.foreign} foreign routes in table 500",
                      measure(lab, scratch, options.cycles, counter, node_fd, pod_fd)))
+    if options.profile:
+        pstats.Stats(profiler).sort_stats(os.environ.get("RTU_SORT", "cumulative")).print_stats(25)
     what = "underlay eth0 (first invocation)" if lab.underlay else "overlay net1 (3rd rail)"
     print(f"## engine micro-benchmark: {what}, median of {options.cycles}\n")
-    print("| node | ADD ms (min) | ADD requests/messages | DEL ms (min) | DEL requests/messages |")
-    print("|---|---|---|---|---|")
+    print("wall: median (min); cpu: median thread CPU time (user+sys, robust to a busy "
+          "machine); requests sent / messages decoded\n")
+    print("| node | ADD wall ms | ADD cpu ms | ADD req/msgs | DEL wall ms | DEL cpu ms | "
+          "DEL req/msgs |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['add_ms']:.1f} ({r['add_min']:.1f}) | {r['add_msgs'][0]}/"
-              f"{r['add_msgs'][1]} | {r['del_ms']:.1f} ({r['del_min']:.1f}) | "
-              f"{r['del_msgs'][0]}/{r['del_msgs'][1]} |")
+        print(f"| {name} | {r['add_ms']:.1f} ({r['add_min']:.1f}) | {r['add_cpu']:.1f} | "
+              f"{r['add_msgs'][0]}/{r['add_msgs'][1]} | {r['del_ms']:.1f} ({r['del_min']:.1f}) | "
+              f"{r['del_cpu']:.1f} | {r['del_msgs'][0]}/{r['del_msgs'][1]} |")
     return 0
 
 

@@ -454,7 +454,8 @@ def _plan_parser() -> argparse.ArgumentParser:
                          "tune facts`) or, without it, are derived from prevResult alone (no "
                          "eth0 address, no node: no table 100, cluster routes or node side).")
     _add_request_options(p)
-    p.add_argument("--facts", metavar="FILE", help="facts JSON saved by `cni-route-tune facts`")
+    p.add_argument("--facts", metavar="FILE",
+                   help="facts JSON saved by `cni-route-tune facts` (or `show --json`)")
     _add_json(p)
     return p
 
@@ -469,6 +470,8 @@ def _plan(args) -> int:
     from ._planner import resolve_mode
     if args.facts:
         data = _read_json(args.facts, "facts")
+        if isinstance(data, dict) and isinstance(data.get("facts"), dict):
+            data = data["facts"]  # a saved `show --json`
         try:
             facts, source = Facts.from_dict(data), args.facts
         except (KeyError, TypeError, ValueError) as err:
@@ -542,7 +545,7 @@ def _verify(args) -> int:
                              f"{network} in {path} (state dir {os.path.dirname(store.root)}): "
                              f"was ADD run for it?\n")
             return EXIT_PROBLEM
-        drifts = _inspect.state_drift(os.path.dirname(store.root), state, pod_fd, node_fd)
+        drifts = _inspect.state_drift(state, pod_fd, node_fd)
         node_inode = _inspect._inode(node_fd)
     finally:
         _close(pod_fd, node_fd)
@@ -643,6 +646,7 @@ def _find_plugin(explicit: str | None) -> str:
 
 
 def _replay(args) -> int:
+    import shlex
     import subprocess
     env = read_env_file(args.env)
     try:
@@ -663,7 +667,7 @@ def _replay(args) -> int:
     finally:
         _close(node_fd)
     out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
-    cni = " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("CNI_"))
+    cni = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if k.startswith("CNI_"))
     data = {"plugin": plugin, "env": env, "exit_code": proc.returncode, "stdout": out,
             "stderr": err}
     text = (f"$ {cni} {plugin} < {args.stdin}\nexit code: {proc.returncode}\n"

@@ -179,7 +179,7 @@ def cmd_add(req):
             store.write(state)
             _fault("state:applied")
         except BaseException:
-            _rollback(store, state, pod_nl, journal)
+            _rollback(store, state, pod_nl, node_nl, node_fd, journal)
             if prior is not None:
                 store.write(prior)
             else:
@@ -242,11 +242,19 @@ def _apply_node(store: Store, state: AttachmentState, nl, node_fd: int,
             raise
 
 
-def _rollback(store: Store, state: AttachmentState, nl, journal: list[Step]) -> None:
+def _rollback(store: Store, state: AttachmentState, pod_nl, node_nl, node_fd: int,
+              journal: list[Step]) -> None:
+    """Undo the journal: node steps (a failure after the node part) under the node lock, then
+    the pod steps."""
+    node_steps = [s for s in journal if s.side == "node"]
+    if node_steps:
+        with _netns.node_lock(node_fd):
+            listed = store.still_listed(state, [s.obj for s in node_steps], node=True)
+            undo(node_nl, node_steps, lambda o: o.key() in listed)
     pod_steps = [s for s in journal if s.side == "pod"]
     if pod_steps:
         listed = store.still_listed(state, [s.obj for s in pod_steps], node=False)
-        undo(nl, pod_steps, lambda o: o.key() in listed)
+        undo(pod_nl, pod_steps, lambda o: o.key() in listed)
 
 
 def _probe_addresses(config, ifname: str, pod_fd: int, desired: Desired, facts: Facts) -> None:

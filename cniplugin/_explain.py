@@ -210,15 +210,12 @@ def explain(pod_fd: int, flow: Flow) -> Explanation:
 
 
 def _route_get(nl, flow: Flow) -> _netlink.RouteGet:
-    if flow.family == 4 and not flow.mark:
-        return nl.route_get(flow.dst, flow.src or None, flow.iif or None)
-    # The engine's route_get sends RTM_F_LOOKUP_TABLE, which the kernel's strict IPv6 getroute
-    # check refuses (EINVAL; IPv6 always reports the table it used), and it has no mark. Same
-    # request here, without the flag for IPv6 (wanted engine API: route_get(..., mark=N)
-    # working for both families).
-    kwargs = {"dst": flow.dst, "family": _AF[flow.family]}
     if flow.family == 4:
-        kwargs["flags"] = _netlink.RTM_F_LOOKUP_TABLE
+        return nl.route_get(flow.dst, flow.src or None, flow.iif or None, flow.mark)
+    # The engine's route_get sends RTM_F_LOOKUP_TABLE, which the kernel's strict IPv6
+    # getroute check refuses (EINVAL); IPv6 reports the table it used without the flag. Same
+    # request here without it (to be dropped once the engine's route_get handles IPv6).
+    kwargs = {"dst": flow.dst, "family": _AF[6]}
     if flow.mark:
         kwargs["mark"] = flow.mark
     if flow.src:
@@ -227,7 +224,7 @@ def _route_get(nl, flow: Flow) -> _netlink.RouteGet:
         kwargs["iif"] = nl._index(flow.iif)
     try:
         msg = nl.ipr.route("get", **kwargs)[0]
-    except Exception as err:  # NetlinkError: same message shape as _netlink.route_get
+    except Exception as err:  # pyroute2's NetlinkError: same message as _netlink.route_get
         code = getattr(err, "code", 0)
         raise RouteConflict(f"no route to {flow.dst}" + (f" from {flow.src}" if flow.src else "")
                             + f": {os.strerror(code)}") from None

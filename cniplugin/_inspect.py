@@ -306,7 +306,7 @@ def read_neighbours(nl, dev: str | None = None) -> list[LiveNeighbour]:
             out.append(LiveNeighbour(fam, names.get(msg["ifindex"], ""),
                                      str(ipaddress.ip_address(msg.get_attr("NDA_DST"))),
                                      msg.get_attr("NDA_LLADDR") or "", permanent, proto))
-    return out
+    return sorted(out, key=lambda n: (n.family, n.dev, ipaddress.ip_address(n.ip)))
 
 
 def snapshot(fd: int | None) -> Snapshot:
@@ -366,19 +366,17 @@ def state_file(store: Store, state: AttachmentState) -> str:
     return store.path(state.container_id, state.ifname)
 
 
-def state_drift(state_dir: str, state: AttachmentState, pod_fd: int, node_fd: int | None):
-    """``_engine.diff`` for one recorded attachment (the engine's CHECK, not a copy of it).
-
-    The engine takes a CNI request; this builds the few fields ``diff`` reads. (Wanted engine
-    API: ``diff_state(state, pod_fd, node_fd)``.)
-    """
+def state_drift(state: AttachmentState, pod_fd: int, node_fd: int | None):
+    """``_engine.diff_state`` (the engine's CHECK) for one recorded attachment."""
     from . import _engine
 
-    env = SimpleNamespace(container_id=state.container_id, ifname=state.ifname,
-                          netns=state.netns)
-    req = SimpleNamespace(env=env, config=SimpleNamespace(state_dir=state_dir),
-                          pod_netns_fd=pod_fd, node_netns_fd=node_fd, prev_result=None)
-    return _engine.diff(req)
+    if node_fd is not None:
+        return _engine.diff_state(state, pod_fd, node_fd)
+    home = _netns.current_netns()
+    try:
+        return _engine.diff_state(state, pod_fd, home)
+    finally:
+        os.close(home)
 
 
 # -- facts (what the planner sees) -------------------------------------------------------
@@ -458,6 +456,7 @@ class PodView:
     state_dir: str
     problems: list[Problem]
     node: NodeView | None = None
+    facts: Facts | None = None       # the planner's view (``plan --facts`` accepts show --json)
 
 
 def _tables_by_interface(snap: Snapshot) -> dict[int, str]:
@@ -508,8 +507,12 @@ def build_pod_view(netns: str, pod_fd: int, store: Store, node_fd: int | None,
                                               eth0)
         problems += node_problems
     ordered = sorted(views.values(), key=lambda v: (v.link.name != eth0, v.link.index))
+    try:
+        facts = gather_facts(pod_fd, node_fd, eth0)
+    except CNIError:
+        facts = None
     return PodView(netns, snap, ordered, other_rules, other_tables, attachments,
-                   os.path.dirname(store.root), problems, node)
+                   os.path.dirname(store.root), problems, node, facts)
 
 
 def routing_problems(snap: Snapshot) -> list[Problem]:
@@ -553,7 +556,7 @@ def _state_problems(store: Store, snap: Snapshot, attachments: list[AttachmentSt
             problems.append(Problem("state-phase", f"{where}: state is {state.phase!r} (an ADD "
                                     f"did not finish; a DEL or a retried ADD cleans up)"))
         try:
-            drifts = state_drift(state_dir, state, pod_fd, node_fd)
+            drifts = state_drift(state, pod_fd, node_fd)
         except CNIError as err:
             problems.append(Problem("state-drift", f"{where}: cannot compare: {err.msg}"))
             continue

@@ -224,8 +224,12 @@ KernelObject = Union[Rule, Route, Neighbour, Sysctl, LinkAttr, Veth, NftTable]
 _KINDS = {cls.kind: cls for cls in (Rule, Route, Neighbour, Sysctl, LinkAttr, Veth, NftTable)}
 
 
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _KINDS.values()}
+
+
 def to_dict(obj: KernelObject) -> dict:
-    return {"kind": obj.kind, **dataclasses.asdict(obj)}
+    # Every field is a plain str/int/bool: no need for dataclasses.asdict's deep copy.
+    return {"kind": obj.kind, **{name: getattr(obj, name) for name in _FIELDS[type(obj)]}}
 
 
 def object_from_dict(data: dict) -> KernelObject:

@@ -144,6 +144,9 @@ def _close(sock: socket.socket) -> None:
 
 
 def _close_forever() -> None:
+    # Started by whichever request first closes a socket, i.e. from inside a pod netns.
+    from ._netns import join_process_netns
+    join_process_netns()
     while True:
         sock = _closing.get()
         try:

@@ -15,7 +15,7 @@ from ._explain import Explanation
 from ._inspect import (InterfaceView, LiveRule, NodeView, Orphans, PodView, Problem,
                        table_name)
 
-_TAG_COLUMN = 64
+_TAG_COLUMN = 70
 
 
 def dump_json(obj) -> str:
@@ -117,6 +117,7 @@ def show_json(view: PodView) -> dict:
         "other_tables": [{"table": t, "routes": [r.to_json() for r in routes]}
                          for t, routes in sorted(view.other_tables.items())],
         "problems": [p.to_json() for p in view.problems],
+        "facts": view.facts.to_dict() if view.facts is not None else None,
     }
     if view.node is not None:
         n = view.node

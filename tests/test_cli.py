@@ -311,6 +311,9 @@ def test_facts_dump(healthy):
     assert lab.node_ip("4") in facts.node.node_ips
     assert {a.address for a in facts.pod.addrs_of("net2")} == {lab.rail_ip(2, "4"),
                                                                lab.rail_ip(2, "6")}
+    # `show --json` carries the same facts, so a saved show is a plan input too.
+    show = healthy.cli("show", "--netns", lab.pod, "--node-netns", healthy.node_netns, "--json")
+    assert show.json()["facts"] == run.json()
 
 
 def _owned(path: str) -> set[str]:
@@ -465,7 +468,8 @@ def test_replay(healthy, tmp_path):
     gone = healthy.cli(*base, "--netns-override", f"/run/netns/{SESSION}-gone", "--json")
     assert gone.code == 1
     data = gone.json()
-    assert data["exit_code"] == 1 and json.loads(data["stdout"])["code"] == 3
+    reply = json.loads(data["stdout"])
+    assert data["exit_code"] == 1 and reply["code"] and f"{SESSION}-gone" in reply["msg"]
     env, stdin = _captured(healthy, 2, "ADD", tmp_path)  # a retried ADD converges
     run = healthy.cli("replay", "--env", str(env), "--stdin", str(stdin), "--node-netns",
                       healthy.node_netns, "--json")

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from cniplugin import _explain
+from cniplugin._facts import Addr
 from cniplugin._inspect import LiveRoute, LiveRule, Snapshot
 from cniplugin._netlink import RouteGet
 from cniplugin._render import explain_text
@@ -51,8 +52,10 @@ rule add pref 190 to 233.252.1.0/24 prohibit
 rule add pref 200 ipproto tcp lookup 202
 rule add pref 210 to 10.7.0.0/16 goto 999
 rule add pref 220 iif vb lookup 202
--6 rule add pref 100 to 2001:db8:5::/48 lookup 206
--6 rule add pref 110 from fd09::1 to 2001:db8:6::/48 prohibit
+"""
+SETUP6 = """\
+rule add pref 100 to 2001:db8:5::/48 lookup 206
+rule add pref 110 from fd09::1 to 2001:db8:6::/48 prohibit
 """
 
 # (dst, extra args, expected walk table or None, expected dev or errno)
@@ -84,6 +87,8 @@ def netns():
     subprocess.run(["ip", "netns", "add", NS], check=True)
     try:
         subprocess.run(["ip", "-n", NS, "-batch", "-"], input=SETUP, text=True, check=True)
+        subprocess.run(["ip", "-6", "-n", NS, "-batch", "-"], input=SETUP6, text=True,
+                       check=True)
         yield NS
     finally:
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)
@@ -131,7 +136,8 @@ def test_disagreement_is_loud():
     """A walk that misses something must say so, not print a confident wrong answer."""
     rule = LiveRule(4, 100, "lookup", table=101, src="10.0.0.1/32", proto=231)
     route = LiveRoute(4, 101, "unicast", "0.0.0.0/0", dev="net1", gateway="10.0.0.254")
-    snap = Snapshot(inode=1, links=[], addrs=[], rules=[rule], routes=[route], neighbours=[])
+    snap = Snapshot(inode=1, links=[], addrs=[Addr("net1", 4, "10.0.0.1", 24)], rules=[rule],
+                    routes=[route], neighbours=[])
     out = _explain.walk(snap, _explain.Flow(4, "192.0.2.1", "10.0.0.1"))
     out.kernel = RouteGet(table=254, dev="eth0", gateway="169.254.1.1")
     _explain._compare(out)

@@ -122,3 +122,15 @@ def test_env_file_formats(tmp_path):
     broken.write_text("just words\n")
     with pytest.raises(_cli.UsageError, match="expected KEY=VALUE"):
         _cli.read_env_file(str(broken))
+
+
+def test_plan_from_a_libcni_cache_file(tmp_path):
+    """The runtime's result cache holds the conflist and the final result: enough to plan."""
+    import base64
+    cache = tmp_path / "rail1-abc-net1"
+    cache.write_text(json.dumps({
+        "kind": "cniCacheV1", "containerId": "abc", "ifName": "net1", "networkName": "rail1",
+        "config": base64.b64encode(json.dumps(CONFLIST).encode()).decode(), "result": RESULT}))
+    out = run("plan", "--config", str(cache), "--container-id", "abc")
+    assert out.returncode == 0, out.stderr
+    assert "ip rule add from 172.16.11.10/32 lookup 101 pref 31000 proto 231" in out.stdout

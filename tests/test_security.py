@@ -143,6 +143,9 @@ def node_changes_outside(before: dict, after: dict, table: str, peer: str) -> st
 
 # ---------------------------------------------------------------------------- node routing
 
+@pytest.mark.xfail(strict=True, reason=(
+    "defect: a hostRuleTable that already holds foreign (non-231) routes on the node is "
+    "accepted; the rule `from all lookup T pref 1000` then exposes them to all node traffic"))
 def test_host_rule_table_holding_foreign_routes_is_refused(make_rig):
     """The node already uses table 600 for its own policy (a default route via the uplink).
     ``hostRuleTable: 600`` would put ``from all lookup 600`` in front of main and send ALL node
@@ -156,6 +159,10 @@ def test_host_rule_table_holding_foreign_routes_is_refused(make_rig):
     rig.assert_unchanged(before, "after hostRuleTable named a foreign table")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "defect: a rail address the node already reaches through ANOTHER link (a host route to "
+    "another veth, or a host on a node-connected subnet of another link) is accepted; the node "
+    "route `<ip>/32 dev <peer> table 500` at pref 1000 then captures the node's traffic for it"))
 @pytest.mark.parametrize("address,why", [
     ("10.1.20.77/24", "a neighbour on the node's own uplink subnet (another node, the API server)"),
     ("10.233.99.9/24", "another workload: the node routes 10.233.99.9/32 to another veth"),
@@ -168,6 +175,8 @@ def test_rail_address_cannot_capture_node_traffic(make_rig, address, why):
     lab = rig.lab
     prev = rig.bare().add(1)
     lab.ip(lab.node, "link", "add", "caliother", "type", "veth", "peer", "name", "othereth0")
+    lab.ip(lab.node, "link", "set", "caliother", "up")
+    lab.ip(lab.node, "link", "set", "othereth0", "up")
     lab.ip(lab.node, "route", "add", "10.233.99.9/32", "dev", "caliother", "scope", "link")
     lab.ip(lab.pod, "addr", "add", address, "dev", "net1")
     hostile = {**prev, "ips": [{"address": address, "interface": 0}]}

@@ -1,0 +1,666 @@
+"""The issue-7 benchmark: route-tune in a real libcni chain, against Debian's sbr.
+
+Run (root):   .venv/bin/python bench/chain.py [--rounds 20] [--quick] [--profile]
+
+It builds the 8-rail namespace lab (tag ``rtK``, docs/lab.md) plus 16 extra Calico-style pods
+for the burst, then runs everything INSIDE the lab's node namespace, where a kubelet would run
+the runtime: every chain step is one run of the Go libcni runner (``cnirunner``, libcni 1.1.2)
+on rail K's conflist, timed by wall clock from spawn to exit (the runner itself, so libcni's
+cache/prevResult work and every plugin process of the step are included).
+
+Variants (the same rail conflist with a different last plugin):
+  a  [macvlan+host-local]           b  a + Debian sbr
+  c  a + route-tune, ROUTE_TUNE_ENGINE=inprocess
+  d  a + route-tune, ROUTE_TUNE_ENGINE=resident (a ``cni-route-tune serve`` started in the node ns)
+
+Phases, each interleaved (A B C D A B C D ...) so that background load hits all variants alike:
+  1. per round: one NIC (net1) ADD then DEL, for a, b, c, d; then the whole 8-rail pod ADD
+     (net1..net8, in series, as a runtime does) then DEL (net8..net1), for a, b, c, d.
+     Ratios are computed within each round, then summarised (median, p10, p90).
+  2. peak RSS: one extra round with every plugin run through a wrapper that records its
+     child's ru_maxrss (os.wait4); the server's VmHWM/VmRSS from /proc.
+  3. burst: 16 pods x 8 rails started at once (pods concurrent, each pod's rails in series),
+     wall time until all are done, for b, c, d.
+  4. 5,000 foreign routes in the node's hostRuleTable (500) vs none: 8-rail pod ADD of a, d, c.
+  5. server RSS across 10,000 requests (route-tune ADD/DEL pairs of net1 sent straight to the
+     socket through the shim's own client), sampled every 1,000.
+Then the goal verdicts, and for each missed goal a profile (bench/_profile.py).
+
+Nothing outside the namespaces it creates is touched; they are removed at the end (also on ^C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+BIN = REPO / ".venv" / "bin"
+PY = BIN / "python"
+TAG = "rtK"
+VARIANTS = "abcd"
+LABEL = {"a": "a [macvlan, host-local]", "b": "b + sbr", "c": "c + route-tune in-process",
+         "d": "d + route-tune resident"}
+RAILS = range(1, 9)
+POD_CID = "rtk-bench-pod"
+BURST_PODS = 16
+FOREIGN_ROUTES = 5000
+HOST_TABLE = 500
+#: Goals of issue 7 (ratios from the same run).
+GOAL_RESIDENT_INC, GOAL_RESIDENT_POD, GOAL_INPROC_INC, GOAL_FOREIGN = 6.0, 2.0, 60.0, 1.2
+GOAL_RSS_MIB, FLAT_MIB = 80.0, 2.0
+
+
+def b36(n: int) -> str:
+    digits, out = "0123456789abcdefghijklmnopqrstuvwxyz", ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
+
+
+# ================================================================================================
+# outer: root namespace side (build / tear down namespaces only)
+
+
+def burst_pod(prefix: str, i: int) -> tuple[str, str, str]:
+    """(namespace, node-side veth, pod IPv4) of burst pod i."""
+    return f"{prefix}-bp{i}", f"cali{prefix}b{i:x}", f"10.233.119.{180 + i}"
+
+
+def cleanup_stale() -> None:
+    """Remove rtK labs left by benchmark runs whose process is gone."""
+    from cniplugin.lab.topology import cleanup, netns_names
+    owner = re.compile(rf"^{TAG}([0-9a-z]+)-")
+    pids = {m[1] for n in netns_names(TAG) if (m := owner.match(n))}
+    pids |= {m[1] for p in Path(tempfile.gettempdir()).glob(f"{TAG}*-lab-*") if (m := owner.match(p.name))}
+    for pid in pids:
+        if not Path(f"/proc/{int(pid, 36)}").exists():
+            cleanup(f"{TAG}{pid}-")
+
+
+def build_burst_pods(lab, prefix: str) -> None:
+    """16 more pods, each with a Calico-style eth0 (veth to the node, /32, 169.254.1.1 default)."""
+    from cniplugin.lab.topology import CALI_MAC, HIJACK_GW4, ip_batch, run
+    pods = [burst_pod(prefix, i) for i in range(BURST_PODS)]
+    ip_batch([f"netns add {ns}" for ns, _, _ in pods])
+    node, sysctls = [], []
+    for ns, cali, ip4 in pods:
+        run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0")
+        node += [f"link add {cali} address {CALI_MAC} type veth peer name eth0 netns {ns}",
+                 f"link set {cali} up", f"route add {ip4}/32 dev {cali} scope link"]
+        sysctls += [f"net.ipv4.conf.{cali}.proxy_arp=1", f"net.ipv4.neigh.{cali}.proxy_delay=0"]
+    ip_batch(node, lab.node)
+    run("ip", "netns", "exec", lab.node, "sysctl", "-qw", *sysctls)
+    for ns, _, ip4 in pods:
+        ip_batch(["link set lo up", "link set eth0 up", f"addr add {ip4}/32 dev eth0",
+                  f"route add {HIJACK_GW4} dev eth0 scope link", f"route add default via {HIJACK_GW4} dev eth0"], ns)
+
+
+def outer(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("chain.py needs root (network namespaces)", file=sys.stderr)
+        return 2
+    from cniplugin.lab.runtime import PluginEnv, build_cnirunner
+    from cniplugin.lab.topology import OverlayLab
+    runner = build_cnirunner()
+    cleanup_stale()
+    prefix = f"{TAG}{b36(os.getpid())}"
+    lab = OverlayLab(prefix, rails=8, family="4")
+    inner_proc: subprocess.Popen | None = None
+
+    def on_term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    t0 = time.monotonic()
+    with lab:
+        try:
+            build_burst_pods(lab, prefix)
+            penv = PluginEnv(lab.tmp / "penv", family="4")
+            cfg = {"prefix": prefix, "node": lab.node, "pod": lab.pod, "pod_netns": lab.pod_netns,
+                   "runner": str(runner), "workdir": str(penv.workdir), "cni_path": penv.cni_path,
+                   "defaults": str(penv.defaults_file), "ipam": str(penv.ipam_dir),
+                   "cache": str(penv.cache_dir), "args": vars(args)}
+            cfg_file = lab.tmp / "bench.json"
+            cfg_file.write_text(json.dumps(cfg))
+            print(f"lab {prefix}: node, pod, 8 rails, {BURST_PODS} burst pods built in "
+                  f"{time.monotonic() - t0:.1f} s; running inside {lab.node}", flush=True)
+            inner_proc = subprocess.Popen(["ip", "netns", "exec", lab.node, sys.executable,
+                                           str(Path(__file__).resolve()), "--inner", str(cfg_file)])
+            return inner_proc.wait()
+        except KeyboardInterrupt:
+            if inner_proc and inner_proc.poll() is None:
+                inner_proc.terminate()
+                inner_proc.wait()
+            print("interrupted; lab removed", file=sys.stderr)
+            return 130
+
+
+# ================================================================================================
+# inner: runs inside the node namespace
+
+
+def q(values: list[float], p: float) -> float:
+    """The p-quantile (inclusive method) of values."""
+    if len(values) == 1:
+        return values[0]
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[int(round(p * 100)) - 1]
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), q(values, 0.10), q(values, 0.90)
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+class Chain:
+    """Runs the libcni runner on conflist files; times each run (spawn to exit) with wait4."""
+
+    def __init__(self, cfg: dict, runner_env: dict[str, dict[str, str]]) -> None:
+        self.cfg, self.env = cfg, runner_env
+        self.local = threading.local()
+
+    def _fds(self) -> tuple[int, int]:
+        if not hasattr(self.local, "fds"):
+            self.local.fds = (os.memfd_create("out"), os.memfd_create("err"))
+        return self.local.fds
+
+    def run(self, command: str, conflist: Path, variant: str, *, netns: str, ifname: str,
+            cid: str, env_key: str | None = None) -> tuple[float, bytes, int]:
+        """(wall ms, stdout, ru_maxrss KiB of runner + waited plugins); raises StepFailed."""
+        out, err = self._fds()
+        for fd in (out, err):
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+        argv = [self.cfg["runner"], command, "-conflist", str(conflist), "-netns", netns,
+                "-ifname", ifname, "-id", cid, "-cache", self.cfg["cache"]]
+        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, err, 2)]
+        env = self.env[env_key or variant]
+        start = time.perf_counter()
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
+        _, status, usage = os.wait4(pid, 0)
+        elapsed = (time.perf_counter() - start) * 1000
+        stdout = os.pread(out, 1 << 20, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            stderr = os.pread(err, 1 << 16, 0)
+            raise StepFailed(f"{variant} {command} {ifname} ({cid}) failed: {stdout.decode(errors='replace')} "
+                             f"{stderr.decode(errors='replace')[-2000:]}")
+        return elapsed, stdout, usage.ru_maxrss
+
+
+class Bench:
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.args = argparse.Namespace(**cfg["args"])
+        self.quick = self.args.quick
+        self.work = Path(cfg["workdir"])
+        self.sock = str(self.work / "engine" / "engine.sock")
+        self.server: subprocess.Popen | None = None
+        self.requests_served = 0
+        base = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+                "CNI_PATH": cfg["cni_path"], "ROUTE_TUNE_DEFAULTS": cfg["defaults"]}
+        self.base_env = base
+        env = {"a": dict(base), "b": dict(base),
+               "c": {**base, "ROUTE_TUNE_ENGINE": "inprocess"},
+               "d": {**base, "ROUTE_TUNE_ENGINE": "resident", "ROUTE_TUNE_SOCKET": self.sock}}
+        self.wrap_dir = self.work / "rsswrap"
+        self.rss_log = self.work / "rss.log"
+        for v in VARIANTS:  # the same variants with every plugin behind the RSS wrapper
+            env[f"rss-{v}"] = {**env[v], "CNI_PATH": f"{self.wrap_dir}:{cfg['cni_path']}"}
+        self.chain = Chain(cfg, env)
+        self.conf = self._write_conflists()
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _write_conflists(self) -> dict[tuple[str, int], Path]:
+        from cniplugin.lab.runtime import rail_conflist
+        chained = {"a": None, "b": "sbr", "c": "route-tune", "d": "route-tune"}
+        out = {}
+        for v in VARIANTS:
+            d = self.work / "conf" / v
+            d.mkdir(parents=True, exist_ok=True)
+            for k in RAILS:
+                conf = rail_conflist(k, "4", data_dir=self.cfg["ipam"], chained=chained[v])
+                out[(v, k)] = d / f"rail{k}.conflist"
+                out[(v, k)].write_text(json.dumps(conf))
+                # burst: 16 pods share each rail; a wider range in its own IPAM dir (.100-.199)
+                burst = rail_conflist(k, "4", data_dir=str(self.work / "ipam-burst"), chained=chained[v])
+                rng = burst["plugins"][0]["ipam"]["ranges"][0][0]
+                rng["rangeStart"], rng["rangeEnd"] = f"172.16.1{k}.100", f"172.16.1{k}.199"
+                out[(f"burst-{v}", k)] = d / f"burst-rail{k}.conflist"
+                out[(f"burst-{v}", k)].write_text(json.dumps(burst))
+        return out
+
+    def _write_wrappers(self) -> None:
+        """Per plugin type a wrapper that runs the real plugin and logs its ru_maxrss.
+
+        macvlan's figure includes its host-local child (a waited-for descendant; host-local is
+        found on CNI_PATH behind the wrapper dir, so it is not wrapped itself).
+        """
+        self.wrap_dir.mkdir(exist_ok=True)
+        for name, real in (("macvlan", "/usr/lib/cni/macvlan"), ("sbr", "/usr/lib/cni/sbr"),
+                           ("route-tune", str(Path(self.cfg["cni_path"].split(":")[0]) / "route-tune"))):
+            path = self.wrap_dir / name
+            path.write_text(f"""#!{PY} -IS
+import os, sys
+pid = os.posix_spawn({real!r}, [{real!r}] + sys.argv[1:], os.environ)
+_, status, ru = os.wait4(pid, 0)
+fd = os.open({str(self.rss_log)!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+os.write(fd, ("%s %s %s %s %d\\n" % ({name!r}, os.environ.get("RTK_VARIANT", "?"),
+             os.environ.get("CNI_COMMAND"), os.environ.get("CNI_IFNAME"), ru.ru_maxrss)).encode())
+os.close(fd)
+sys.exit(os.waitstatus_to_exitcode(status))
+""")
+            path.chmod(0o755)
+
+    def start_server(self) -> None:
+        os.makedirs(os.path.dirname(self.sock), mode=0o700, exist_ok=True)
+        log = open(self.work / "server.log", "ab")
+        env = {**self.base_env, "ROUTE_TUNE_LOG_STDERR_LEVEL": "warning"}
+        self.server = subprocess.Popen([str(BIN / "cni-route-tune"), "serve", "--socket", self.sock],
+                                       env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.sock):
+            if self.server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {(self.work / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.02)
+
+    def stop_server(self) -> None:
+        if self.server and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(20)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait()
+
+    def server_mem(self) -> tuple[float, float]:
+        """(VmRSS, VmHWM) of the server in MiB."""
+        fields = {}
+        for line in Path(f"/proc/{self.server.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    # -- steps ---------------------------------------------------------------------------------
+    def step(self, command: str, v: str, k: int, *, env_key: str | None = None, cid: str = POD_CID,
+             netns: str | None = None, conf_v: str | None = None) -> float:
+        ms, _, _ = self.chain.run(command, self.conf[(conf_v or v, k)], v, env_key=env_key, cid=cid,
+                                  netns=self.cfg["pod_netns"] if netns is None else netns, ifname=f"net{k}")
+        if v == "d":
+            self.requests_served += 1
+        return ms
+
+    def one_nic(self, v: str, env_key: str | None = None) -> tuple[float, float]:
+        return self.step("add", v, 1, env_key=env_key), self.step("del", v, 1, env_key=env_key)
+
+    def pod(self, v: str, env_key: str | None = None) -> tuple[float, float]:
+        add = sum(self.step("add", v, k, env_key=env_key) for k in RAILS)
+        dele = sum(self.step("del", v, k, env_key=env_key) for k in reversed(RAILS))
+        return add, dele
+
+    # -- sanity: the variants really do their work and DEL leaves the pod clean -------------
+    def sanity(self) -> None:
+        from cniplugin.lab.topology import OverlayLab, state_diff
+        lab = OverlayLab.__new__(OverlayLab)  # only the helpers (no build)
+        pod, node = self.cfg["pod"], self.cfg["node"]
+        before = (lab.state(pod), lab.state(node))
+        for v in VARIANTS:
+            for k in RAILS:
+                self.step("add", v, k)
+            rules = [r for r in lab.state(pod)["rules4"] if r.get("priority") == 31000]
+            want = {"a": 0, "b": 0, "c": 9, "d": 9}[v]
+            if len(rules) != want:
+                raise RuntimeError(f"sanity: variant {v} left {len(rules)} pref-31000 rules, want {want}")
+            for k in reversed(RAILS):
+                self.step("del", v, k)
+            diff = state_diff(before[0], lab.state(pod)) + state_diff(before[1], lab.state(node))
+            if diff:
+                raise RuntimeError(f"sanity: variant {v}: pod/node not clean after DEL:\n{diff}")
+
+    # -- phases --------------------------------------------------------------------------------
+    def phase_rounds(self, rounds: int) -> dict[str, dict[str, list[float]]]:
+        s: dict[str, dict[str, list[float]]] = {v: {"add1": [], "del1": [], "add8": [], "del8": []} for v in VARIANTS}
+        for r in range(rounds + 1):  # round 0 warms caches and is dropped
+            row: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
+            for v in VARIANTS:
+                row[v]["add1"], row[v]["del1"] = self.one_nic(v)
+            for v in VARIANTS:
+                row[v]["add8"], row[v]["del8"] = self.pod(v)
+            if r:
+                for v in VARIANTS:
+                    for key, value in row[v].items():
+                        s[v][key].append(value)
+            if r % 5 == 0 or r == rounds:
+                print(f"  round {r}/{rounds}: one NIC ADD " +
+                      " ".join(f"{v}={row[v]['add1']:.1f}" for v in VARIANTS) + " ms; pod ADD " +
+                      " ".join(f"{v}={row[v]['add8']:.0f}" for v in VARIANTS) + " ms", flush=True)
+        return s
+
+    def phase_rss(self) -> dict[tuple[str, str, str], int]:
+        self._write_wrappers()
+        self.rss_log.write_text("")
+        for v in VARIANTS:
+            self.chain.env[f"rss-{v}"]["RTK_VARIANT"] = v
+            self.one_nic(v, env_key=f"rss-{v}")
+            self.pod(v, env_key=f"rss-{v}")
+        peak: dict[tuple[str, str, str], int] = {}
+        for line in self.rss_log.read_text().splitlines():
+            name, v, command, _, kib = line.split()
+            key = (v, name, command)
+            peak[key] = max(peak.get(key, 0), int(kib))
+        return peak
+
+    def phase_burst(self, rounds: int, variants: str = "bcd") -> dict[str, dict[str, list[float]]]:
+        pods = [burst_pod(self.cfg["prefix"], i) for i in range(BURST_PODS)]
+        out: dict[str, dict[str, list[float]]] = {v: {"add": [], "del": []} for v in variants}
+
+        def one(v: str, command: str, i: int) -> None:
+            ns, _, _ = pods[i]
+            order = RAILS if command == "add" else reversed(RAILS)
+            for k in order:
+                self.step(command, v, k, cid=f"rtk-burst-{i}", netns=f"/run/netns/{ns}", conf_v=f"burst-{v}")
+
+        with ThreadPoolExecutor(BURST_PODS) as pool:
+            for r in range(rounds):
+                for v in variants:
+                    for command in ("add", "del"):
+                        start = time.perf_counter()
+                        futures = [pool.submit(one, v, command, i) for i in range(BURST_PODS)]
+                        errors = [f.exception() for f in futures]
+                        out[v][command].append((time.perf_counter() - start) * 1000)
+                        if any(errors):
+                            raise next(e for e in errors if e)
+                print(f"  burst round {r + 1}/{rounds}: ADD " +
+                      " ".join(f"{v}={out[v]['add'][-1] / 1000:.2f}s" for v in variants), flush=True)
+        return out
+
+    def _foreign(self, fill: bool) -> None:
+        from cniplugin.lab.topology import ip_batch
+        if fill:
+            ip_batch([f"route add 10.{200 + i // 65536}.{i // 256 % 256}.{i % 256}/32 dev uplink table {HOST_TABLE}"
+                      for i in range(FOREIGN_ROUTES)], self.cfg["node"])
+        else:
+            ip_batch([f"route flush table {HOST_TABLE} proto boot"], self.cfg["node"])
+        count = len(subprocess.run(["ip", "route", "show", "table", str(HOST_TABLE)], capture_output=True,
+                                   text=True, check=True).stdout.splitlines())
+        if count != (FOREIGN_ROUTES if fill else 0):
+            raise RuntimeError(f"table {HOST_TABLE} holds {count} routes (fill={fill})")
+
+    def phase_foreign(self, rounds: int, variants: str = "adc") -> dict[str, dict[str, list[float]]]:
+        out = {f"{v}{cond}": [] for v in variants for cond in ("empty", "full")}
+        for r in range(rounds + 1):
+            order = ("empty", "full") if r % 2 == 0 else ("full", "empty")  # alternate: no drift bias
+            row = {}
+            for cond in order:
+                self._foreign(cond == "full")
+                for v in variants:
+                    row[f"{v}{cond}"] = self.pod(v)[0]
+                if cond == "full":
+                    self._foreign(False)
+            if r:
+                for key, value in row.items():
+                    out[key].append(value)
+        return out
+
+    def phase_requests(self, total: int, every: int) -> list[tuple[int, float, float]]:
+        """ADD/DEL pairs of route-tune alone for net1, straight to the socket via the shim client."""
+        from cniplugin import _shim
+        conf = json.loads(self.conf[("d", 1)].read_text())
+        # net1 from [macvlan, host-local]; route-tune then gets that result as prevResult (as libcni would)
+        _, result, _ = self.chain.run("add", self.conf[("a", 1)], "a", netns=self.cfg["pod_netns"],
+                                      ifname="net1", cid=POD_CID)
+        plugin = {**conf["plugins"][-1], "name": conf["name"], "cniVersion": conf["cniVersion"],
+                  "prevResult": json.loads(result)}
+        stdin = json.dumps(plugin).encode()
+        env = {**self.chain.env["d"], "CNI_CONTAINERID": POD_CID, "CNI_NETNS": self.cfg["pod_netns"],
+               "CNI_IFNAME": "net1", "CNI_ARGS": ""}
+        samples = [(self.requests_served, *self.server_mem())]
+        try:
+            for n in range(1, total // 2 + 1):
+                for command in ("ADD", "DEL"):
+                    code, out, _ = _shim.forward({**env, "CNI_COMMAND": command}, stdin)
+                    if code != 0:
+                        raise RuntimeError(f"{command} via socket failed: {out!r}")
+                self.requests_served += 2
+                if (2 * n) % every == 0:
+                    samples.append((self.requests_served, *self.server_mem()))
+        finally:
+            self.chain.run("del", self.conf[("a", 1)], "a", netns=self.cfg["pod_netns"], ifname="net1",
+                           cid=POD_CID)
+        return samples
+
+    # -- profile ---------------------------------------------------------------------------------
+    def profile(self, kinds: list[str]) -> None:
+        """Profile what a missed goal pays for (bench/_profile.py, in this node namespace)."""
+        conf = json.loads(self.conf[("c", 1)].read_text())
+        _, result, _ = self.chain.run("add", self.conf[("a", 1)], "a", netns=self.cfg["pod_netns"],
+                                      ifname="net1", cid=POD_CID)
+        try:
+            plugin = {**conf["plugins"][-1], "name": conf["name"], "cniVersion": conf["cniVersion"],
+                      "prevResult": json.loads(result)}
+            stdin_file = self.work / "profile-stdin.json"
+            stdin_file.write_text(json.dumps(plugin))
+            env = {**self.base_env, "CNI_CONTAINERID": POD_CID, "CNI_NETNS": self.cfg["pod_netns"],
+                   "CNI_IFNAME": "net1", "CNI_ARGS": "", "ROUTE_TUNE_SOCKET": self.sock}
+            env_file = self.work / "profile-env.json"
+            env_file.write_text(json.dumps(env))
+            for kind in kinds:
+                if kind == "foreign":
+                    self._foreign(True)
+                try:
+                    subprocess.run([str(PY), str(REPO / "bench" / "_profile.py"), kind if kind != "foreign" else "warm",
+                                    "--env", str(env_file), "--stdin", str(stdin_file),
+                                    "--title", {"foreign": "warm engine with 5,000 foreign routes in table 500"}
+                                    .get(kind, "")], check=False)
+                finally:
+                    if kind == "foreign":
+                        self._foreign(False)
+        finally:
+            self.chain.run("del", self.conf[("a", 1)], "a", netns=self.cfg["pod_netns"], ifname="net1",
+                           cid=POD_CID)
+
+
+def fmt_row(name: str, values: list[float], unit: str = "ms", digits: int = 1) -> str:
+    med, lo, hi = summary(values)
+    return f"| {name} | {med:.{digits}f} | {lo:.{digits}f} | {hi:.{digits}f} |"
+
+
+def inner(cfg_file: str) -> int:
+    cfg = json.loads(Path(cfg_file).read_text())
+    bench = Bench(cfg)
+    quick, profile_always = bench.args.quick, bench.args.profile
+    rounds = bench.args.rounds if bench.args.rounds else (5 if quick else 20)
+    burst_rounds = 1 if quick else 3
+    foreign_rounds = 2 if quick else 8
+    total_req, every = (2000, 200) if quick else (10000, 1000)
+    started = time.monotonic()
+    out: list[str] = []
+
+    def emit(line: str = "") -> None:
+        out.append(line)
+
+    try:
+        bench.start_server()
+        mem_start = bench.server_mem()
+        print(f"server up (pid {bench.server.pid}), VmRSS {mem_start[0]:.1f} MiB; sanity check of the variants",
+              flush=True)
+        bench.sanity()
+        print(f"phase 1: {rounds} interleaved rounds (+1 warm-up)", flush=True)
+        s = bench.phase_rounds(rounds)
+        mem_rounds = bench.server_mem()
+        print("phase 2: peak RSS (wrapped plugins)", flush=True)
+        peak = bench.phase_rss()
+        print(f"phase 3: burst {BURST_PODS} pods x 8 rails, {burst_rounds} round(s)", flush=True)
+        burst = bench.phase_burst(burst_rounds)
+        mem_burst = bench.server_mem()
+        print(f"phase 4: {FOREIGN_ROUTES} foreign routes in table {HOST_TABLE}, {foreign_rounds} rounds", flush=True)
+        foreign = bench.phase_foreign(foreign_rounds)
+        print(f"phase 5: {total_req} requests to the server", flush=True)
+        mem_series = bench.phase_requests(total_req, every)
+        elapsed = time.monotonic() - started
+
+        # ---------------------------------------------------------------- the report
+        n = len(s["a"]["add1"])
+        emit(f"## route-tune chain benchmark ({n} interleaved rounds, {'quick' if quick else 'full'} run, "
+             f"{elapsed:.0f} s, {time.strftime('%Y-%m-%d %H:%M')})")
+        emit()
+        emit("Per chain step = one libcni runner run (spawn to exit), ms. 8-rail pod = sum of its 8 steps.")
+        emit()
+        emit("| variant / operation | median | p10 | p90 |")
+        emit("|---|---:|---:|---:|")
+        for key, title in (("add1", "one NIC ADD"), ("del1", "one NIC DEL"), ("add8", "8-rail pod ADD"),
+                           ("del8", "8-rail pod DEL")):
+            for v in VARIANTS:
+                emit(fmt_row(f"{title}: {LABEL[v]}", s[v][key]))
+        emit()
+        emit("Within each round (pair by pair), then median / p10 / p90 over rounds:")
+        emit()
+        emit("| per-round quantity | median | p10 | p90 |")
+        emit("|---|---:|---:|---:|")
+        inc = {v: [s[v]["add1"][i] - s["a"]["add1"][i] for i in range(n)] for v in "bcd"}
+        inc_del = {v: [s[v]["del1"][i] - s["a"]["del1"][i] for i in range(n)] for v in "bcd"}
+        inc8 = {v: [(s[v]["add8"][i] - s["a"]["add8"][i]) / 8 for i in range(n)] for v in "bcd"}
+        for v in "bcd":
+            emit(fmt_row(f"one NIC ADD increment {v}-a (ms)", inc[v]))
+        for v in "bcd":
+            emit(fmt_row(f"one NIC DEL increment {v}-a (ms)", inc_del[v]))
+        for v in "bcd":
+            emit(fmt_row(f"8-rail pod ADD increment per NIC ({v}-a)/8 (ms)", inc8[v]))
+
+        def ratio(xs: list[float], ys: list[float]) -> list[float]:
+            return [x / y if y > 0 else float("inf") for x, y in zip(xs, ys)]
+
+        r_res = ratio(inc["d"], inc["b"])
+        r_inp = ratio(inc["c"], inc["b"])
+        r_pod = ratio(s["d"]["add8"], s["b"]["add8"])
+        r_pod_c = ratio(s["c"]["add8"], s["b"]["add8"])
+        r_res8 = ratio(inc8["d"], inc8["b"])
+        r_inp8 = ratio(inc8["c"], inc8["b"])
+        emit(fmt_row("ratio (d-a)/(b-a), one NIC ADD", r_res, digits=2))
+        emit(fmt_row("ratio (c-a)/(b-a), one NIC ADD", r_inp, digits=2))
+        emit(fmt_row("ratio (d-a)/(b-a), per NIC of the 8-rail pod ADD", r_res8, digits=2))
+        emit(fmt_row("ratio (c-a)/(b-a), per NIC of the 8-rail pod ADD", r_inp8, digits=2))
+        emit(fmt_row("ratio d/b, 8-rail pod ADD", r_pod, digits=2))
+        emit(fmt_row("ratio c/b, 8-rail pod ADD", r_pod_c, digits=2))
+        emit()
+        emit("Peak RSS (ru_maxrss of the plugin process via a wrapper's os.wait4; max over the NIC and pod runs), MiB:")
+        emit()
+        emit("| variant | plugin | ADD | DEL |")
+        emit("|---|---|---:|---:|")
+        for v in VARIANTS:
+            for name in ("macvlan", "sbr", "route-tune"):
+                if (v, name, "ADD") in peak:
+                    label = {"macvlan": "macvlan (+ host-local child)", "sbr": "sbr",
+                             "route-tune": "route-tune in-process" if v == "c" else "route-tune shim (forwarding)"}[name]
+                    emit(f"| {v} | {label} | {peak[(v, name, 'ADD')] / 1024:.1f} | "
+                         f"{peak.get((v, name, 'DEL'), 0) / 1024:.1f} |")
+        emit(f"| d | server VmRSS / VmHWM after warm-up | {mem_start[0]:.1f} | {mem_start[1]:.1f} |")
+        emit(f"| d | server VmRSS / VmHWM after the rounds | {mem_rounds[0]:.1f} | {mem_rounds[1]:.1f} |")
+        emit(f"| d | server VmRSS / VmHWM after the burst | {mem_burst[0]:.1f} | {mem_burst[1]:.1f} |")
+        emit()
+        emit(f"Burst: {BURST_PODS} pods x 8 rails at once (pods concurrent, rails in series), wall time to all done, s "
+             f"({burst_rounds} round(s); median, min, max):")
+        emit()
+        emit("| variant | ADD | DEL |")
+        emit("|---|---:|---:|")
+        for v in "bcd":
+            a_, d_ = burst[v]["add"], burst[v]["del"]
+            emit(f"| {LABEL[v]} | {statistics.median(a_) / 1000:.2f} ({min(a_) / 1000:.2f}-{max(a_) / 1000:.2f}) | "
+                 f"{statistics.median(d_) / 1000:.2f} ({min(d_) / 1000:.2f}-{max(d_) / 1000:.2f}) |")
+        emit()
+        nf = len(foreign["aempty"])
+        emit(f"{FOREIGN_ROUTES} foreign routes in the node's table {HOST_TABLE} vs empty: 8-rail pod ADD "
+             f"(ms, {nf} rounds, order alternated):")
+        emit()
+        emit("| quantity | median | p10 | p90 |")
+        emit("|---|---:|---:|---:|")
+        for v in "adc":
+            emit(fmt_row(f"{LABEL[v]}, empty table", foreign[f"{v}empty"]))
+            emit(fmt_row(f"{LABEL[v]}, 5,000 routes", foreign[f"{v}full"]))
+        r_for = {v: ratio(foreign[f"{v}full"], foreign[f"{v}empty"]) for v in "adc"}
+        r_for_inc = {v: ratio([f - a for f, a in zip(foreign[f"{v}full"], foreign["afull"])],
+                              [e - a for e, a in zip(foreign[f"{v}empty"], foreign["aempty"])]) for v in "dc"}
+        for v in "dc":
+            emit(fmt_row(f"ratio full/empty, {v} pod ADD", r_for[v], digits=2))
+            emit(fmt_row(f"ratio full/empty, {v}-a increment", r_for_inc[v], digits=2))
+        emit()
+        emit(f"Server memory across requests (route-tune ADD/DEL pairs of net1 via the socket), MiB:")
+        emit()
+        emit("| requests served | VmRSS | VmHWM |")
+        emit("|---:|---:|---:|")
+        for count, rss, hwm in mem_series:
+            emit(f"| {count} | {rss:.1f} | {hwm:.1f} |")
+        emit()
+
+        # ---------------------------------------------------------------- goals
+        misses: list[str] = []
+        emit("Goals (median of the per-round ratios):")
+        emit()
+
+        def verdict(name: str, value: float, limit: float, unit: str = "x", kind: str | None = None) -> None:
+            ok = value <= limit
+            extra = "" if ok else f" - MISSED by {value / limit:.2f}x ({value - limit:+.2f}{unit} over)"
+            emit(f"- {'PASS' if ok else 'MISS'} {name}: {value:.2f}{unit} (goal <= {limit:g}{unit}){extra}")
+            if not ok and kind and kind not in misses:
+                misses.append(kind)
+
+        verdict("resident increment per NIC (d-a)/(b-a)", statistics.median(r_res), GOAL_RESIDENT_INC, kind="warm")
+        verdict("resident 8-rail pod ADD d/b", statistics.median(r_pod), GOAL_RESIDENT_POD, kind="warm")
+        verdict("in-process increment per NIC (c-a)/(b-a)", statistics.median(r_inp), GOAL_INPROC_INC, kind="cold")
+        verdict("5,000 foreign routes, resident pod ADD full/empty", statistics.median(r_for["d"]), GOAL_FOREIGN,
+                kind="foreign")
+        verdict("5,000 foreign routes, in-process pod ADD full/empty", statistics.median(r_for["c"]), GOAL_FOREIGN,
+                kind="foreign")
+        last_rss = mem_series[-1][1]
+        verdict(f"server VmRSS after {mem_series[-1][0]} requests", last_rss, GOAL_RSS_MIB, unit=" MiB")
+        growth = mem_series[-1][1] - mem_series[1][1]
+        verdict(f"server RSS flat: growth from {mem_series[1][0]} to {mem_series[-1][0]} requests", growth,
+                FLAT_MIB, unit=" MiB")
+        if quick:
+            emit("- (quick run: fewer rounds and requests; use the full run for the README)")
+        print("\n" + "\n".join(out), flush=True)
+        kinds = ["cold", "warm", "foreign"] if profile_always else misses
+        if kinds:
+            print(f"\n## Profiles ({', '.join(kinds)})\n", flush=True)
+            bench.profile(kinds)
+        return 0
+    finally:
+        bench.stop_server()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 20; --quick 5)")
+    parser.add_argument("--quick", action="store_true", help="a ~2-minute smoke run")
+    parser.add_argument("--profile", action="store_true", help="profile even when every goal is met")
+    parser.add_argument("--inner", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        return inner(args.inner)
+    args_dict = vars(args)
+    args_dict.pop("inner")
+    return outer(argparse.Namespace(**args_dict))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
