@@ -135,20 +135,36 @@ def warm(env: dict, stdin: bytes, n: int, title: str) -> None:
         cycle(profiler)
     stats = pstats.Stats(profiler)
     res_env = {**env, "ROUTE_TUNE_ENGINE": "resident"}
+    from cniplugin import _shim  # the shim's own client: the server's round trip without a process start
+    rt_add, rt_del = [], []
+    for _ in range(n):
+        for e, acc in (({**res_env, "CNI_COMMAND": "ADD"}, rt_add), ({**res_env, "CNI_COMMAND": "DEL"}, rt_del)):
+            start = time.perf_counter()
+            code, out, _ = _shim.forward(e, stdin)
+            acc.append((time.perf_counter() - start) * 1000)
+            if code:
+                raise SystemExit(f"forward failed: {out!r}")
     shim_add, shim_del = [], []
     for _ in range(n):
         shim_add.append(spawn([PLUGIN], {**res_env, "CNI_COMMAND": "ADD"}, stdin)[0])
         shim_del.append(spawn([PLUGIN], {**res_env, "CNI_COMMAND": "DEL"}, stdin)[0])
     bare = [spawn([PY, "-I", "-S", "-c", "pass"], {}, b"")[0] for _ in range(n)]
     site = [spawn([PY, "-c", "pass"], {}, b"")[0] for _ in range(n)]
+    _, proc = spawn([PY, "-X", "importtime", PLUGIN], {**res_env, "CNI_COMMAND": "ADD"}, stdin)
+    spawn([PLUGIN], {**res_env, "CNI_COMMAND": "DEL"}, stdin)
+    imp_total, imp_top = importtime(proc.stderr.decode(errors="replace"), 8)
     add_ms = statistics.median(t[0] for t in timed)
     del_ms = statistics.median(t[1] for t in timed)
     print(f"### {title or 'resident engine, per request'}\n")
     print(f"- engine work (`_protocol.run`, warm, in one process = what the server runs per request): "
           f"ADD {add_ms:.1f} ms, DEL {del_ms:.1f} ms (medians of {n})")
+    print(f"- server round trip (`_shim.forward` from a running process: socket, fds, server thread, run): "
+          f"ADD {statistics.median(rt_add):.1f} ms, DEL {statistics.median(rt_del):.1f} ms")
     print(f"- `route-tune` executable forwarding to the server: ADD {statistics.median(shim_add):.1f} ms, "
-          f"DEL {statistics.median(shim_del):.1f} ms; so the shim process costs about "
-          f"{statistics.median(shim_add) - add_ms:.1f} ms (interpreter start, connect, fd passing)")
+          f"DEL {statistics.median(shim_del):.1f} ms; the process itself (interpreter, site, imports, exit) "
+          f"adds about {statistics.median(shim_add) - statistics.median(rt_add):.1f} ms to the round trip")
+    print(f"- the shim's imports (`-X importtime`, top-level cumulative): {imp_total:.1f} ms in all; the biggest: "
+          + ", ".join(f"{name} {ms:.1f}" for ms, name in imp_top))
     print(f"- interpreter floor: `python -I -S -c pass` {statistics.median(bare):.1f} ms, "
           f"`python -c pass` (the console script's shebang, with site) {statistics.median(site):.1f} ms")
     print(f"- cProfile over {n} warm ADD+DEL pairs, route-tune's functions by cumulative time "

@@ -64,6 +64,41 @@ GOAL_RESIDENT_INC, GOAL_RESIDENT_POD, GOAL_INPROC_INC, GOAL_FOREIGN = 6.0, 2.0, 
 GOAL_RSS_MIB, FLAT_MIB = 80.0, 2.0
 
 
+WRAPPER_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static const char *names[] = {@NAMES@};
+static const char *reals[] = {@REALS@};
+int main(int argc, char **argv, char **envp) {
+    const char *base = strrchr(argv[0], '/');
+    base = base ? base + 1 : argv[0];
+    const char *real = NULL;
+    for (int i = 0; i < @N@; i++)
+        if (strcmp(base, names[i]) == 0) real = reals[i];
+    if (!real) return 127;
+    pid_t pid = vfork();
+    if (pid == 0) {
+        argv[0] = (char *)real;
+        execve(real, argv, envp);
+        _exit(127);
+    }
+    int status;
+    struct rusage ru;
+    if (pid < 0 || wait4(pid, &status, 0, &ru) < 0) return 127;
+    const char *v = getenv("RTK_VARIANT"), *c = getenv("CNI_COMMAND"), *f = getenv("CNI_IFNAME");
+    int fd = open(@LOG@, O_WRONLY | O_APPEND | O_CREAT, 0600);
+    dprintf(fd, "%s %s %s %s %ld\n", base, v ? v : "?", c ? c : "?", f ? f : "?", ru.ru_maxrss);
+    close(fd);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+"""
+
+
 def b36(n: int) -> str:
     digits, out = "0123456789abcdefghijklmnopqrstuvwxyz", ""
     while True:
@@ -253,24 +288,29 @@ class Bench:
     def _write_wrappers(self) -> None:
         """Per plugin type a wrapper that runs the real plugin and logs its ru_maxrss.
 
-        macvlan's figure includes its host-local child (a waited-for descendant; host-local is
-        found on CNI_PATH behind the wrapper dir, so it is not wrapped itself).
+        A static C program (vfork + execve + wait4): a child's ru_maxrss also counts the memory
+        of the process image it replaced at exec, so the wrapper must be tiny; its floor is
+        measured by wrapping /bin/true and printed.  macvlan's figure includes its host-local
+        child (a waited-for descendant; host-local is found on CNI_PATH behind the wrapper dir).
         """
         self.wrap_dir.mkdir(exist_ok=True)
-        for name, real in (("macvlan", "/usr/lib/cni/macvlan"), ("sbr", "/usr/lib/cni/sbr"),
-                           ("route-tune", str(Path(self.cfg["cni_path"].split(":")[0]) / "route-tune"))):
-            path = self.wrap_dir / name
-            path.write_text(f"""#!{PY} -IS
-import os, sys
-pid = os.posix_spawn({real!r}, [{real!r}] + sys.argv[1:], os.environ)
-_, status, ru = os.wait4(pid, 0)
-fd = os.open({str(self.rss_log)!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-os.write(fd, ("%s %s %s %s %d\\n" % ({name!r}, os.environ.get("RTK_VARIANT", "?"),
-             os.environ.get("CNI_COMMAND"), os.environ.get("CNI_IFNAME"), ru.ru_maxrss)).encode())
-os.close(fd)
-sys.exit(os.waitstatus_to_exitcode(status))
-""")
-            path.chmod(0o755)
+        table = {"macvlan": "/usr/lib/cni/macvlan", "sbr": "/usr/lib/cni/sbr", "true": "/bin/true",
+                 "route-tune": str(Path(self.cfg["cni_path"].split(":")[0]) / "route-tune")}
+        names = ", ".join(json.dumps(n) for n in table)
+        reals = ", ".join(json.dumps(r) for r in table.values())
+        src = self.wrap_dir / "rsswrap.c"
+        src.write_text(WRAPPER_C.replace("@NAMES@", names).replace("@REALS@", reals)
+                       .replace("@LOG@", json.dumps(str(self.rss_log))).replace("@N@", str(len(table))))
+        binary = self.wrap_dir / "rsswrap"
+        for static in (["-static"], []):
+            proc = subprocess.run(["cc", "-O2", *static, "-o", str(binary), str(src)], capture_output=True, text=True)
+            if proc.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"cannot build the RSS wrapper: {proc.stderr}")
+        for name in table:
+            (self.wrap_dir / name).unlink(missing_ok=True)
+            (self.wrap_dir / name).symlink_to("rsswrap")
 
     def start_server(self) -> None:
         os.makedirs(os.path.dirname(self.sock), mode=0o700, exist_ok=True)
@@ -359,6 +399,9 @@ sys.exit(os.waitstatus_to_exitcode(status))
     def phase_rss(self) -> dict[tuple[str, str, str], int]:
         self._write_wrappers()
         self.rss_log.write_text("")
+        for command in ("ADD", "DEL"):  # the wrapper's own floor, included in every figure
+            subprocess.run([str(self.wrap_dir / "true")], check=True,
+                           env={"RTK_VARIANT": "floor", "CNI_COMMAND": command, "CNI_IFNAME": "-"})
         for v in VARIANTS:
             self.chain.env[f"rss-{v}"]["RTK_VARIANT"] = v
             self.one_nic(v, env_key=f"rss-{v}")
@@ -370,9 +413,15 @@ sys.exit(os.waitstatus_to_exitcode(status))
             peak[key] = max(peak.get(key, 0), int(kib))
         return peak
 
-    def phase_burst(self, rounds: int, variants: str = "bcd") -> dict[str, dict[str, list[float]]]:
-        pods = [burst_pod(self.cfg["prefix"], i) for i in range(BURST_PODS)]
-        out: dict[str, dict[str, list[float]]] = {v: {"add": [], "del": []} for v in variants}
+    def phase_burst(self, rounds: int, pods_n: int, c_rounds: int = 1) -> dict[str, dict[str, list[float]]]:
+        """`pods_n` pods x 8 rails ADDed at once, then DELed at once; wall time to all done.
+
+        Rounds interleave b, c, d.  The in-process variant (c) costs a minute or more per burst on a
+        2-core VM, so it runs `c_rounds` times and its pods are then removed through the resident
+        engine (same conflist; the DEL is not timed for c).
+        """
+        pods = [burst_pod(self.cfg["prefix"], i) for i in range(pods_n)]
+        out: dict[str, dict[str, list[float]]] = {v: {"add": [], "del": []} for v in "bcd"}
 
         def one(v: str, command: str, i: int) -> None:
             ns, _, _ = pods[i]
@@ -380,18 +429,27 @@ sys.exit(os.waitstatus_to_exitcode(status))
             for k in order:
                 self.step(command, v, k, cid=f"rtk-burst-{i}", netns=f"/run/netns/{ns}", conf_v=f"burst-{v}")
 
-        with ThreadPoolExecutor(BURST_PODS) as pool:
+        def burst(v: str, command: str) -> float:
+            start = time.perf_counter()
+            futures = [pool.submit(one, v, command, i) for i in range(pods_n)]
+            errors = [f.exception() for f in futures]
+            elapsed = (time.perf_counter() - start) * 1000
+            if any(errors):
+                raise next(e for e in errors if e)
+            return elapsed
+
+        with ThreadPoolExecutor(pods_n) as pool:
             for r in range(rounds):
-                for v in variants:
-                    for command in ("add", "del"):
-                        start = time.perf_counter()
-                        futures = [pool.submit(one, v, command, i) for i in range(BURST_PODS)]
-                        errors = [f.exception() for f in futures]
-                        out[v][command].append((time.perf_counter() - start) * 1000)
-                        if any(errors):
-                            raise next(e for e in errors if e)
+                for v in "bcd":
+                    if v == "c" and r >= c_rounds:
+                        continue
+                    out[v]["add"].append(burst(v, "add"))
+                    if v == "c":
+                        burst("d", "del")  # undo through the resident engine (untimed)
+                    else:
+                        out[v]["del"].append(burst(v, "del"))
                 print(f"  burst round {r + 1}/{rounds}: ADD " +
-                      " ".join(f"{v}={out[v]['add'][-1] / 1000:.2f}s" for v in variants), flush=True)
+                      " ".join(f"{v}={out[v]['add'][-1] / 1000:.2f}s" for v in "bcd" if out[v]["add"]), flush=True)
         return out
 
     def _foreign(self, fill: bool) -> None:
@@ -406,15 +464,20 @@ sys.exit(os.waitstatus_to_exitcode(status))
         if count != (FOREIGN_ROUTES if fill else 0):
             raise RuntimeError(f"table {HOST_TABLE} holds {count} routes (fill={fill})")
 
-    def phase_foreign(self, rounds: int, variants: str = "adc") -> dict[str, dict[str, list[float]]]:
-        out = {f"{v}{cond}": [] for v in variants for cond in ("empty", "full")}
-        for r in range(rounds + 1):
+    def phase_foreign(self, rounds: int) -> dict[str, list[float]]:
+        """ADD cost with 5,000 foreign routes in table 500 vs none: a and d as 8-rail pods (sum of
+        the 8 steps), a and c as one NIC (c's in-process pod would cost ~10 s per sample)."""
+        out: dict[str, list[float]] = {f"{key}{cond}": [] for key in ("a1", "c1", "a8", "d8")
+                                       for cond in ("empty", "full")}
+        for r in range(rounds + 1):  # round 0 is a warm-up
             order = ("empty", "full") if r % 2 == 0 else ("full", "empty")  # alternate: no drift bias
             row = {}
             for cond in order:
                 self._foreign(cond == "full")
-                for v in variants:
-                    row[f"{v}{cond}"] = self.pod(v)[0]
+                row[f"a1{cond}"] = self.one_nic("a")[0]
+                row[f"c1{cond}"] = self.one_nic("c")[0]
+                row[f"a8{cond}"] = self.pod("a")[0]
+                row[f"d8{cond}"] = self.pod("d")[0]
                 if cond == "full":
                     self._foreign(False)
             if r:
@@ -485,56 +548,77 @@ def fmt_row(name: str, values: list[float], unit: str = "ms", digits: int = 1) -
     return f"| {name} | {med:.{digits}f} | {lo:.{digits}f} | {hi:.{digits}f} |"
 
 
+def mount_state_tmpfs(cfg: dict) -> str:
+    """Put stateDir on a tmpfs, as on a real node (default stateDir /run/route-tune; /run is a
+    tmpfs under systemd).  This VM's /run and /tmp are ext4, where every fsync of the
+    write-ahead state costs milliseconds.  The mount lives in the private mount namespace that
+    `ip netns exec` gave this process, so the root namespace never sees it."""
+    state = json.loads(Path(cfg["defaults"]).read_text())["stateDir"]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", f"{TAG}-state", state], check=True)
+    return state
+
+
 def inner(cfg_file: str) -> int:
     cfg = json.loads(Path(cfg_file).read_text())
     bench = Bench(cfg)
     quick, profile_always = bench.args.quick, bench.args.profile
-    rounds = bench.args.rounds if bench.args.rounds else (5 if quick else 20)
-    burst_rounds = 1 if quick else 3
-    foreign_rounds = 2 if quick else 8
-    total_req, every = (2000, 200) if quick else (10000, 1000)
+    rounds = bench.args.rounds or (3 if quick else 20)
+    burst_rounds, burst_pods = (1, 4) if quick else (3, BURST_PODS)
+    foreign_rounds = 1 if quick else 8
+    total_req, every = (1000, 100) if quick else (10000, 1000)
+    state_fs = "ext4 (--state-on-disk)" if bench.args.state_on_disk else "tmpfs"
+    if not bench.args.state_on_disk:
+        mount_state_tmpfs(cfg)
     started = time.monotonic()
+    load_start = os.getloadavg()
+    phases: list[tuple[str, float]] = []
     out: list[str] = []
+    emit = out.append
 
-    def emit(line: str = "") -> None:
-        out.append(line)
+    def phase(name: str) -> None:
+        phases.append((name, time.monotonic()))
+        print(f"[{time.monotonic() - started:6.1f} s] {name}", flush=True)
 
     try:
+        phase("server start")
         bench.start_server()
         mem_start = bench.server_mem()
-        print(f"server up (pid {bench.server.pid}), VmRSS {mem_start[0]:.1f} MiB; sanity check of the variants",
-              flush=True)
+        phase("sanity check (each variant's pod ADD does its work, DEL restores pod and node)")
         bench.sanity()
-        print(f"phase 1: {rounds} interleaved rounds (+1 warm-up)", flush=True)
+        phase(f"phase 1: {rounds} interleaved rounds (+1 warm-up)")
         s = bench.phase_rounds(rounds)
         mem_rounds = bench.server_mem()
-        print("phase 2: peak RSS (wrapped plugins)", flush=True)
+        phase("phase 2: peak RSS (wrapped plugins)")
         peak = bench.phase_rss()
-        print(f"phase 3: burst {BURST_PODS} pods x 8 rails, {burst_rounds} round(s)", flush=True)
-        burst = bench.phase_burst(burst_rounds)
+        phase(f"phase 3: burst {burst_pods} pods x 8 rails, {burst_rounds} round(s)")
+        burst = bench.phase_burst(burst_rounds, burst_pods)
         mem_burst = bench.server_mem()
-        print(f"phase 4: {FOREIGN_ROUTES} foreign routes in table {HOST_TABLE}, {foreign_rounds} rounds", flush=True)
+        phase(f"phase 4: {FOREIGN_ROUTES} foreign routes in table {HOST_TABLE}, {foreign_rounds} rounds (+1 warm-up)")
         foreign = bench.phase_foreign(foreign_rounds)
-        print(f"phase 5: {total_req} requests to the server", flush=True)
+        phase(f"phase 5: {total_req} requests to the server")
         mem_series = bench.phase_requests(total_req, every)
+        phase("report")
         elapsed = time.monotonic() - started
 
         # ---------------------------------------------------------------- the report
         n = len(s["a"]["add1"])
-        emit(f"## route-tune chain benchmark ({n} interleaved rounds, {'quick' if quick else 'full'} run, "
-             f"{elapsed:.0f} s, {time.strftime('%Y-%m-%d %H:%M')})")
-        emit()
-        emit("Per chain step = one libcni runner run (spawn to exit), ms. 8-rail pod = sum of its 8 steps.")
-        emit()
+        emit(f"## route-tune chain benchmark: {n} interleaved rounds, {'QUICK smoke' if quick else 'full'} run, "
+             f"{elapsed:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
+        emit("")
+        emit(f"{os.cpu_count()} CPUs, Linux {os.uname().release}, load average {load_start[0]:.1f} at start / "
+             f"{os.getloadavg()[0]:.1f} at end; stateDir on {state_fs}; libcni 1.1.2 runner in the node netns.")
+        emit("Per chain step = one runner run (spawn to exit) in ms; 8-rail pod = sum of its 8 steps in series.")
+        emit("")
         emit("| variant / operation | median | p10 | p90 |")
         emit("|---|---:|---:|---:|")
         for key, title in (("add1", "one NIC ADD"), ("del1", "one NIC DEL"), ("add8", "8-rail pod ADD"),
                            ("del8", "8-rail pod DEL")):
             for v in VARIANTS:
                 emit(fmt_row(f"{title}: {LABEL[v]}", s[v][key]))
-        emit()
-        emit("Within each round (pair by pair), then median / p10 / p90 over rounds:")
-        emit()
+        emit("")
+        emit("Computed within each round (pair by pair), then median / p10 / p90 over the rounds "
+             "(inf: sbr's increment was <= 0 in that round):")
+        emit("")
         emit("| per-round quantity | median | p10 | p90 |")
         emit("|---|---:|---:|---:|")
         inc = {v: [s[v]["add1"][i] - s["a"]["add1"][i] for i in range(n)] for v in "bcd"}
@@ -546,106 +630,120 @@ def inner(cfg_file: str) -> int:
             emit(fmt_row(f"one NIC DEL increment {v}-a (ms)", inc_del[v]))
         for v in "bcd":
             emit(fmt_row(f"8-rail pod ADD increment per NIC ({v}-a)/8 (ms)", inc8[v]))
-
-        def ratio(xs: list[float], ys: list[float]) -> list[float]:
-            return [x / y if y > 0 else float("inf") for x, y in zip(xs, ys)]
-
-        r_res = ratio(inc["d"], inc["b"])
-        r_inp = ratio(inc["c"], inc["b"])
-        r_pod = ratio(s["d"]["add8"], s["b"]["add8"])
-        r_pod_c = ratio(s["c"]["add8"], s["b"]["add8"])
-        r_res8 = ratio(inc8["d"], inc8["b"])
-        r_inp8 = ratio(inc8["c"], inc8["b"])
+        r_res, r_inp = ratio(inc["d"], inc["b"]), ratio(inc["c"], inc["b"])
+        r_res8, r_inp8 = ratio(inc8["d"], inc8["b"]), ratio(inc8["c"], inc8["b"])
+        r_pod, r_pod_c = ratio(s["d"]["add8"], s["b"]["add8"]), ratio(s["c"]["add8"], s["b"]["add8"])
         emit(fmt_row("ratio (d-a)/(b-a), one NIC ADD", r_res, digits=2))
         emit(fmt_row("ratio (c-a)/(b-a), one NIC ADD", r_inp, digits=2))
         emit(fmt_row("ratio (d-a)/(b-a), per NIC of the 8-rail pod ADD", r_res8, digits=2))
         emit(fmt_row("ratio (c-a)/(b-a), per NIC of the 8-rail pod ADD", r_inp8, digits=2))
         emit(fmt_row("ratio d/b, 8-rail pod ADD", r_pod, digits=2))
         emit(fmt_row("ratio c/b, 8-rail pod ADD", r_pod_c, digits=2))
-        emit()
-        emit("Peak RSS (ru_maxrss of the plugin process via a wrapper's os.wait4; max over the NIC and pod runs), MiB:")
-        emit()
-        emit("| variant | plugin | ADD | DEL |")
+        emit("")
+        floor = max(peak.get(("floor", "true", c), 0) for c in ("ADD", "DEL")) / 1024
+        emit(f"Peak RSS in MiB: ru_maxrss of each plugin process (a static C wrapper's wait4; max over one "
+             f"NIC and one 8-rail pod; wrapper floor {floor:.1f} MiB included); the server's from /proc:")
+        emit("")
+        emit("| variant | process | ADD | DEL |")
         emit("|---|---|---:|---:|")
         for v in VARIANTS:
             for name in ("macvlan", "sbr", "route-tune"):
                 if (v, name, "ADD") in peak:
-                    label = {"macvlan": "macvlan (+ host-local child)", "sbr": "sbr",
-                             "route-tune": "route-tune in-process" if v == "c" else "route-tune shim (forwarding)"}[name]
+                    label = {"macvlan": "macvlan (incl. its host-local child)", "sbr": "sbr",
+                             "route-tune": "route-tune in-process" if v == "c" else "route-tune forwarding shim"}[name]
                     emit(f"| {v} | {label} | {peak[(v, name, 'ADD')] / 1024:.1f} | "
                          f"{peak.get((v, name, 'DEL'), 0) / 1024:.1f} |")
-        emit(f"| d | server VmRSS / VmHWM after warm-up | {mem_start[0]:.1f} | {mem_start[1]:.1f} |")
-        emit(f"| d | server VmRSS / VmHWM after the rounds | {mem_rounds[0]:.1f} | {mem_rounds[1]:.1f} |")
-        emit(f"| d | server VmRSS / VmHWM after the burst | {mem_burst[0]:.1f} | {mem_burst[1]:.1f} |")
-        emit()
-        emit(f"Burst: {BURST_PODS} pods x 8 rails at once (pods concurrent, rails in series), wall time to all done, s "
-             f"({burst_rounds} round(s); median, min, max):")
-        emit()
-        emit("| variant | ADD | DEL |")
+        emit("")
+        emit("| server (VmRSS / VmHWM, MiB) | VmRSS | VmHWM |")
         emit("|---|---:|---:|")
+        emit(f"| after warm-up | {mem_start[0]:.1f} | {mem_start[1]:.1f} |")
+        emit(f"| after phase 1 | {mem_rounds[0]:.1f} | {mem_rounds[1]:.1f} |")
+        emit(f"| after the burst | {mem_burst[0]:.1f} | {mem_burst[1]:.1f} |")
+        emit("")
+        emit(f"Burst: {burst_pods} pods x 8 rails started at once (pods concurrent, each pod's rails in series); "
+             f"wall time until all are done, s (median, min-max over rounds):")
+        emit("")
+        emit("| variant | rounds | ADD | DEL |")
+        emit("|---|---:|---:|---:|")
         for v in "bcd":
             a_, d_ = burst[v]["add"], burst[v]["del"]
-            emit(f"| {LABEL[v]} | {statistics.median(a_) / 1000:.2f} ({min(a_) / 1000:.2f}-{max(a_) / 1000:.2f}) | "
-                 f"{statistics.median(d_) / 1000:.2f} ({min(d_) / 1000:.2f}-{max(d_) / 1000:.2f}) |")
-        emit()
-        nf = len(foreign["aempty"])
-        emit(f"{FOREIGN_ROUTES} foreign routes in the node's table {HOST_TABLE} vs empty: 8-rail pod ADD "
-             f"(ms, {nf} rounds, order alternated):")
-        emit()
-        emit("| quantity | median | p10 | p90 |")
-        emit("|---|---:|---:|---:|")
-        for v in "adc":
-            emit(fmt_row(f"{LABEL[v]}, empty table", foreign[f"{v}empty"]))
-            emit(fmt_row(f"{LABEL[v]}, 5,000 routes", foreign[f"{v}full"]))
-        r_for = {v: ratio(foreign[f"{v}full"], foreign[f"{v}empty"]) for v in "adc"}
-        r_for_inc = {v: ratio([f - a for f, a in zip(foreign[f"{v}full"], foreign["afull"])],
-                              [e - a for e, a in zip(foreign[f"{v}empty"], foreign["aempty"])]) for v in "dc"}
-        for v in "dc":
-            emit(fmt_row(f"ratio full/empty, {v} pod ADD", r_for[v], digits=2))
-            emit(fmt_row(f"ratio full/empty, {v}-a increment", r_for_inc[v], digits=2))
-        emit()
-        emit(f"Server memory across requests (route-tune ADD/DEL pairs of net1 via the socket), MiB:")
-        emit()
+            dtext = (f"{statistics.median(d_) / 1000:.2f} ({min(d_) / 1000:.2f}-{max(d_) / 1000:.2f})"
+                     if d_ else "not timed (undone via d)")
+            emit(f"| {LABEL[v]} | {len(a_)} | {statistics.median(a_) / 1000:.2f} "
+                 f"({min(a_) / 1000:.2f}-{max(a_) / 1000:.2f}) | {dtext} |")
+        emit("")
+        nf = len(foreign["a1empty"])
+        emit(f"{FOREIGN_ROUTES} foreign routes in the node's table {HOST_TABLE} vs an empty table, ADD in ms "
+             f"({nf} rounds, condition order alternated):")
+        emit("")
+        emit("| quantity | empty | 5,000 routes | ratio full/empty (per round) | p10 | p90 |")
+        emit("|---|---:|---:|---:|---:|---:|")
+        r_for: dict[str, list[float]] = {}
+        for key, title in (("a1", "a one NIC ADD"), ("c1", "c one NIC ADD"), ("a8", "a 8-rail pod ADD"),
+                           ("d8", "d 8-rail pod ADD")):
+            r_for[key] = ratio(foreign[f"{key}full"], foreign[f"{key}empty"])
+            med, lo, hi = summary(r_for[key])
+            emit(f"| {title} | {statistics.median(foreign[f'{key}empty']):.1f} | "
+                 f"{statistics.median(foreign[f'{key}full']):.1f} | {med:.2f} | {lo:.2f} | {hi:.2f} |")
+        for key, base, title in (("c1", "a1", "c-a increment, one NIC"), ("d8", "a8", "d-a increment, 8-rail pod")):
+            full = [f - a for f, a in zip(foreign[f"{key}full"], foreign[f"{base}full"])]
+            empty = [e - a for e, a in zip(foreign[f"{key}empty"], foreign[f"{base}empty"])]
+            r_for[f"{key}inc"] = ratio(full, empty)
+            med, lo, hi = summary(r_for[f"{key}inc"])
+            emit(f"| {title} | {statistics.median(empty):.1f} | {statistics.median(full):.1f} | "
+                 f"{med:.2f} | {lo:.2f} | {hi:.2f} |")
+        emit("")
+        emit("Server memory across requests (route-tune ADD/DEL pairs of net1 sent to the socket by the "
+             "shim's client; the count includes the earlier phases' requests), MiB:")
+        emit("")
         emit("| requests served | VmRSS | VmHWM |")
         emit("|---:|---:|---:|")
         for count, rss, hwm in mem_series:
             emit(f"| {count} | {rss:.1f} | {hwm:.1f} |")
-        emit()
+        emit("")
 
         # ---------------------------------------------------------------- goals
         misses: list[str] = []
-        emit("Goals (median of the per-round ratios):")
-        emit()
+        emit("Goals (medians of the per-round ratios):")
+        emit("")
 
         def verdict(name: str, value: float, limit: float, unit: str = "x", kind: str | None = None) -> None:
             ok = value <= limit
-            extra = "" if ok else f" - MISSED by {value / limit:.2f}x ({value - limit:+.2f}{unit} over)"
+            extra = "" if ok else f"  <- MISSED by {value / limit:.2f}x ({value - limit:+.2f}{unit} over the goal)"
             emit(f"- {'PASS' if ok else 'MISS'} {name}: {value:.2f}{unit} (goal <= {limit:g}{unit}){extra}")
             if not ok and kind and kind not in misses:
                 misses.append(kind)
 
-        verdict("resident increment per NIC (d-a)/(b-a)", statistics.median(r_res), GOAL_RESIDENT_INC, kind="warm")
-        verdict("resident 8-rail pod ADD d/b", statistics.median(r_pod), GOAL_RESIDENT_POD, kind="warm")
-        verdict("in-process increment per NIC (c-a)/(b-a)", statistics.median(r_inp), GOAL_INPROC_INC, kind="cold")
-        verdict("5,000 foreign routes, resident pod ADD full/empty", statistics.median(r_for["d"]), GOAL_FOREIGN,
-                kind="foreign")
-        verdict("5,000 foreign routes, in-process pod ADD full/empty", statistics.median(r_for["c"]), GOAL_FOREIGN,
-                kind="foreign")
-        last_rss = mem_series[-1][1]
-        verdict(f"server VmRSS after {mem_series[-1][0]} requests", last_rss, GOAL_RSS_MIB, unit=" MiB")
+        verdict("resident increment per NIC, (d-a)/(b-a)", statistics.median(r_res), GOAL_RESIDENT_INC, kind="warm")
+        verdict("resident 8-rail pod ADD, d/b", statistics.median(r_pod), GOAL_RESIDENT_POD, kind="warm")
+        verdict("in-process increment per NIC, (c-a)/(b-a)", statistics.median(r_inp), GOAL_INPROC_INC, kind="cold")
+        verdict("5,000 foreign routes, resident 8-rail pod ADD full/empty", statistics.median(r_for["d8"]),
+                GOAL_FOREIGN, kind="foreign")
+        verdict("5,000 foreign routes, in-process one NIC ADD full/empty", statistics.median(r_for["c1"]),
+                GOAL_FOREIGN, kind="foreign")
+        verdict(f"server VmRSS after {mem_series[-1][0]} requests", mem_series[-1][1], GOAL_RSS_MIB, unit=" MiB")
         growth = mem_series[-1][1] - mem_series[1][1]
-        verdict(f"server RSS flat: growth from {mem_series[1][0]} to {mem_series[-1][0]} requests", growth,
+        verdict(f"server VmRSS flat: growth from {mem_series[1][0]} to {mem_series[-1][0]} requests", growth,
                 FLAT_MIB, unit=" MiB")
         if quick:
-            emit("- (quick run: fewer rounds and requests; use the full run for the README)")
+            emit("- (QUICK smoke: few rounds, 4 burst pods, 1,000 requests; the README quotes a full run)")
+        emit("")
+        phases.append(("end", time.monotonic()))
+        emit("Phase times: " + ", ".join(f"{name.split(':')[0]} {t2 - t1:.0f} s"
+                                         for (name, t1), (_, t2) in zip(phases, phases[1:])))
         print("\n" + "\n".join(out), flush=True)
         kinds = ["cold", "warm", "foreign"] if profile_always else misses
         if kinds:
-            print(f"\n## Profiles ({', '.join(kinds)})\n", flush=True)
+            print(f"\n## Profiles of the missed goals ({', '.join(kinds)}), in the node netns, net1 attached\n", flush=True)
             bench.profile(kinds)
         return 0
     finally:
         bench.stop_server()
+
+
+def ratio(xs: list[float], ys: list[float]) -> list[float]:
+    """Per-round ratios; a denominator <= 0 (noise swamped the baseline) gives inf."""
+    return [x / y if y > 0 else float("inf") for x, y in zip(xs, ys)]
 
 
 def main() -> int:
@@ -653,6 +751,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 20; --quick 5)")
     parser.add_argument("--quick", action="store_true", help="a ~2-minute smoke run")
     parser.add_argument("--profile", action="store_true", help="profile even when every goal is met")
+    parser.add_argument("--state-on-disk", action="store_true",
+                        help="keep stateDir on the lab's disk directory instead of a private tmpfs")
     parser.add_argument("--inner", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:

@@ -40,8 +40,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
              "what ADD would install, as ip commands (no root, no namespace entered)"),
     "verify": ("cniplugin._cli:cmd_verify", "CHECK an attachment against the kernel, as a diff"),
     "explain": ("cniplugin._cli:cmd_explain",
-                "which rule, table, route and interface a packet takes, beside the kernel's answer"),
-    "replay": ("cniplugin._cli:cmd_replay", "run a captured request (env + stdin) as a runtime would"),
+                "which rule, table, route and interface a packet takes, checked by the kernel"),
+    "replay": ("cniplugin._cli:cmd_replay",
+               "run a captured request (env + stdin) as a runtime would"),
     "probe": ("cniplugin._cli:cmd_probe", "the gateway and IP-conflict checks, by hand"),
     "orphans": ("cniplugin._cli:cmd_orphans",
                 "route-tune node entries and state files nobody owns any more (--remove)"),
@@ -546,7 +547,7 @@ def _verify(args) -> int:
                              f"was ADD run for it?\n")
             return EXIT_PROBLEM
         drifts = _inspect.state_drift(state, pod_fd, node_fd)
-        node_inode = _inspect._inode(node_fd)
+        node_inode = _inspect.netns_inode(node_fd)
     finally:
         _close(pod_fd, node_fd)
     notes, checked = [], len(state.desired.pod_objects())
@@ -572,7 +573,8 @@ def cmd_verify(argv: list[str]) -> int:
 # -- explain -------------------------------------------------------------------------------
 def _explain_parser() -> argparse.ArgumentParser:
     p = _command("explain", "Walk the pod's rules in priority order (from/to/iif/fwmark, "
-                            "lookup/goto/nop/unreachable/prohibit/blackhole, suppress_prefixlength, "
+                            "lookup/goto/nop/unreachable/prohibit/blackhole, "
+                            "suppress_prefixlength, "
                             "throw routes) and say which rule, table, route and interface a "
                             "packet to DST takes, and why; the kernel's own answer (route get "
                             "with RTM_F_LOOKUP_TABLE) is printed beside it and compared. "

@@ -20,8 +20,8 @@ import logging
 import re
 from typing import Annotated, Any, Literal, Mapping, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, \
-    StrictStr, ValidationError, ValidationInfo, field_validator, model_validator
+from ._pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, \
+    ValidationInfo, field_validator, model_validator
 
 from ._env import NodeDefaults, read_node_defaults, validate_ifname
 from ._errors import InvalidConfig, InvalidEnvironment
@@ -175,7 +175,7 @@ class PolicyRoute(_Model):
 
 
 class DetectOptions(_Model):
-    retries: StrictInt = Field(3, ge=1)
+    retries: int = Field(3, ge=1)
     interval: Duration = Field(0.010, ge=0)  # seconds
     timeout: Duration = Field(0.100, gt=0)  # seconds
 
@@ -186,7 +186,7 @@ class PluginConfig(_Model):
     mode: Annotated[Literal["auto", "overlay", "underlay", "disabled"],
                     BeforeValidator(_to_mode)] = "auto"
     pod_default_cni_nic: IfName = Field("eth0", alias="podDefaultCniNic")
-    tune_pod_routes: StrictBool = Field(True, alias="tunePodRoutes")
+    tune_pod_routes: bool = Field(True, alias="tunePodRoutes")
     pod_default_route_nic: Annotated[str, BeforeValidator(
         lambda v: v if v == "" else _to_ifname(v))] = Field("", alias="podDefaultRouteNic")
     # Node-only keys come first so the table check below can see the allowed list.
@@ -194,24 +194,24 @@ class PluginConfig(_Model):
     state_dir: AbsPath = Field("/run/route-tune", alias="stateDir")
     socket_path: AbsPath = Field("/run/route-tune/engine.sock", alias="socketPath")
     allowed_host_rule_tables: list[Table] | None = Field(None, alias="allowedHostRuleTables")
-    host_rule_priority: StrictInt = Field(1000, ge=1, le=32765, alias="hostRulePriority")
+    host_rule_priority: int = Field(1000, ge=1, le=32765, alias="hostRulePriority")
     host_rule_table: Table = Field(500, alias="hostRuleTable")
-    pod_rp_filter: StrictInt = Field(0, ge=-1, le=2, alias="podRPFilter")
+    pod_rp_filter: int = Field(0, ge=-1, le=2, alias="podRPFilter")
     host_rp_filter: Any = Field(None, alias="hostRPFilter")
     overlay_pod_cidr: list[ClusterNetwork] = Field([], alias="overlayPodCIDR")
     service_cidr: list[ClusterNetwork] = Field([], alias="serviceCIDR")
     hijack_cidr: list[ClusterNetwork] = Field([], alias="hijackCIDR")
     policy_routes: list[PolicyRoute] = Field([], alias="policyRoutes")
-    tx_queue_len: StrictInt = Field(0, ge=0, le=_U32_MAX, alias="txQueueLen")
-    detect_gateway: StrictBool = Field(False, alias="detectGateway")
-    detect_ip_conflict: StrictBool = Field(False, alias="detectIPConflict")
+    tx_queue_len: int = Field(0, ge=0, le=_U32_MAX, alias="txQueueLen")
+    detect_gateway: bool = Field(False, alias="detectGateway")
+    detect_ip_conflict: bool = Field(False, alias="detectIPConflict")
     detect_options: DetectOptions = Field(default_factory=DetectOptions, alias="detectOptions")
     pod_mac_prefix: Annotated[str, BeforeValidator(_to_mac_prefix)] = Field(
         "", alias="podMACPrefix")
     veth_link_address: Annotated[ipaddress.IPv4Address | None,
                                  BeforeValidator(_to_veth_address)] = Field(
         None, alias="vethLinkAddress")
-    veth_mtu: StrictInt = Field(1500, gt=0, le=65535, alias="vethMTU")
+    veth_mtu: int = Field(1500, gt=0, le=65535, alias="vethMTU")
     log_options: Any = Field(None, alias="logOptions")  # becomes LogOptions below
     multus_nic_prefix: Any = Field(None, alias="multusNicPrefix")  # accepted, unused
 

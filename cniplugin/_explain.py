@@ -164,7 +164,8 @@ def walk(snap: Snapshot, flow: Flow) -> Explanation:
             if rule.suppress_prefixlen is not None \
                     and route.network.prefixlen <= rule.suppress_prefixlen:
                 step.outcome = (f"{name}: `{route.text()}` suppressed (prefix length "
-                                f"{route.network.prefixlen} <= {rule.suppress_prefixlen}): next rule")
+                                f"{route.network.prefixlen} <= {rule.suppress_prefixlen}): "
+                                f"next rule")
                 continue
             step.outcome = f"{name}: {route.text()}"
             _answer(out, rule, route)
@@ -263,7 +264,3 @@ def _compare(out: Explanation) -> None:
         if wrong:
             out.disagreement = "the kernel chose " + ", ".join(wrong)
     out.agree = not out.disagreement
-
-
-def family_of(dst: str) -> int:
-    return ipaddress.ip_address(dst).version

@@ -5,7 +5,7 @@ source, unicast routes). An operator needs everything: ``goto``/``unreachable`` 
 ``iif``/``fwmark`` selectors, blackhole and local routes. This module reads those through the
 adapter's session (``_netlink.session(fd).ipr``), never opening pyroute2 itself, and turns them
 into plain values that ``_render`` prints. Planning and checking are never redone here: drift
-comes from ``_engine.diff``, plans from ``_engine.plan_for``. ``_explain`` walks the rules.
+comes from ``_engine.diff_state``, plans from ``_engine.plan_for``; ``_explain`` walks rules.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ class LiveRoute:
             words += [f"via {self.gateway}"] if self.gateway else []
             words += [f"dev {self.dev}"] if self.dev else []
         if self.proto not in (0, 3):  # iproute2 hides "proto boot"
-            words.append(f"proto {self.proto if self.owned else PROTO_NAMES.get(self.proto, self.proto)}")
+            name = self.proto if self.owned else PROTO_NAMES.get(self.proto, self.proto)
+            words.append(f"proto {name}")
         if self.scope != "universe":
             words.append(f"scope {self.scope}")
         words += [f"src {self.src}"] if self.src else []
@@ -185,7 +186,8 @@ class LiveNeighbour:
 
     def text(self) -> str:
         words = [self.ip, f"dev {self.dev}", f"lladdr {self.lladdr}" if self.lladdr else "",
-                 "PERMANENT" if self.permanent else "", f"proto {self.proto}" if self.proto else ""]
+                 "PERMANENT" if self.permanent else "",
+                 f"proto {self.proto}" if self.proto else ""]
         return " ".join(w for w in words if w)
 
     def to_json(self) -> dict:
@@ -312,12 +314,12 @@ def read_neighbours(nl, dev: str | None = None) -> list[LiveNeighbour]:
 def snapshot(fd: int | None) -> Snapshot:
     """Read a whole netns (``fd``; None = the calling thread's netns)."""
     with _netlink.session(fd) as nl:
-        return Snapshot(inode=_inode(fd), links=nl.links(), addrs=nl.addresses(),
+        return Snapshot(inode=netns_inode(fd), links=nl.links(), addrs=nl.addresses(),
                         rules=read_rules(nl), routes=read_routes(nl),
                         neighbours=read_neighbours(nl))
 
 
-def _inode(fd: int | None) -> int:
+def netns_inode(fd: int | None) -> int:
     if fd is not None:
         return _netns.inode(fd)
     home = _netns.current_netns()
@@ -386,9 +388,15 @@ def gather_facts(pod_fd: int, node_fd: int | None, eth0: str = "eth0") -> Facts:
     Node facts are best effort: outside the pod's node netns they are None and the reason is
     a warning (the plan then has no node side and says so).
     """
+    if node_fd is None:  # this process's netns, taken before a session moves the thread
+        home = _netns.current_netns()
+        try:
+            return gather_facts(pod_fd, home, eth0)
+        finally:
+            os.close(home)
     with _netlink.session(pod_fd) as nl:
         pod = _netlink.gather_pod(nl)
-        nsid = nl.node_ns_id(node_fd) if node_fd is not None else _current_nsid(nl)
+        nsid = nl.node_ns_id(node_fd)
     warnings: list[str] = []
     node = None
     eth0_link = pod.link(eth0)
@@ -402,14 +410,6 @@ def gather_facts(pod_fd: int, node_fd: int | None, eth0: str = "eth0") -> Facts:
         except InterfaceNotFound as err:
             warnings.append(f"no node facts: {err.msg}")
     return Facts(pod=pod, node=node, warnings=tuple(warnings))
-
-
-def _current_nsid(nl) -> int:
-    fd = _netns.current_netns()
-    try:
-        return nl.node_ns_id(fd)
-    finally:
-        os.close(fd)
 
 
 # -- show --------------------------------------------------------------------------------
@@ -487,7 +487,8 @@ def build_pod_view(netns: str, pod_fd: int, store: Store, node_fd: int | None,
         if route.table == LOCAL_TABLE:
             continue
         if route.table == MAIN_TABLE:
-            view = views.get(route.dev) or views.get(route.nexthops[0][0] if route.nexthops else "")
+            first_leg = route.nexthops[0][0] if route.nexthops else ""
+            view = views.get(route.dev) or views.get(first_leg)
             if view:
                 view.main_routes.append(route)
                 continue
@@ -547,7 +548,7 @@ def _state_problems(store: Store, snap: Snapshot, attachments: list[AttachmentSt
                     pod_fd: int, node_fd: int | None, with_node: bool) -> list[Problem]:
     problems = []
     state_dir = os.path.dirname(store.root)
-    node_inode = _inode(node_fd)
+    node_inode = netns_inode(node_fd)
     listed: set[tuple] = set()
     for state in attachments:
         listed |= {o.key() for o in state.desired.pod_objects()}
@@ -586,7 +587,7 @@ def host_peer_name(pod_fd: int, node_fd: int | None, eth0: str) -> tuple[str, st
 
 def build_node_view(pod_fd: int, node_fd: int | None, attachments: list[AttachmentState],
                     host_rule_table: int, eth0: str) -> tuple[NodeView, list[Problem]]:
-    node_inode = _inode(node_fd)
+    node_inode = netns_inode(node_fd)
     mine = [s for s in attachments if s.node_inode == node_inode]
     peer, why = host_peer_name(pod_fd, node_fd, eth0)
     peer = peer or next((s.desired.host_peer for s in mine if s.desired.host_peer), "")
@@ -643,7 +644,7 @@ def stale_reason(state: AttachmentState) -> str:
 
 def find_orphans(store: Store, node_fd: int | None, host_rule_tables: set[int]) -> Orphans:
     """route-tune's node objects no state file lists, and state files whose pod is gone."""
-    node_inode = _inode(node_fd)
+    node_inode = netns_inode(node_fd)
     states = list(store.all())
     here = [s for s in states if s.node_inode == node_inode]
     listed = {o.key() for s in here for o in s.desired.node_objects()}

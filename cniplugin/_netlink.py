@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from . import _netns, _rtnl
 from ._errors import InterfaceNotFound, RouteConflict
-from ._facts import NODE_LINK_EXCLUDE, Addr, Link, NodeFacts, PodFacts, RuleInfo
-from ._objects import (MAIN_TABLE, SCOPE_LINK, SCOPE_UNIVERSE, KernelObject, LinkAttr,
-                       Neighbour, NftTable, Route, Rule, Sysctl, Veth, default_dst)
+from ._facts import Addr, Link, RuleInfo
+from ._objects import (SCOPE_LINK, SCOPE_UNIVERSE, KernelObject, LinkAttr, Neighbour,
+                       NftTable, Route, Rule, Sysctl, Veth, default_dst)
 from ._rtnl import NetlinkError
 from ._version import RTPROT_ROUTE_TUNE
 
@@ -604,102 +604,9 @@ _KNOWN_FRA = frozenset({_rtnl.FRA_SRC, _rtnl.FRA_PRIORITY, _rtnl.FRA_TABLE, _rtn
                         _rtnl.FRA_FWMASK, _rtnl.FRA_PROTOCOL})
 
 
-def _owned_rule(r: RuleInfo) -> Rule:
-    # fwmask 0xffffffff is what the kernel reports for a plain ``fwmark X`` rule
-    return Rule(r.family, r.priority, r.table, r.src, r.proto, r.fwmark,
-                r.fwmask if r.fwmark else 0)
+# The fact readers live in _gather; the CLI imports them from here.
+from ._gather import (_owned_rule, gather_node, gather_pod, owned_node_objects,  # noqa: E402
+                      owned_pod_objects, verified_peer)
 
-
-# -- fact gathering --------------------------------------------------------------------
-def gather_pod(nl: Netlink) -> PodFacts:
-    """Everything the planner needs from the pod: one dump each of links, addresses, routes
-    (both families, every table), rules and neighbours (pod tables are tiny)."""
-    links = nl.links()
-    names = {link.index: link.name for link in links}
-    routes = nl.routes()
-    rules = nl.rules()
-    return PodFacts(
-        links=tuple(links), addrs=tuple(nl.addresses(names=names)),
-        main_routes=tuple(r for r in routes if r.table == MAIN_TABLE),
-        used_tables=frozenset(r.table for r in routes),
-        rules=tuple(rules),
-        owned_routes=tuple(r for r in routes if r.proto == RTPROT_ROUTE_TUNE),
-        owned_rules=tuple(_owned_rule(r) for r in rules if r.proto == RTPROT_ROUTE_TUNE),
-        owned_neighbours=tuple(nl.owned_neighbours()))
-
-
-def verified_peer(nl: Netlink, pod_link: Link, node_nsid_in_pod: int) -> Link | None:
-    """The node end of the pod veth ``pod_link``, or None unless all three ties hold: pod_link
-    is a veth, its IFLA_LINK names a node veth whose IFLA_LINK is pod_link, and pod_link's
-    link-netnsid is this node netns."""
-    if pod_link.kind != "veth" or pod_link.peer_nsid != node_nsid_in_pod:
-        return None
-    peer = nl.link_by_index(pod_link.peer_index)
-    if peer is None or peer.kind != "veth" or peer.peer_index != pod_link.index:
-        return None
-    return peer
-
-
-def gather_node(nl: Netlink, pod_eth0: Link | None, eth0_addrs: list[str],
-                node_nsid_in_pod: int, *, peer_required: bool = True) -> NodeFacts:
-    """The host peer of ``pod_eth0`` (verified; overlay: eth0's, underlay: veth0's) and the
-    node IPs, as coordinator finds them.
-
-    Requests: one link get for the peer, one address dump, one link get per addressed link
-    (names for the exclusion list), a route get per pod address only when no node address
-    shares its subnet, and one FIB-match lookup per family for the default gateways.
-    """
-    peer = verified_peer(nl, pod_eth0, node_nsid_in_pod) if pod_eth0 is not None else None
-    if peer is None and peer_required:
-        name = pod_eth0.name if pod_eth0 is not None else "eth0"
-        raise InterfaceNotFound(
-            f"pod {name} is not a veth whose peer is in this node netns; overlay mode "
-            f"needs the cluster CNI's veth (podDefaultCniNic)")
-    records = nl.address_records()
-    # Names only for links with a usable address (a node has hundreds of pod veths: no dump).
-    names = {i: nl._name_of(i) for i in dict.fromkeys(r[0] for r in records if not r[4])}
-    addrs = [Addr(names.get(i, ""), *rest) for i, *rest in records]
-    usable = [a for a in addrs if a.ifname and not a.link_local
-              and not NODE_LINK_EXCLUDE.search(a.ifname)]
-    node_ips: list[str] = []
-    for ip in eth0_addrs:  # the address the node uses to reach the pod comes first
-        pod_ip = ipaddress.ip_address(ip)
-        same = next((a.address for a in usable if a.family == pod_ip.version and a.prefixlen
-                     < pod_ip.max_prefixlen and pod_ip in ipaddress.ip_interface(a.cidr).network
-                     and a.address != ip), "")
-        if not same:
-            try:
-                same = nl.route_get(ip).prefsrc
-            except RouteConflict:
-                continue
-        if same and same not in node_ips:
-            node_ips.append(same)
-    node_ips += [a.address for a in usable if a.address not in node_ips]
-    families = {ipaddress.ip_address(ip).version for ip in eth0_addrs} or {4, 6}
-    gateways = frozenset(g for fam in sorted(families) for g in nl.default_gateways(fam))
-    return NodeFacts(host_peer=peer, node_ips=tuple(dict.fromkeys(node_ips)),
-                     local_addrs=frozenset(a.address for a in addrs), gateways=gateways)
-
-
-def owned_node_objects(nl: Netlink, host_rule_table: int | None, host_peer: str,
-                       by_peer: bool = True) -> list[KernelObject]:
-    """route-tune's objects on the node that concern this pod: the rules, the hostRuleTable
-    routes and the neighbours on the host peer (all filtered by the kernel).
-
-    ``by_peer`` (ADD) reads only the routes via the host peer: the cost does not grow with the
-    node's other attachments. CHECK passes False to also see our routes moved elsewhere.
-    """
-    if not host_rule_table:
-        routes = []
-    elif by_peer:
-        routes = nl.routes(table=host_rule_table, proto=RTPROT_ROUTE_TUNE, dev=host_peer) \
-            if host_peer else []
-    else:
-        routes = nl.routes(table=host_rule_table, proto=RTPROT_ROUTE_TUNE)
-    neighbours = nl.owned_neighbours(dev=host_peer) if host_peer else []
-    return [*nl.owned_rules(), *routes, *neighbours]
-
-
-def owned_pod_objects(nl: Netlink) -> list[KernelObject]:
-    """route-tune's objects in a pod: every rule, route and neighbour with protocol 231."""
-    return [*nl.owned_rules(), *nl.routes(proto=RTPROT_ROUTE_TUNE), *nl.owned_neighbours()]
+__all__ = ["Netlink", "RouteGet", "session", "open_session", "gather_pod", "gather_node",
+           "verified_peer", "owned_node_objects", "owned_pod_objects"]

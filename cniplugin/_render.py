@@ -30,7 +30,9 @@ def _line(indent: str, obj) -> str:
     text = f"{indent}{obj.text()}"
     if isinstance(obj, LiveRule) and not (obj.src or obj.dst):
         text += f"  (IPv{obj.family})"  # `from all` says nothing about the family
-    return f"{text:<{_TAG_COLUMN}} {_tag(obj)}" if len(text) < _TAG_COLUMN else f"{text}  {_tag(obj)}"
+    if len(text) < _TAG_COLUMN:
+        return f"{text:<{_TAG_COLUMN}} {_tag(obj)}"
+    return f"{text}  {_tag(obj)}"
 
 
 def _problems(problems: list[Problem]) -> list[str]:

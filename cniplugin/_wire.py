@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, \
+from ._pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, \
     ValidationError
 
 from ._errors import IncompatibleVersion, InvalidConfig

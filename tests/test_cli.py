@@ -67,14 +67,18 @@ class Run:
         return json.loads(self.out)
 
 
-def cli(*args: str, defaults: Path | None = None, user: int | None = None) -> Run:
-    """Run the installed ``cni-route-tune`` (optionally as another uid, via setpriv)."""
+def cli(*args: str, defaults: Path | None = None, user: int | None = None,
+        inside: str | None = None) -> Run:
+    """Run the installed ``cni-route-tune`` (optionally as another uid, via setpriv, or inside
+    netns ``inside``, as an operator on the node would)."""
     env = dict(os.environ)
     if defaults is not None:
         env["ROUTE_TUNE_DEFAULTS"] = str(defaults)
     cmd = [str(CNI_ROUTE_TUNE), *args]
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    if inside is not None:
+        cmd = ["ip", "netns", "exec", inside, *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/")
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
@@ -91,8 +95,9 @@ class CliPod:
     def node_netns(self) -> str:
         return f"/run/netns/{self.lab.node}"
 
-    def cli(self, *args: str, user: int | None = None) -> Run:
-        return cli(*args, defaults=self.penv.defaults_file, user=user)
+    def cli(self, *args: str, user: int | None = None, on_node: bool = False) -> Run:
+        return cli(*args, defaults=self.penv.defaults_file, user=user,
+                   inside=self.lab.node if on_node else None)
 
     def conflist_file(self, k: int) -> Path:
         path = self.penv.workdir / f"rail{k}.conflist"
@@ -225,7 +230,8 @@ def test_show_node_side(healthy):
         lab.rail_ip(k, f) for k in (1, 2, 3) for f in ("4", "6")}
     assert {n["ip"] for n in node["neighbours"]} == {
         lab.rail_ip(k, f) for k in (1, 2, 3) for f in ("4", "6")}
-    text = healthy.cli("show", "--netns", lab.pod, "--node", "--node-netns", healthy.node_netns)
+    text = healthy.cli("show", "--netns", lab.pod, "--node", on_node=True)
+    assert text.code == 0, text.out + text.err
     assert f"host peer {lab.cali}, hostRuleTable 500:" in text.out
 
 
@@ -314,6 +320,9 @@ def test_facts_dump(healthy):
     # `show --json` carries the same facts, so a saved show is a plan input too.
     show = healthy.cli("show", "--netns", lab.pod, "--node-netns", healthy.node_netns, "--json")
     assert show.json()["facts"] == run.json()
+    # Run on the node itself (no --node-netns): the same facts.
+    on_node = healthy.cli("facts", "--netns", lab.pod, on_node=True)
+    assert on_node.code == 0 and on_node.json() == run.json()
 
 
 def _owned(path: str) -> set[str]:

@@ -38,6 +38,8 @@ class Config:  # stand-in with PluginConfig's attribute names
     policy_routes: list = field(default_factory=list)
     tx_queue_len: int = 0
     pod_mac_prefix: str = ""
+    veth_link_address: str = ""
+    veth_mtu: int = 1500
 
 
 def eth0_facts(nics: int, v6: bool = False, extra_tables=()) -> Facts:

@@ -40,8 +40,9 @@ def ok(reply) -> None:
 class Sweep:
     """A 2-rail pod (interfaces attached, route-tune not yet) and the states around rail k's ADD."""
 
-    def __init__(self, rig, k: int) -> None:
+    def __init__(self, rig, k: int, recover_env: dict | None = None) -> None:
         self.rig, self.k = rig, k
+        self.recover_env = recover_env or {}
         bare = rig.bare()
         self.prevs = {j: bare.add(j) for j in range(1, rig.lab.rails + 1)}
         for j in range(1, k):  # the rails before k are configured: their shared objects exist
@@ -73,6 +74,10 @@ class Sweep:
     def diff(self, want: dict) -> str:
         return snapshot_diff(want, self.rig.snapshot())
 
+    def recover(self, command: str):
+        """DEL / fresh ADD after a fault (through ``recover_env``'s engine when given)."""
+        return self.rig.rt(command, self.k, self.prev, extra_env=self.recover_env)
+
 
 def kill_sweep(s: Sweep, numbers: list[int]) -> list[str]:
     """For each N: ADD killed at point N, DEL, compare; fresh ADD, compare; DEL, compare."""
@@ -88,17 +93,17 @@ def kill_sweep(s: Sweep, numbers: list[int]) -> list[str]:
 def check_cycle(s: Sweep, where: str) -> list[str]:
     """DEL -> pre; ADD -> post (converges); DEL -> pre. Returns the problems found."""
     problems = []
-    reply = s.rig.rt("DEL", s.k, s.prev)
+    reply = s.recover("DEL")
     if reply.code != 0:
         return [f"{where}: DEL failed:\n{reply}"]
     if diff := s.diff(s.pre):
         problems.append(f"{where}: DEL left:\n{diff}")
-    reply = s.rig.rt("ADD", s.k, s.prev)
+    reply = s.recover("ADD")
     if reply.code != 0:
         return problems + [f"{where}: fresh ADD failed:\n{reply}"]
     if diff := s.diff(s.post):
         problems.append(f"{where}: fresh ADD did not converge:\n{diff}")
-    ok(s.rig.rt("DEL", s.k, s.prev))
+    ok(s.recover("DEL"))
     if diff := s.diff(s.pre):
         problems.append(f"{where}: final DEL left:\n{diff}")
     return problems
@@ -124,8 +129,26 @@ INPROCESS = pytest.mark.parametrize("engine", ["inprocess"], indirect=True)
 
 @INPROCESS
 def test_kill_at_every_point_of_the_first_rail(make_rig):
-    """SIGKILL at every fault point of net1's ADD (IPv4, it creates the pod's and node's shared
-    objects too); after each: DEL == before, fresh ADD == a clean ADD, DEL == before."""
+    """SIGKILL of the plugin process at every fault point of net1's ADD (IPv4; it creates the pod's
+    and the node's shared objects too); after each: DEL == before, fresh ADD == a clean ADD, DEL ==
+    before. To fit CI, the recovery calls go to a resident engine on the same node (``auto`` mode
+    after a server start: the realistic mix); ``--run-slow`` repeats it all in-process."""
+    rig = make_rig("4", rails=2)
+    helper = Resident(rig.lab.node, rig.penv).start()
+    try:
+        s = Sweep(rig, k=1, recover_env={"ROUTE_TUNE_ENGINE": "resident",
+                                         "ROUTE_TUNE_SOCKET": str(helper.sock)})
+        problems = kill_sweep(s, list(range(1, len(s.points) + 1)))
+    finally:
+        assert helper.stop() == 0, helper.log()[-2000:]
+    assert served_count(rig.penv) > 0
+    assert not problems, "\n\n".join(problems)
+
+
+@pytest.mark.slow
+@INPROCESS
+def test_kill_at_every_point_of_the_first_rail_all_inprocess(make_rig):
+    """The same sweep with every call in-process."""
     s = Sweep(make_rig("4", rails=2), k=1)
     problems = kill_sweep(s, list(range(1, len(s.points) + 1)))
     assert not problems, "\n\n".join(problems)
