@@ -57,6 +57,8 @@ LABEL = {"a": "a [macvlan, host-local]", "b": "b + sbr", "c": "c + route-tune in
 RAILS = range(1, 9)
 POD_CID = "rtk-bench-pod"
 BURST_PODS = 16
+#: One-NIC ADD/DEL repetitions of a, b and d per round (c once; see Bench.phase_rounds).
+NIC_REPS = 5
 FOREIGN_ROUTES = 5000
 HOST_TABLE = 500
 #: Goals of issue 7 (ratios from the same run).
@@ -359,31 +361,41 @@ class Bench:
         return add, dele
 
     # -- sanity: the variants really do their work and DEL leaves the pod clean -------------
-    def sanity(self) -> None:
+    def sanity(self, rails: range = range(1, 3)) -> None:
         from cniplugin.lab.topology import OverlayLab, state_diff
-        lab = OverlayLab.__new__(OverlayLab)  # only the helpers (no build)
+        lab = OverlayLab.__new__(OverlayLab)  # only the inspection helpers (no build)
         pod, node = self.cfg["pod"], self.cfg["node"]
         before = (lab.state(pod), lab.state(node))
         for v in VARIANTS:
-            for k in RAILS:
+            for k in rails:
                 self.step("add", v, k)
             rules = [r for r in lab.state(pod)["rules4"] if r.get("priority") == 31000]
-            want = {"a": 0, "b": 0, "c": 9, "d": 9}[v]
+            want = len(rails) + 1 if v in "cd" else 0  # eth0's reply rule + one per rail
             if len(rules) != want:
                 raise RuntimeError(f"sanity: variant {v} left {len(rules)} pref-31000 rules, want {want}")
-            for k in reversed(RAILS):
+            for k in reversed(rails):
                 self.step("del", v, k)
             diff = state_diff(before[0], lab.state(pod)) + state_diff(before[1], lab.state(node))
             if diff:
                 raise RuntimeError(f"sanity: variant {v}: pod/node not clean after DEL:\n{diff}")
 
     # -- phases --------------------------------------------------------------------------------
-    def phase_rounds(self, rounds: int) -> dict[str, dict[str, list[float]]]:
+    def phase_rounds(self, rounds: int, reps: int) -> dict[str, dict[str, list[float]]]:
+        """Per round: one NIC ADD+DEL (a, b, d `reps` times, c once: A B C D A B D ...; the round's
+        value is the median of its reps, which steadies the small b-a), then the 8-rail pod
+        ADD+DEL of A B C D.  Round 0 warms the caches and is dropped."""
         s: dict[str, dict[str, list[float]]] = {v: {"add1": [], "del1": [], "add8": [], "del8": []} for v in VARIANTS}
-        for r in range(rounds + 1):  # round 0 warms caches and is dropped
-            row: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
-            for v in VARIANTS:
-                row[v]["add1"], row[v]["del1"] = self.one_nic(v)
+        for r in range(rounds + 1):
+            nic: dict[str, tuple[list[float], list[float]]] = {v: ([], []) for v in VARIANTS}
+            for rep in range(reps):
+                for v in VARIANTS:
+                    if v == "c" and rep:
+                        continue  # c-a is hundreds of ms: noise does not matter there
+                    add, dele = self.one_nic(v)
+                    nic[v][0].append(add)
+                    nic[v][1].append(dele)
+            row: dict[str, dict[str, float]] = {v: {"add1": statistics.median(nic[v][0]),
+                                                    "del1": statistics.median(nic[v][1])} for v in VARIANTS}
             for v in VARIANTS:
                 row[v]["add8"], row[v]["del8"] = self.pod(v)
             if r:
@@ -585,8 +597,8 @@ def inner(cfg_file: str) -> int:
         mem_start = bench.server_mem()
         phase("sanity check (each variant's pod ADD does its work, DEL restores pod and node)")
         bench.sanity()
-        phase(f"phase 1: {rounds} interleaved rounds (+1 warm-up)")
-        s = bench.phase_rounds(rounds)
+        phase(f"phase 1: {rounds} interleaved rounds (+1 warm-up), one-NIC reps {NIC_REPS}")
+        s = bench.phase_rounds(rounds, NIC_REPS)
         mem_rounds = bench.server_mem()
         phase("phase 2: peak RSS (wrapped plugins)")
         peak = bench.phase_rss()
@@ -607,7 +619,8 @@ def inner(cfg_file: str) -> int:
         emit("")
         emit(f"{os.cpu_count()} CPUs, Linux {os.uname().release}, load average {load_start[0]:.1f} at start / "
              f"{os.getloadavg()[0]:.1f} at end; stateDir on {state_fs}; libcni 1.1.2 runner in the node netns.")
-        emit("Per chain step = one runner run (spawn to exit) in ms; 8-rail pod = sum of its 8 steps in series.")
+        emit("Per chain step = one runner run (spawn to exit) in ms; 8-rail pod = sum of its 8 steps in series. "
+             f"One NIC: each round's value is the median of {NIC_REPS} interleaved ADD/DEL pairs (c: one pair).")
         emit("")
         emit("| variant / operation | median | p10 | p90 |")
         emit("|---|---:|---:|---:|")

@@ -575,7 +575,12 @@ def _routes(msg: _rtnl.Msg, names: dict[int, str]) -> list[Route]:
     if family is None or rtype != _rtnl.RTN_UNICAST:
         return []
     dst = msg.ip(_rtnl.RTA_DST)
-    dst = str(ipaddress.ip_network(f"{dst}/{dst_len}")) if dst else default_dst(family)
+    if not dst:
+        dst = default_dst(family)
+    elif family == 4:  # inet_ntop's IPv4 text is canonical, and ipaddress is slow (pod dumps)
+        dst = f"{dst}/{dst_len}"
+    else:
+        dst = str(ipaddress.ip_network(f"{dst}/{dst_len}"))
     base = dict(family=family, table=msg.u32(_rtnl.RTA_TABLE) or table, dst=dst,
                 scope=_SCOPES.get(scope, str(scope)), src=msg.ip(_rtnl.RTA_PREFSRC),
                 metric=msg.u32(_rtnl.RTA_PRIORITY, 0), proto=proto)

@@ -110,23 +110,30 @@ def test_two_adds_on_one_netns_are_serialised(make_rig):
 
 
 def test_two_dels_on_one_netns_remove_the_shared_objects(make_rig, request):
-    """net1 and net2 of one pod are DELed at once while the pod's lock is held, so both wait for
-    it; when it is released they run one after the other. The second must see that the first
-    is gone and remove the pod's shared objects (table 100, eth0 rule, main routes, neighbours)."""
-    rig = make_rig("4", rails=2)
-    if rig.engine == "inprocess":
+    """net1 and net2 of one pod are DELed at once. The test holds the pod's and the node's locks
+    (flocks on their netns inodes, exactly as the engine takes them) so that both DELs queue on
+    the pod lock; it releases the pod lock, waits until both have done their pod side and wait for
+    the node lock, then releases that. The DEL that runs second must know the first one is gone
+    and remove the pod's shared objects (table 100, eth0 rule, main routes, neighbours)."""
+    rig = make_rig("dual", rails=2)
+    inprocess = rig.engine == "inprocess"
+    if inprocess:
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "defect: cmd_del removes the state record after releasing the pod and node locks; "
-            "a sibling DEL waiting on the lock still sees it and keeps the shared objects")))
+            "defect: cmd_del removes the state record only after releasing the pod and node "
+            "locks; a sibling DEL that takes the pod lock meanwhile still counts it and keeps "
+            "the shared objects, which then stay behind with no record")))
     lab = rig.lab
     bare = rig.bare()
     prevs = {k: bare.add(k) for k in (1, 2)}
     before = rig.snapshot()
     for k in (1, 2):
         assert rig.rt("ADD", k, prevs[k]).code == 0
-    with flock_held(f"/run/netns/{lab.pod}") as waiters:
-        procs = start(rig, [("DEL", 1), ("DEL", 2)], prevs)
-        waiters(2 if rig.engine == "inprocess" else 1)
+    with flock_held(f"/run/netns/{lab.node}") as node_waiters:
+        with flock_held(f"/run/netns/{lab.pod}") as pod_waiters:
+            procs = start(rig, [("DEL", 1), ("DEL", 2)], prevs)
+            # resident: the server queues requests of one netns itself, so one waits here
+            pod_waiters(2 if inprocess else 1)
+        node_waiters(2 if inprocess else 1)
     replies = finish(procs)
     assert all(r.code == 0 for r in replies), "\n".join(map(str, replies))
     rig.assert_unchanged(before, "after two DELs that queued on the pod lock")
