@@ -12,16 +12,16 @@ key. Every validation failure is ``InvalidConfig`` (code 7) in the form
 "key `x`: value `y` is not valid; expected ...".
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: pydantic would have to compile and eval every field's
+# annotation string at class creation (a measurable part of the model build per process).
 import ipaddress
 import json
 import logging
 import re
 from typing import Annotated, Any, Literal, Mapping, Union
 
-from ._pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, \
-    ValidationInfo, field_validator, model_validator
+from ._pydantic import BaseModel, Before, ConfigDict, Field, ValidationError, ValidationInfo, \
+    field_validator, model_validator
 
 from ._env import NodeDefaults, read_node_defaults, validate_ifname
 from ._errors import InvalidConfig, InvalidEnvironment
@@ -148,13 +148,13 @@ def _to_abs_path(value: Any) -> str:
     return value
 
 
-Network = Annotated[IPNetwork, BeforeValidator(_to_network)]
-ClusterNetwork = Annotated[IPNetwork, BeforeValidator(_to_cluster_network)]
-Address = Annotated[IPAddress, BeforeValidator(_to_address)]
-Duration = Annotated[float, BeforeValidator(parse_go_duration)]
-IfName = Annotated[str, BeforeValidator(_to_ifname)]
-Table = Annotated[int, BeforeValidator(_to_table)]
-AbsPath = Annotated[str, BeforeValidator(_to_abs_path)]
+Network = Annotated[IPNetwork, Before(_to_network)]
+ClusterNetwork = Annotated[IPNetwork, Before(_to_cluster_network)]
+Address = Annotated[IPAddress, Before(_to_address)]
+Duration = Annotated[float, Before(parse_go_duration)]
+IfName = Annotated[str, Before(_to_ifname)]
+Table = Annotated[int, Before(_to_table)]
+AbsPath = Annotated[str, Before(_to_abs_path)]
 
 
 class _Model(BaseModel):
@@ -184,10 +184,10 @@ class PluginConfig(_Model):
     """The validated route-tune configuration (see docs/design.md "Configuration keys")."""
 
     mode: Annotated[Literal["auto", "overlay", "underlay", "disabled"],
-                    BeforeValidator(_to_mode)] = "auto"
+                    Before(_to_mode)] = "auto"
     pod_default_cni_nic: IfName = Field("eth0", alias="podDefaultCniNic")
     tune_pod_routes: bool = Field(True, alias="tunePodRoutes")
-    pod_default_route_nic: Annotated[str, BeforeValidator(
+    pod_default_route_nic: Annotated[str, Before(
         lambda v: v if v == "" else _to_ifname(v))] = Field("", alias="podDefaultRouteNic")
     # Node-only keys come first so the table check below can see the allowed list.
     log_dir: AbsPath = Field(DEFAULT_LOG_DIR, alias="logDir")
@@ -206,10 +206,10 @@ class PluginConfig(_Model):
     detect_gateway: bool = Field(False, alias="detectGateway")
     detect_ip_conflict: bool = Field(False, alias="detectIPConflict")
     detect_options: DetectOptions = Field(default_factory=DetectOptions, alias="detectOptions")
-    pod_mac_prefix: Annotated[str, BeforeValidator(_to_mac_prefix)] = Field(
+    pod_mac_prefix: Annotated[str, Before(_to_mac_prefix)] = Field(
         "", alias="podMACPrefix")
     veth_link_address: Annotated[ipaddress.IPv4Address | None,
-                                 BeforeValidator(_to_veth_address)] = Field(
+                                 Before(_to_veth_address)] = Field(
         None, alias="vethLinkAddress")
     veth_mtu: int = Field(1500, gt=0, le=65535, alias="vethMTU")
     log_options: Any = Field(None, alias="logOptions")  # becomes LogOptions below

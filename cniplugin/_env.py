@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Mapping
 
 from ._errors import InvalidConfig, InvalidEnvironment
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Mapping
 
 __all__ = [
     "COMMANDS", "CniArgs", "CniEnv", "NodeDefaults", "parse_env", "parse_cni_args",
@@ -45,8 +47,72 @@ DEFAULTS_PATH = "/etc/cni/route-tune/defaults.json"
 DEFAULTS_ENV = "ROUTE_TUNE_DEFAULTS"
 
 
-@dataclass(frozen=True)
-class CniArgs:
+class Record:
+    """A small immutable record: what ``@dataclass(frozen=True)`` gave these classes (construction
+    by position or keyword with defaults, ``==``, ``hash`` and ``repr`` over the fields, no
+    assignment), written out because ``dataclasses`` imports ``inspect`` (and with it ``ast``,
+    ``dis``, ``tokenize``): more than the rest of a light command (VERSION, DEL of a gone netns).
+
+    Subclasses list ``_fields`` and ``_defaults`` (values, or ``_new`` callables for mutable ones).
+    """
+
+    _fields: tuple[str, ...] = ()
+    _defaults: dict = {}
+
+    def __init__(self, *args, **kwargs) -> None:
+        names = self._fields
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}() takes {len(names)} arguments, "
+                            f"{len(args)} given")
+        values = dict(zip(names, args))
+        for name, value in kwargs.items():
+            if name not in names or name in values:
+                raise TypeError(f"{type(self).__name__}() got an unexpected or repeated "
+                                f"argument {name!r}")
+            values[name] = value
+        for name in names:
+            if name not in values:
+                if name not in self._defaults:
+                    raise TypeError(f"{type(self).__name__}() missing argument {name!r}")
+                default = self._defaults[name]
+                values[name] = default() if isinstance(default, _new) else default
+        self.__dict__.update(values)  # instance dict, so copy and pickle work as before
+
+    def _values(self) -> tuple:
+        return tuple(self.__dict__[name] for name in self._fields)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return self._values() == other._values()  # type: ignore[attr-defined]
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={self.__dict__[name]!r}" for name in self._fields)
+        return f"{type(self).__name__}({inner})"
+
+
+class _new:
+    """A default built fresh for each record (dataclass ``default_factory``)."""
+
+    __slots__ = ("factory",)
+
+    def __init__(self, factory) -> None:
+        self.factory = factory
+
+    def __call__(self):
+        return self.factory()
+
+
+class CniArgs(Record):
     """CNI_ARGS as Multus sends it: ``IgnoreUnknown=true;K8S_POD_NAMESPACE=..;...;MAC=..;IP=a,b``.
 
     ``pairs`` keeps every well-formed pair in order, duplicates included. Multus appends the runtime's
@@ -56,8 +122,10 @@ class CniArgs:
     CNI_ARGS is advisory for route-tune (pod identity in logs), never a reason to fail an ADD.
     """
 
-    pairs: tuple[tuple[str, str], ...] = ()
-    invalid: tuple[str, ...] = ()
+    _fields = ("pairs", "invalid")
+    _defaults = {"pairs": (), "invalid": ()}
+    pairs: tuple[tuple[str, str], ...]
+    invalid: tuple[str, ...]
 
     def get(self, key: str, default: str = "") -> str:
         """The last non-empty value of ``key`` (see the class docstring), else ``default``."""
@@ -115,16 +183,18 @@ def parse_cni_args(text: str) -> CniArgs:
     return CniArgs(tuple(pairs), tuple(invalid))
 
 
-@dataclass(frozen=True)
-class CniEnv:
+class CniEnv(Record):
     """The validated CNI_* variables of one invocation."""
 
+    _fields = ("command", "container_id", "netns", "ifname", "args", "path")
+    _defaults = {"container_id": "", "netns": "", "ifname": "", "args": _new(CniArgs),
+                 "path": ""}
     command: str
-    container_id: str = ""
-    netns: str = ""
-    ifname: str = ""
-    args: CniArgs = field(default_factory=CniArgs)
-    path: str = ""
+    container_id: str
+    netns: str
+    ifname: str
+    args: CniArgs
+    path: str
 
     @property
     def path_dirs(self) -> tuple[str, ...]:
@@ -177,12 +247,13 @@ def parse_env(environ: Mapping[str, str]) -> CniEnv:
     return env
 
 
-@dataclass(frozen=True)
-class NodeDefaults:
+class NodeDefaults(Record):
     """The node defaults file: its path and its top-level JSON object (empty when absent)."""
 
+    _fields = ("path", "values")
+    _defaults = {"values": _new(dict)}
     path: str
-    values: dict = field(default_factory=dict)
+    values: dict
 
 
 def read_node_defaults(environ: Mapping[str, str]) -> NodeDefaults:

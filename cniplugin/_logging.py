@@ -26,11 +26,16 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import contextmanager  # loaded anyway: logging -> traceback -> contextlib
 
+from ._env import Record
 from ._errors import InvalidConfig
+
+# No ``dataclasses`` or ``typing`` at run time: the light commands (DEL of a gone
+# netns) set up logging too, and those imports cost more than the rest of such a command.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 __all__ = [
     "LOGGER_NAME", "LogOptions", "resolve_log_options", "setup", "request_context", "get_logger",
@@ -53,15 +58,17 @@ _LINE_LEVEL = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "w
 _MIB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class LogOptions:
+class LogOptions(Record):
     """Resolved ``logOptions``: ``file`` is the real path under ``logDir``; sizes in bytes."""
 
-    level: int = logging.INFO
-    file: str = os.path.join(DEFAULT_LOG_DIR, DEFAULT_LOG_FILE)
-    max_bytes: int = 100 * _MIB
-    max_count: int = 10
-    max_age_days: int = 30
+    _fields = ("level", "file", "max_bytes", "max_count", "max_age_days")
+    _defaults = {"level": logging.INFO, "file": os.path.join(DEFAULT_LOG_DIR, DEFAULT_LOG_FILE),
+                 "max_bytes": 100 * _MIB, "max_count": 10, "max_age_days": 30}
+    level: int
+    file: str
+    max_bytes: int
+    max_count: int
+    max_age_days: int
 
 
 def _option_int(options: dict, key: str, default: int) -> int:
@@ -219,10 +226,12 @@ def _unlink(path: str) -> None:
         pass
 
 
-@dataclass
 class _RequestContext:
-    fields: dict = field(default_factory=dict)
-    options: LogOptions | None = None
+    __slots__ = ("fields", "options")
+
+    def __init__(self, fields: dict | None = None, options: LogOptions | None = None) -> None:
+        self.fields = {} if fields is None else fields
+        self.options = options
 
 
 _context: contextvars.ContextVar[_RequestContext] = contextvars.ContextVar(

@@ -20,7 +20,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import _netns, _rtnl
+from . import _netns, _rtnl, _veth
 from ._errors import InterfaceNotFound, RouteConflict
 from ._facts import Addr, Link, RuleInfo
 from ._objects import (SCOPE_LINK, SCOPE_UNIVERSE, KernelObject, LinkAttr, Neighbour,
@@ -283,25 +283,8 @@ class Netlink:
         return self.read_attr(obj)
 
     def read_veth(self, name: str) -> Veth | None:
-        """The pair whose pod end is ``name``, as a Veth (``configured`` False if it is not)."""
-        link = self.link(name)
-        if link is None:
-            return None
-        peer = None
-        if link.kind == "veth" and self.node is not None and link.peer_index:
-            peer = self.node.link_by_index(link.peer_index)
-            if peer is not None and (peer.kind != "veth" or peer.peer_index != link.index
-                                     or link.peer_nsid != self.node_ns_id(self.node.fd)):
-                peer = None
-        if peer is None:
-            return Veth(name, "", link.mtu, link.mac, "", configured=False)
-        address = next((f"{a.address}/32" for a in self.addresses(4, link.index, {})
-                        if a.prefixlen == 32), "")
-        accept_ra = self.node.read_sysctl(f"net/ipv6/conf/{peer.name}/accept_ra")
-        configured = (link.up and peer.up and peer.mtu == link.mtu
-                      and accept_ra in ("0", None))
-        return Veth(name, peer.name, link.mtu, link.mac, peer.mac, address, peer.alias,
-                    configured)
+        """The pair whose pod end is ``name`` (``configured`` False if it is not set up)."""
+        return _veth.read(self, name)
 
     # -- writing ------------------------------------------------------------------------
     def apply(self, obj: KernelObject) -> None:
@@ -320,7 +303,7 @@ class Netlink:
             elif isinstance(obj, LinkAttr):
                 self._link_set(obj, obj.value)
             elif isinstance(obj, Veth):
-                self._veth_apply(obj)
+                _veth.apply(self, obj)
             elif isinstance(obj, NftTable):
                 from . import _nft
 
@@ -356,17 +339,9 @@ class Netlink:
                 raise _refused(obj, err, "remove") from None
 
     def remove_veth_peer(self, veth: Veth) -> bool:
-        """Delete the node end of ``veth`` (a node session), only if its alias proves it is
-        ours: the DEL path when the pod cannot be reached. True when something was deleted."""
-        link = self.link(veth.peer)
-        if link is None or link.kind != "veth" or not veth.alias or link.alias != veth.alias:
-            return False
-        try:
-            self.sock.change(_rtnl.RTM_DELLINK, 0, _rtnl.ifinfomsg(index=link.index))
-        except NetlinkError as err:
-            if err.code not in _GONE:
-                raise _refused(veth, err, "remove") from None
-        return True
+        """Delete the node end of ``veth`` (a node session), only if its alias names the same
+        container: the DEL path when the pod cannot be reached. True when it was deleted."""
+        return _veth.remove_peer(self, veth)
 
     def restore(self, obj: KernelObject, original=None) -> None:
         """Put back a displaced foreign route, or an original sysctl/link value/veth."""
@@ -381,7 +356,7 @@ class Netlink:
                 if self._index(obj.ifname) is not None:
                     self._link_set(obj, original)
             elif isinstance(obj, Veth) and isinstance(original, Veth):
-                self._veth_apply(original)
+                _veth.apply(self, original)
         except FileNotFoundError:
             pass  # the interface (and its sysctls) went away: nothing to restore
         except NetlinkError as err:
@@ -469,59 +444,6 @@ class Netlink:
         flags = _rtnl.IFF_UP if up else 0
         self.sock.change(_rtnl.RTM_NEWLINK, 0,
                          _rtnl.ifinfomsg(index=index, flags=flags, change=flags) + b"".join(attrs))
-
-    def _veth_apply(self, veth: Veth) -> None:
-        """Create (or repair) the pair: the node end is configured before it goes up, so it
-        never accepts a router advertisement from the pod (accept_ra=0 on that link only)."""
-        node = self.node
-        if node is None or node.fd is None:
-            raise RuntimeError("a veth needs the node's session (Netlink.node)")
-        live = self.link(veth.name)
-        if live is None:
-            self._veth_create(veth)
-            live = self.link(veth.name)
-        elif live.kind != "veth":
-            kind = live.kind or "no kind"
-            raise RouteConflict(f"{veth.name} exists in the pod and is not a veth ({kind}); "
-                                f"underlay mode needs that name for its veth pair")
-        peer = node.link(veth.peer)
-        if peer is None or peer.kind != "veth" or peer.peer_index != live.index:
-            raise RouteConflict(
-                f"the node end {veth.peer!r} of {veth.name} is missing or is another pod's "
-                f"link (node link names use the first 11 characters of the container id)")
-        node._write_sysctl(f"net/ipv6/conf/{veth.peer}/accept_ra", "0")
-        node._set_link(peer.index, True,
-                       _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu),
-                       _rtnl.attr_str(_rtnl.IFLA_IFALIAS, veth.alias))
-        if veth.address:
-            ip, _, length = veth.address.partition("/")
-            self.sock.change(_rtnl.RTM_NEWADDR, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_REPLACE,
-                             _rtnl.ifaddrmsg(socket.AF_INET, int(length), live.index)
-                             + _rtnl.attr(_rtnl.IFA_LOCAL, _rtnl.ip_bytes(ip))
-                             + _rtnl.attr(_rtnl.IFA_ADDRESS, _rtnl.ip_bytes(ip)))
-        self._set_link(live.index, True, _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu))
-
-    def _veth_create(self, veth: Veth) -> None:
-        peer = (_rtnl.ifinfomsg() + _rtnl.attr_str(_rtnl.IFLA_IFNAME, veth.peer)
-                + _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu)
-                + _rtnl.attr(_rtnl.IFLA_ADDRESS, _rtnl.mac_bytes(veth.peer_mac))
-                + _rtnl.attr_u32(_rtnl.IFLA_NET_NS_FD, self.node.fd))
-        info = (_rtnl.attr_str(_rtnl.IFLA_INFO_KIND, "veth")
-                + _rtnl.attr(_rtnl.IFLA_INFO_DATA, _rtnl.attr(_rtnl.VETH_INFO_PEER, peer)))
-        body = (_rtnl.ifinfomsg() + _rtnl.attr_str(_rtnl.IFLA_IFNAME, veth.name)
-                + _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu)
-                + _rtnl.attr(_rtnl.IFLA_ADDRESS, _rtnl.mac_bytes(veth.mac))
-                + _rtnl.attr(_rtnl.IFLA_LINKINFO, info))
-        try:
-            self.sock.change(_rtnl.RTM_NEWLINK, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_EXCL, body)
-        except NetlinkError as err:
-            if err.code == errno.EEXIST:
-                raise RouteConflict(
-                    f"cannot create the veth pair {veth.name}/{veth.peer}: the node already has "
-                    f"a link named {veth.peer!r} (another container whose id starts with the "
-                    f"same 11 characters?)") from None
-            raise
-
 
 _RTM_F_FIB_MATCH = 0x2000
 _EXT_MASK = _rtnl.attr_u32(_rtnl.IFLA_EXT_MASK, _rtnl.RTEXT_FILTER_SKIP_STATS)

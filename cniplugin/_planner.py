@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from dataclasses import dataclass
 
+from ._attachment import Attachment, attachment_from_result
 from ._errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
 from ._facts import Facts, NodeFacts, PodFacts
 from ._objects import (MAIN_TABLE, SCOPE_LINK, SCOPE_UNIVERSE, Desired, KernelObject,
                        LinkAttr, Neighbour, NftTable, Route, Rule, Sysctl, Veth, default_dst)
 from ._version import RTPROT_ROUTE_TUNE
+
+__all__ = ["Attachment", "attachment_from_result", "resolve_mode", "plan", "node_veth_name",
+           "planned_mac", "UNDERLAY_VETH"]
 
 ETH0_REPLY_TABLE = 100          # overlay: eth0's replies; underlay: replies steered to veth0
 FIRST_SECONDARY_TABLE = 101
@@ -26,28 +29,6 @@ RESERVED_TABLES = frozenset({0, 253, 254, 255})
 IPV6_DEFAULT_METRIC = 1024
 UNDERLAY_VETH = "veth0"
 NODE_VETH_PREFIX = "rt"         # node end: "rt" + the first 11 characters of the container id
-
-
-@dataclass(frozen=True)
-class Attachment:
-    """The interface being attached, as the previous plugins described it."""
-
-    container_id: str
-    ifname: str
-    network: str = ""
-    addresses: tuple[str, ...] = ()   # "ip/prefix", in prevResult order
-    gateways: tuple[str, ...] = ()    # at most one per family
-    mac: str = ""                     # MAC to set from podMACPrefix ("" = leave as is)
-
-    def addresses_of(self, family: int) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
-        return [a for a in map(ipaddress.ip_interface, self.addresses) if a.version == family]
-
-    def gateway_of(self, family: int) -> str:
-        return next((g for g in self.gateways if ipaddress.ip_address(g).version == family), "")
-
-    @property
-    def families(self) -> tuple[int, ...]:
-        return tuple(sorted({ipaddress.ip_interface(a).version for a in self.addresses}))
 
 
 def resolve_mode(config, ifname: str, pod_links: list[str] | None = None) -> str:
@@ -101,41 +82,6 @@ def planned_mac(container_id: str, role: str) -> str:
     raw = bytearray(hashlib.sha256(f"{container_id}/{role}".encode()).digest()[:6])
     raw[0] = (raw[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in raw)
-
-
-def attachment_from_result(result, ifname: str, container_id: str, network: str,
-                           pod: PodFacts, mac: str = "") -> Attachment:
-    """netK's addresses and gateways, from prevResult (design.md "Names")."""
-    interfaces = list(getattr(result, "interfaces", None) or [])
-    index = next((i for i, itf in enumerate(interfaces) if itf.name == ifname), None)
-    addresses: list[str] = []
-    gateways: dict[int, str] = {}
-    for ip in getattr(result, "ips", None) or []:
-        owner = ip.interface
-        if owner is not None and 0 <= owner < len(interfaces) and owner != index:
-            continue  # sbr semantics: no interface, or out of range, counts as ours
-        cidr = str(ipaddress.ip_interface(str(ip.address)))
-        addresses.append(cidr)
-        if ip.gateway:
-            gateways.setdefault(ipaddress.ip_address(str(ip.gateway)).version, str(ip.gateway))
-    if not addresses:
-        # SLAAC and other post-IPAM addresses: what is really on the link (coordinator #5618).
-        addresses = [a.cidr for a in pod.addrs_of(ifname)]
-    networks = [ipaddress.ip_interface(a).network for a in addresses]
-    for route in getattr(result, "routes", None) or []:
-        dst = ipaddress.ip_network(str(route.dst), strict=False)
-        gw = str(route.gw) if route.gw else ""
-        if dst.prefixlen == 0 and gw and any(ipaddress.ip_address(gw) in n for n in networks):
-            gateways.setdefault(dst.version, gw)
-    for family in (4, 6):
-        if family not in gateways:
-            default = next((r for r in pod.main_routes_of(ifname, family)
-                            if r.is_default and r.gateway), None)
-            if default:
-                gateways[family] = default.gateway
-    return Attachment(container_id=container_id, ifname=ifname, network=network,
-                      addresses=tuple(addresses),
-                      gateways=tuple(gateways[f] for f in sorted(gateways)), mac=mac)
 
 
 def plan(config, attachment: Attachment, facts: Facts, prior: Desired | None = None) -> Desired:

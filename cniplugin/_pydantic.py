@@ -37,8 +37,41 @@ if _LOADER not in sys.modules:  # a host process that loaded the real one keeps 
     sys.modules[_LOADER] = _stand_in
 
 from pydantic import (  # noqa: E402  (after the stand-in, on purpose)
-    BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError,
-    ValidationInfo, field_validator, model_validator)
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+    model_validator)
+from pydantic_core import core_schema  # noqa: E402
 
-__all__ = ["BaseModel", "BeforeValidator", "ConfigDict", "Field", "PlainSerializer",
-           "ValidationError", "ValidationInfo", "field_validator", "model_validator"]
+__all__ = ["BaseModel", "Before", "ConfigDict", "Dump", "Field", "ValidationError",
+           "ValidationInfo", "field_validator", "model_validator"]
+
+
+class Before:
+    """``Annotated[T, Before(func)]``: ``func(value)`` runs first, then T's own validation.
+
+    pydantic's ``BeforeValidator`` does the same, but inspects ``func``'s signature (does it
+    take ``info``?) at every class creation; ours never take ``info``, so the core schema is
+    written directly and the model build skips ``inspect.signature``.
+    """
+
+    __slots__ = ("func",)
+
+    def __init__(self, func) -> None:
+        self.func = func
+
+    def __get_pydantic_core_schema__(self, source, handler):
+        return core_schema.no_info_before_validator_function(self.func, handler(source))
+
+
+class Dump:
+    """``Annotated[T, Dump(func)]``: ``model_dump`` writes ``func(value)``; the equivalent of
+    ``PlainSerializer(func)`` without its signature and return-type introspection."""
+
+    __slots__ = ("func",)
+
+    def __init__(self, func) -> None:
+        self.func = func
+
+    def __get_pydantic_core_schema__(self, source, handler):
+        schema = handler(source)
+        schema["serialization"] = core_schema.plain_serializer_function_ser_schema(self.func)
+        return schema

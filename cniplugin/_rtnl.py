@@ -16,7 +16,6 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable
 
 # -- protocol constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h, ...) ----------
 SOL_NETLINK = 270
@@ -308,13 +307,3 @@ def ndmsg(family: int = 0, ifindex: int = 0, state: int = 0) -> bytes:
 
 def rtgenmsg(family: int = 0) -> bytes:
     return _RTGENMSG.pack(family)
-
-
-def join(*parts: bytes | Iterable[bytes]) -> bytes:
-    out = []
-    for part in parts:
-        if isinstance(part, (bytes, bytearray)):
-            out.append(part)
-        else:
-            out.extend(part)
-    return b"".join(out)

@@ -19,13 +19,12 @@ This module imports pydantic; it is imported only by commands that parse a resul
 Version negotiation is stdlib and lives in ``_protocol``; it is re-exported here for convenience.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: pydantic would have to compile and eval every field's
+# annotation string at class creation (a measurable part of the model build per process).
 import ipaddress
 from typing import Annotated, Any, Union
 
-from ._pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, \
-    ValidationError
+from ._pydantic import BaseModel, Before, ConfigDict, Dump, Field, ValidationError
 
 from ._errors import IncompatibleVersion, InvalidConfig
 from ._protocol import negotiate, parse_version, version_at_least
@@ -60,9 +59,9 @@ def _to_address(value: Any) -> IPAddress | None:
     return ipaddress.ip_address(value)
 
 
-CIDRField = Annotated[IPInterface, BeforeValidator(_to_interface), PlainSerializer(str)]
-AddressField = Annotated[Union[IPAddress, None], BeforeValidator(_to_address),
-                         PlainSerializer(lambda v: "" if v is None else str(v))]
+CIDRField = Annotated[IPInterface, Before(_to_interface), Dump(str)]
+AddressField = Annotated[Union[IPAddress, None], Before(_to_address),
+                         Dump(lambda v: "" if v is None else str(v))]
 
 
 class _WireModel(BaseModel):
