@@ -153,7 +153,10 @@ def measure(lab: Lab, scratch: str, cycles: int, counter: Counter, node_fd: int,
         ifname, prev = "net1", prev_result("net1", "172.16.11.10/24", "172.16.11.254")
         extra = {}
     add_ms, del_ms, add_cpu, del_cpu, add_msgs, del_msgs = [], [], [], [], None, None
-    for _ in range(cycles):
+    rss_early = 0
+    for cycle in range(cycles):
+        if cycle == min(10, cycles - 1):
+            rss_early = rss_kib()
         add_req = request(lab, scratch, "ADD", ifname, prev, node_fd, pod_fd, **extra)
         del_req = request(lab, scratch, "DEL", ifname, None, node_fd, pod_fd, **extra)
         counter.take()
@@ -170,7 +173,13 @@ def measure(lab: Lab, scratch: str, cycles: int, counter: Counter, node_fd: int,
     return {"add_ms": statistics.median(add_ms), "del_ms": statistics.median(del_ms),
             "add_min": min(add_ms), "del_min": min(del_ms),
             "add_cpu": statistics.median(add_cpu), "del_cpu": statistics.median(del_cpu),
-            "add_msgs": add_msgs, "del_msgs": del_msgs}
+            "add_msgs": add_msgs, "del_msgs": del_msgs, "rss_growth": rss_kib() - rss_early}
+
+
+def rss_kib() -> int:
+    """Resident set size of this process (KiB): must stay flat over the cycles."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,14 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     what = "underlay eth0 (first invocation)" if lab.underlay else "overlay net1 (3rd rail)"
     print(f"## engine micro-benchmark: {what}, median of {options.cycles}\n")
     print("wall: median (min); cpu: median thread CPU time (user+sys, robust to a busy "
-          "machine); requests sent / messages decoded\n")
+          "machine); requests sent / messages decoded; RSS growth from cycle 10 to the end\n")
     print("| node | ADD wall ms | ADD cpu ms | ADD req/msgs | DEL wall ms | DEL cpu ms | "
-          "DEL req/msgs |")
-    print("|---|---|---|---|---|---|---|")
+          "DEL req/msgs | RSS growth KiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['add_ms']:.1f} ({r['add_min']:.1f}) | {r['add_cpu']:.1f} | "
               f"{r['add_msgs'][0]}/{r['add_msgs'][1]} | {r['del_ms']:.1f} ({r['del_min']:.1f}) | "
-              f"{r['del_cpu']:.1f} | {r['del_msgs'][0]}/{r['del_msgs'][1]} |")
+              f"{r['del_cpu']:.1f} | {r['del_msgs'][0]}/{r['del_msgs'][1]} | "
+              f"{r['rss_growth']} |")
     return 0
 
 

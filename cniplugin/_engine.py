@@ -75,12 +75,13 @@ def _pod_fd(req, required: bool) -> Iterator[int | None]:
     if req.pod_netns_fd is not None:
         yield req.pod_netns_fd
         return
+    why = "is empty"
     try:
         fd = _netns.open_netns(req.env.netns) if req.env.netns else None
-    except (FileNotFoundError, NotADirectoryError):
-        fd = None
+    except OSError as err:  # ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG, EACCES: no usable netns
+        fd, why = None, f"cannot be opened ({err.strerror or err})"
     if fd is None and required:
-        raise UnknownContainer(f"pod netns {req.env.netns!r} does not exist")
+        raise UnknownContainer(f"pod netns {req.env.netns!r} {why}")
     try:
         yield fd
     finally:
@@ -322,36 +323,42 @@ def cmd_del(req) -> None:
     if errors:
         raise PluginError(f"DEL of {env.ifname} could not remove everything; retry DEL",
                           "; ".join(errors))
-    _fault("del:state")
-    store.remove(env.container_id, env.ifname)
 
 
 def _teardown(store: Store, state: AttachmentState, pod_fd: int | None,
               node_fd: int) -> list[str]:
-    """Pod side (under the pod lock), then node side (under the node lock); every step is
-    attempted, failures are returned. A veth pair goes with its pod end; when the pod cannot
-    be reached its node end is deleted from the node (only if its alias names this pod)."""
+    """Pod side (under the pod lock), then node side (also under the node lock); every step is
+    attempted, failures are returned. When nothing failed the state record is removed while
+    both locks are still held, so a sibling DEL never counts a record whose objects are gone.
+    A veth pair goes with its pod end; when the pod cannot be reached its node end is deleted
+    from the node (only if its alias names this pod)."""
     errors: list[str] = []
     if pod_fd is not None and _netns.inode(pod_fd) != state.netns_inode:
         pod_fd = None  # the path now names another sandbox: leave it alone
     desired = state.desired
-    if pod_fd is not None:
-        with _netns.pod_lock(pod_fd), _netlink.open_session(pod_fd) as nl:
-            listed = store.still_listed(state, desired.pod_shared, node=False)
-            errors += _remove_side(nl, "pod", desired.pod_owned, desired.pod_shared, listed,
-                                   state.originals)
-            for route in desired.displaced:
-                errors += _attempt(nl.restore, route)
-                _fault(f"del:pod:restore {route.render()}")
     veth = next((o for o in desired.pod_owned if isinstance(o, Veth)), None)
-    if (desired.node_objects() or veth) and _netns.inode(node_fd) == state.node_inode:
-        with _netns.node_lock(node_fd), _netlink.open_session(node_fd) as nl:
-            if veth is not None and pod_fd is None:
-                errors += _attempt(nl.remove_veth_peer, veth)
-                _fault(f"del:node:veth {veth.peer}")
-            listed = store.still_listed(state, desired.node_shared, node=True)
-            errors += _remove_side(nl, "node", desired.node_owned, desired.node_shared, listed,
-                                   state.originals)
+    with contextlib.ExitStack() as locks:
+        if pod_fd is not None:
+            locks.enter_context(_netns.pod_lock(pod_fd))
+            with _netlink.open_session(pod_fd) as nl:
+                listed = store.still_listed(state, desired.pod_shared, node=False)
+                errors += _remove_side(nl, "pod", desired.pod_owned, desired.pod_shared,
+                                       listed, state.originals)
+                for route in desired.displaced:
+                    errors += _attempt(nl.restore, route)
+                    _fault(f"del:pod:restore {route.render()}")
+        if (desired.node_objects() or veth) and _netns.inode(node_fd) == state.node_inode:
+            locks.enter_context(_netns.node_lock(node_fd))
+            with _netlink.open_session(node_fd) as nl:
+                if veth is not None and pod_fd is None:
+                    errors += _attempt(nl.remove_veth_peer, veth)
+                    _fault(f"del:node:veth {veth.peer}")
+                listed = store.still_listed(state, desired.node_shared, node=True)
+                errors += _remove_side(nl, "node", desired.node_owned, desired.node_shared,
+                                       listed, state.originals)
+        if not errors:
+            _fault("del:state")
+            store.remove(state.container_id, state.ifname)
     return errors
 
 
@@ -456,17 +463,14 @@ def cmd_gc(req) -> None:
             pod_fd = None
             try:
                 pod_fd = _netns.open_netns(state.netns) if state.netns else None
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
+            except OSError:
                 pass
             try:
-                failed = _teardown(store, state, pod_fd, node_fd)
+                failed = _teardown(store, state, pod_fd, node_fd)  # removes the record if done
             finally:
                 if pod_fd is not None:
                     os.close(pod_fd)
-            if failed:
-                errors += [f"{state.container_id}/{state.ifname}: {e}" for e in failed]
-            else:
-                store.remove(state.container_id, state.ifname)
+            errors += [f"{state.container_id}/{state.ifname}: {e}" for e in failed]
     if errors:
         raise PluginError(f"GC left {len(errors)} object(s) behind", "; ".join(errors))
 

@@ -46,6 +46,13 @@ class Applier:
             previous = self.live.get(obj.key())
             if previous == obj:
                 return
+            if previous is None and isinstance(obj, Route):
+                # Nothing of ours holds the key: create, never overwrite a foreign route (it
+                # raises); a route of ours the filtered read did not show is returned, replaced.
+                previous = self.nl.create_route(obj)
+                self.journal.append(Step(self.side, "applied", obj, previous, shared))
+                _faults.point(f"{self.side}:{obj.render()}")
+                return
         self.nl.apply(obj)
         self.journal.append(Step(self.side, "applied", obj, previous, shared))
         _faults.point(f"{self.side}:{obj.render()}")

@@ -312,6 +312,30 @@ class Netlink:
         except NetlinkError as err:
             raise _refused(obj, err) from None
 
+    def create_route(self, route: Route) -> Route | None:
+        """Add ``route`` where the request saw nothing with its key (table, prefix, metric).
+
+        If something does hold the key, a route of ours (moved elsewhere, or left by an older
+        attachment with the same address) is replaced and returned, so a rollback can put it
+        back; a foreign route is never overwritten: RouteConflict (code 103).
+        """
+        try:
+            self.sock.change(_rtnl.RTM_NEWROUTE, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_EXCL,
+                             self._route_body(route))
+            return None
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise _refused(route, err) from None
+        holder = next((r for r in self.routes(route.family, route.table)
+                       if r.key() == route.key()), None)
+        if holder is not None and holder.proto != RTPROT_ROUTE_TUNE:
+            raise RouteConflict(
+                f"table {route.table} already has a route to {route.dst} that route-tune did "
+                f"not install (`{holder.render()}`, protocol {holder.proto}); route-tune never "
+                f"overwrites it: remove it, or choose another table (hostRuleTable) or address")
+        self.apply(route)
+        return holder
+
     def remove(self, obj: KernelObject) -> None:
         """Delete ``obj`` exactly (explicit priority, family, device, protocol); gone is fine."""
         try:

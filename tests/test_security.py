@@ -86,6 +86,21 @@ def test_pod_link_posing_as_the_host_peer_is_refused(make_rig):
     rig.assert_unchanged(before, "after a pod link posed as the host peer")
 
 
+def test_node_netns_posing_as_the_pod_is_refused(make_rig):
+    """CNI_NETNS names the NODE's own netns, CNI_IFNAME a node link (``rail1``) and
+    ``podDefaultCniNic`` the pod's host peer (a veth in the node): route-tune would treat the node
+    as the pod. It must refuse (code 102: that veth's peer is not in "this node") and change
+    nothing on the node."""
+    rig = make_rig("4", rails=1)
+    lab = rig.lab
+    prev = rig.bare().add(1)
+    before = rig.snapshot()
+    reply = rig.rt("ADD", 1, prev, netns=f"/run/netns/{lab.node}", ifname="rail1",
+                   keys={"podDefaultCniNic": lab.cali})
+    assert_cni_error(reply, 102)
+    rig.assert_unchanged(before, "after CNI_NETNS named the node")
+
+
 def test_macvlan_as_pod_default_nic_is_refused(make_rig):
     """``podDefaultCniNic`` naming the pod's OTHER rail (a macvlan whose IFLA_LINK points at the
     node's ``rail2``, link-netnsid = the node): not a veth, so code 102 and no node change."""

@@ -461,3 +461,20 @@ def test_fault_at_every_point(underlay_factory, action):
             ok(topo.run("DEL", "eth0", topo.conf()))
         assert whole_state(topo.pod) == pod_before, point
         assert whole_state(topo.node) == node_before, point
+
+
+def test_del_matrix(underlay_factory):
+    """DEL with no ADD, twice, without prevResult, and after the pod netns is gone."""
+    topo = underlay_factory(v4=True, v6=True, rails=1)
+    node_before = whole_state(topo.node)
+    ok(topo.run("DEL", "eth0", topo.conf()))                     # never added
+    topo.add("eth0")
+    topo.add("net1")
+    sh("ip", "netns", "del", topo.pod)                            # the runtime destroyed it
+    topo.created.remove(topo.pod)
+    for ifname in ("net1", "eth0"):
+        ok(topo.run("DEL", ifname, topo.conf()))
+        ok(topo.run("DEL", ifname, topo.conf()))
+    # The pair died with the pod's netns; the node rule went with the last attachment.
+    assert whole_state(topo.node) == node_before
+    assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))
