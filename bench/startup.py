@@ -1,8 +1,12 @@
-"""Measure the wall time of route-tune's cheap commands against a bare interpreter start.
+"""Measure the wall time of route-tune's start-up paths against a bare interpreter start.
 
-Run:  .venv/bin/python bench/startup.py [--runs 20]
+Run:  .venv/bin/python bench/startup.py [--runs 20] [--lab]
 Prints a Markdown table (median and min over the runs, in milliseconds) for the README.
 Each command runs as a runtime would run it: the installed console script, env + stdin only.
+
+``--lab`` (root) adds a real in-process ADD and DEL of rail 1 on a 1-rail lab (docs/lab.md):
+the lab is built, macvlan + host-local attach net1, and every row, the bare interpreter
+included, is then timed inside the lab's node namespace (the bench re-runs itself there).
 """
 
 from __future__ import annotations
@@ -12,12 +16,45 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / ".venv" / "bin"
+
+
+def _lab_cases(lab_file: str) -> list[tuple[str, list[str], dict, bytes]]:
+    """The real ADD and DEL of the lab's rail 1 (in this order: each DEL undoes its ADD)."""
+    lab = json.loads(Path(lab_file).read_text())
+    env = {**lab["env"], "ROUTE_TUNE_ENGINE": "inprocess"}
+    stdin = json.dumps(lab["stdin"]).encode()
+    plugin = str(BIN / "route-tune")
+    return [("ADD, real, in-process (1-rail lab)", [plugin], {**env, "CNI_COMMAND": "ADD"}, stdin),
+            ("DEL, real, in-process (1-rail lab)", [plugin], {**env, "CNI_COMMAND": "DEL"}, stdin)]
+
+
+def _with_lab(runs: int, prefix: str) -> int:
+    """Build a 1-rail lab, attach net1 with macvlan, re-run this bench in the lab's node ns."""
+    sys.path.insert(0, str(REPO))
+    from cniplugin.lab.runtime import PluginEnv, PyRuntime, rail_conflist
+    from cniplugin.lab.topology import OverlayLab
+
+    with OverlayLab(prefix, rails=1, family="4") as lab:
+        penv = PluginEnv(lab.tmp / "penv", family="4")
+        conflist = rail_conflist(1, "4", data_dir=penv.ipam_dir)
+        macvlan, route_tune = conflist["plugins"]
+        runtime = PyRuntime(lab.node, penv)
+        prev = runtime.invoke("ADD", macvlan, conflist, None, lab.pod_netns, "net1", "bench")
+        lab_file = lab.tmp / "bench-lab.json"
+        lab_file.write_text(json.dumps({
+            "env": {**penv.env, "CNI_PATH": penv.cni_path, "CNI_CONTAINERID": "bench",
+                    "CNI_NETNS": lab.pod_netns, "CNI_IFNAME": "net1", "CNI_ARGS": ""},
+            "stdin": {**route_tune, "name": conflist["name"], "cniVersion": conflist["cniVersion"],
+                      "prevResult": prev}}))
+        return subprocess.run(["ip", "netns", "exec", lab.node, sys.executable, __file__,
+                               "--runs", str(runs), "--inner-lab", str(lab_file)]).returncode
 
 
 def _cases(scratch: str) -> list[tuple[str, list[str], dict, bytes]]:
@@ -59,9 +96,17 @@ def _time_once(argv: list[str], env: dict, stdin: bytes) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
-    runs = parser.parse_args().runs
+    parser.add_argument("--lab", action="store_true",
+                        help="add a real in-process ADD/DEL on a 1-rail lab (root)")
+    parser.add_argument("--lab-prefix", default=f"rtS{os.getpid():x}"[:11],
+                        help="the lab's namespace prefix (at most 11 characters)")
+    parser.add_argument("--inner-lab", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    runs = args.runs
+    if args.lab:
+        raise SystemExit(_with_lab(runs, args.lab_prefix))
     with tempfile.TemporaryDirectory(prefix="rt-bench-") as scratch:
-        cases = _cases(scratch)
+        cases = _cases(scratch) + (_lab_cases(args.inner_lab) if args.inner_lab else [])
         samples: list[list[float]] = [[] for _ in cases]
         # Round-robin, after two warm-up rounds: background load hits every row alike.
         for round_number in range(runs + 2):

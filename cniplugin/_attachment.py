@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from ._errors import InvalidConfig
 from ._facts import PodFacts
 
 
@@ -42,10 +43,15 @@ def attachment_from_result(result, ifname: str, container_id: str, network: str,
         owner = ip.interface
         if owner is not None and 0 <= owner < len(interfaces) and owner != index:
             continue  # sbr semantics: no interface, or out of range, counts as ours
-        cidr = str(ipaddress.ip_interface(str(ip.address)))
-        addresses.append(cidr)
+        address = ipaddress.ip_interface(str(ip.address))
+        addresses.append(str(address))
         if ip.gateway:
-            gateways.setdefault(ipaddress.ip_address(str(ip.gateway)).version, str(ip.gateway))
+            gateway = ipaddress.ip_address(str(ip.gateway))
+            if gateway.version != address.version:
+                raise InvalidConfig(
+                    f"prevResult: address {address} of {ifname} has gateway {gateway} of the "
+                    f"other family")
+            gateways.setdefault(gateway.version, str(gateway))
     if not addresses:
         # SLAAC and other post-IPAM addresses: what is really on the link (coordinator #5618).
         addresses = [a.cidr for a in pod.addrs_of(ifname)]

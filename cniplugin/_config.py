@@ -20,8 +20,8 @@ import logging
 import re
 from typing import Annotated, Any, Literal, Mapping, Union
 
-from ._pydantic import BaseModel, Before, ConfigDict, Field, ValidationError, ValidationInfo, \
-    field_validator, model_validator
+from ._pydantic import BaseModel, Before, ConfigDict, Dump, Field, ValidationError, \
+    ValidationInfo, field_validator, model_validator
 
 from ._env import NodeDefaults, read_node_defaults, validate_ifname
 from ._errors import InvalidConfig, InvalidEnvironment
@@ -148,6 +148,10 @@ def _to_abs_path(value: Any) -> str:
     return value
 
 
+def _dump_log_options(value: Any) -> Any:
+    return value._asdict() if isinstance(value, LogOptions) else value
+
+
 Network = Annotated[IPNetwork, Before(_to_network)]
 ClusterNetwork = Annotated[IPNetwork, Before(_to_cluster_network)]
 Address = Annotated[IPAddress, Before(_to_address)]
@@ -212,7 +216,8 @@ class PluginConfig(_Model):
                                  Before(_to_veth_address)] = Field(
         None, alias="vethLinkAddress")
     veth_mtu: int = Field(1500, gt=0, le=65535, alias="vethMTU")
-    log_options: Any = Field(None, alias="logOptions")  # becomes LogOptions below
+    # Becomes LogOptions below; dumped as a dict, as it was when LogOptions was a dataclass.
+    log_options: Annotated[Any, Dump(_dump_log_options)] = Field(None, alias="logOptions")
     multus_nic_prefix: Any = Field(None, alias="multusNicPrefix")  # accepted, unused
 
     @field_validator("host_rule_table")

@@ -81,6 +81,10 @@ class Record:
     def _values(self) -> tuple:
         return tuple(self.__dict__[name] for name in self._fields)
 
+    def _asdict(self) -> dict:
+        """The fields as a dict (``dataclasses.asdict`` for these flat records)."""
+        return {name: self.__dict__[name] for name in self._fields}
+
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"cannot assign to field {name!r}")
 

@@ -114,9 +114,7 @@ def _validate(config, attachment: Attachment, facts: Facts) -> None:
     if nic and (nic == "lo" or len(nic) > 15 or "/" in nic):
         raise InvalidConfig(f"podDefaultRouteNic: {nic!r} cannot carry a default route")
     node = facts.node
-    if node is None:
-        return
-    for cidr in attachment.addresses:
+    for cidr in attachment.addresses if node is not None else ():
         ip = str(ipaddress.ip_interface(cidr).ip)
         if ip in node.local_addrs:
             raise UnsafeRequest(
@@ -126,6 +124,27 @@ def _validate(config, attachment: Attachment, facts: Facts) -> None:
             raise UnsafeRequest(
                 f"{netk} address {ip} is the node's default gateway; refusing to route it to "
                 f"the pod. Fix the IP pool so it excludes the node's gateways")
+    _validate_addresses(config, attachment, pod)
+
+
+def _validate_addresses(config, attachment: Attachment, pod: PodFacts) -> None:
+    """Every address must be a unicast address that netK really has (IPAM put it there):
+    anything else would install rules and node routes for someone else's address."""
+    netk, eth0 = attachment.ifname, config.pod_default_cni_nic
+    on_link = {a.address for a in pod.addrs if a.ifname == netk}
+    for cidr in attachment.addresses:
+        ip = ipaddress.ip_interface(cidr).ip
+        if ip.is_unspecified or ip.is_multicast or ip.is_loopback or \
+                ip == ipaddress.IPv4Address("255.255.255.255"):
+            raise InvalidConfig(f"prevResult: {ip} is not a unicast address; it cannot be "
+                                f"{netk}'s")
+        if str(ip) in on_link:
+            continue
+        if netk != eth0 and any(a.address == str(ip) for a in pod.addrs if a.ifname == eth0):
+            raise InvalidConfig(f"prevResult: {ip} is {eth0}'s address, not {netk}'s")
+        raise InvalidConfig(f"prevResult gives {netk} the address {ip}, but {netk} does not "
+                            f"have it: route-tune must run after the plugin that configures "
+                            f"{netk}")
 
 
 def _host(ip: str) -> str:

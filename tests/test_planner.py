@@ -183,3 +183,25 @@ def test_invariants(s):
                 assert not route.src, "IPv6 routes never carry src"
             ipaddress.ip_network(route.dst)
         assert Desired.from_dict(desired.to_dict()) == desired
+
+
+@pytest.mark.parametrize("address,match", [
+    ("0.0.0.0/0", "not a unicast"), ("224.0.0.5/24", "not a unicast"),
+    ("255.255.255.255/32", "not a unicast"), ("10.233.119.164/24", "eth0's address"),
+    ("172.16.99.10/24", "does not have it"),
+])
+def test_prev_result_addresses_are_validated(address, match):
+    """Addresses that are not netK's own unicast addresses are refused (code 7) before any
+    change, instead of getting rules and node routes."""
+    with pytest.raises(InvalidConfig, match=match):
+        plan(Config(), Attachment("c1", "net1", "rail", (address,), ()), eth0_facts(1))
+
+
+def test_gateway_of_the_other_family_is_refused():
+    from types import SimpleNamespace as NS
+
+    from cniplugin._attachment import attachment_from_result
+    result = NS(interfaces=[NS(name="net1")], routes=[],
+                ips=[NS(address="172.16.11.10/24", gateway="fd00:16:11::254", interface=0)])
+    with pytest.raises(InvalidConfig, match="other family"):
+        attachment_from_result(result, "net1", "c1", "rail", eth0_facts(1).pod)

@@ -2,12 +2,12 @@
 
 Each cycle runs the whole chain ``[macvlan + host-local, route-tune]`` for net1 of a dual-stack pod
 through the Python libcni mimic: ADD, then DEL. Checked after every cycle: the number of rules,
-routes and configured neighbours in the pod and on the node is back to the pre-ADD count, and after
-every ADD it equals the first ADD's count; no state file survives a DEL. At checkpoints the whole
+routes and configured neighbours in the pod and on the node is back to the pre-ADD count (and after
+every 10th ADD it equals the first ADD's count); no state file survives a DEL. At checkpoints the whole
 state is compared exactly. In resident mode the server's open fds (``/proc/<pid>/fd``) must come
 back to the warmed-up count and its RSS must not keep growing.
 
-CI: 100 cycles resident, 25 in-process (each in-process call pays an interpreter start);
+CI: 100 cycles resident, 20 in-process (each in-process call pays an interpreter start);
 ``--run-slow``: 1,000 cycles in each mode.
 """
 
@@ -49,7 +49,8 @@ def soak(rig, cycles: int) -> None:
     fds = rss = []
     for cycle in range(1, cycles + 1):
         pod.add(1)
-        assert counts(lab) == applied, f"cycle {cycle}: objects after ADD changed"
+        if cycle % 10 == 0:
+            assert counts(lab) == applied, f"cycle {cycle}: objects after ADD changed"
         pod.delete(1)
         assert counts(lab) == idle, f"cycle {cycle}: objects after DEL changed"
         assert rig.state_records() == [], f"cycle {cycle}: a state file survived DEL"
@@ -81,8 +82,8 @@ def settled_fds(server) -> int:
 
 
 def test_soak(make_rig, engine):
-    """100 (resident) / 25 (in-process) ADD/DEL cycles: nothing grows, state identical."""
-    soak(make_rig("dual", rails=1), 100 if engine == "resident" else 25)
+    """100 (resident) / 20 (in-process) ADD/DEL cycles: nothing grows, state identical."""
+    soak(make_rig("dual", rails=1), 100 if engine == "resident" else 20)
 
 
 @pytest.mark.slow
