@@ -171,6 +171,27 @@ def test_cni_args_never_raises(text):
     assert all(key and "=" not in key for key, _ in args.pairs)
 
 
+def test_env_records_are_immutable_values():
+    # CniArgs/CniEnv/NodeDefaults are plain records (no dataclasses import on light paths) that
+    # keep the dataclass(frozen=True) behaviour: value equality, hash, repr, no assignment.
+    import copy
+    import pickle
+
+    from cniplugin._env import CniArgs, CniEnv, NodeDefaults
+    args = parse_cni_args("A=b;x")
+    assert args == CniArgs(pairs=(("A", "b"),), invalid=("x",)) and hash(args) == hash(
+        CniArgs((("A", "b"),), ("x",)))
+    assert repr(args) == "CniArgs(pairs=(('A', 'b'),), invalid=('x',))"
+    env = CniEnv("DEL", netns="/n", args=args)
+    assert (env.container_id, env.path, CniEnv("DEL").args) == ("", "", CniArgs())
+    assert copy.deepcopy(env) == env == pickle.loads(pickle.dumps(env)) != CniEnv("ADD")
+    with pytest.raises(AttributeError):
+        env.netns = "/other"
+    assert NodeDefaults("p").values == {} and NodeDefaults("p").values is not NodeDefaults("p").values
+    with pytest.raises(TypeError):
+        CniEnv()
+
+
 # ---------------------------------------------------------------- parse_env (in-process)
 
 _ENV_VARS = ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"]

@@ -88,6 +88,32 @@ def test_del_with_gone_netns_and_no_state_is_light(tmp_path):
     assert_light(proc)
 
 
+#: Imported by nothing on the light paths: ``dataclasses`` pulls in inspect/ast/dis/tokenize and
+#: ``typing`` is as big; together they cost more than the rest of a light command.
+LIGHT_PATH_STDLIB = ("dataclasses", "typing", "inspect")
+
+
+def test_light_paths_skip_dataclasses_and_typing(tmp_path):
+    config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disabled"}
+    for proc in (run_plugin({"CNI_COMMAND": "VERSION", **TRACE}, b""),
+                 run_plugin(_del_gone_netns_env(tmp_path), config)):
+        assert proc.returncode == 0
+        assert not imported_modules(proc) & set(LIGHT_PATH_STDLIB)
+
+
+def test_add_skips_pydantic_plugin_discovery(tmp_path):
+    # pydantic's plugin loader imports importlib.metadata and scans every installed
+    # distribution; route-tune's models are built without it (cniplugin/_pydantic.py).
+    env = {**_del_gone_netns_env(tmp_path), "CNI_COMMAND": "ADD"}
+    config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disabled",
+              "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}}
+    proc = run_plugin(env, config)
+    assert proc.returncode == 0, proc.stdout
+    modules = imported_modules(proc)
+    assert "pydantic" in modules
+    assert "importlib.metadata" not in modules
+
+
 def test_bin_route_tune_runs_from_the_checkout():
     proc = run_plugin({"CNI_COMMAND": "VERSION"}, b"", executable=REPO / "bin" / "route-tune")
     assert proc.returncode == 0
