@@ -82,8 +82,9 @@ def connectivity(lab: OverlayLab) -> tuple[list[str], bool]:
 def run_demo(args: argparse.Namespace) -> int:
     prefix = f"rtdemo{os.getpid() % 100000}"
     keys = {"detectGateway": True, "detectIPConflict": True} if args.detect else {}
+    checks = "gateway + IP-conflict checks on" if args.detect else "no gateway/conflict checks"
     print(f"route-tune demo: {args.rails}-rail pod ({FAMILY_NAME[args.family]}), "
-          f"chains [macvlan -> {args.chained}] through libcni 1.1.2 (Debian)")
+          f"chains [macvlan -> {args.chained}] through libcni 1.1.2 (Debian), {checks}")
     runner = build_cnirunner()
     lab = OverlayLab(prefix, rails=args.rails, family=args.family)
     lab.__enter__()
@@ -133,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cni-route-tune demo", description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=("4", "6", "dual"), default="4")
     parser.add_argument("--rails", type=int, default=8, help=argparse.SUPPRESS)
-    parser.add_argument("--detect", action="store_true", help="also set detectGateway/detectIPConflict")
+    parser.add_argument("--no-detect", dest="detect", action="store_false",
+                        help="turn off detectGateway/detectIPConflict (on by default)")
+    parser.add_argument("--detect", dest="detect", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--chained", default="route-tune", help=argparse.SUPPRESS)  # e.g. sbr, to test the lab
     parser.add_argument("--keep", action="store_true", help="leave the pod set up (no DEL, no teardown)")
     args = parser.parse_args(argv)
