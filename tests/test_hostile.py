@@ -92,11 +92,8 @@ def _named() -> list:
             "resident": "defect: the shim sends any nsfs fd; the server refuses a non-net "
                         "namespace fd as a malformed request (code 5, also for DEL) instead of "
                         "letting the engine treat the path as in-process does (ADD 3, DEL 0)"}),
-        *[Case(f"netns path {name}", 3, env={"CNI_NETNS": path}, xfail=dict.fromkeys(ENGINES, (
-            "defect: _engine._pod_fd turns only ENOENT/ENOTDIR into code 3; other errors "
-            "opening CNI_NETNS (ELOOP, ENAMETOOLONG, EACCES) escape as code 999")))
-          for name, path in (("too long", "/" + "n" * 5000),
-                             ("symlink loop", lambda t: str(t.loop)))],
+        Case("netns path too long", 3, env={"CNI_NETNS": "/" + "n" * 5000}),
+        Case("netns path a symlink loop", 3, env={"CNI_NETNS": lambda t: str(t.loop)}),
         Case("defaults is a directory", 7, env={"ROUTE_TUNE_DEFAULTS": "/tmp"}),
         # stdin
         Case("stdin empty", 6, stdin=b""),
@@ -162,18 +159,14 @@ def _named() -> list:
         Case("claims node loopback", 107, prev=with_ip("127.0.0.1/8")),
         Case("CHECK with node-only key", 7, keys={"stateDir": "/tmp/rtR-x"}, command="CHECK"),
     ]
-    params = [pytest.param(c, id=c.name) for c in cases]  # per-engine xfails: see test_named_case
-    # Known defects (see the report of issue 8): prevResult addresses are not validated.
-    unvalidated = ("prevResult addresses are not validated as unicast addresses of net1: the "
-                   "engine installs (or tries, then rolls back with code 103) rules and node "
-                   "routes for them instead of refusing with code 7 before any change")
-    for c in (Case("address unspecified 0.0.0.0/0", 7, prev=with_ip("0.0.0.0/0")),
+    # Addresses that are not unicast addresses of net1, or a gateway of the other family.
+    cases += [Case("address unspecified 0.0.0.0/0", 7, prev=with_ip("0.0.0.0/0")),
               Case("address multicast", 7, prev=with_ip("224.0.0.5/24")),
               Case("address broadcast", 7, prev=with_ip("255.255.255.255/32")),
               Case("address is eth0's, not net1's", 7, prev=with_ip("10.233.119.164/24")),
               Case("address not on net1", 7, prev=with_ip("172.16.99.10/24")),
-              Case("gateway of the other family", 7, prev=with_ip("172.16.11.10/24", "fd00:16:11::254"))):
-        params.append(pytest.param(c, id=c.name, marks=pytest.mark.xfail(strict=True, reason=unvalidated)))
+              Case("gateway of the other family", 7, prev=with_ip("172.16.11.10/24", "fd00:16:11::254"))]
+    params = [pytest.param(c, id=c.name) for c in cases]  # per-engine xfails: see test_named_case
     return params
 
 

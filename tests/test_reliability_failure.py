@@ -55,10 +55,6 @@ def test_identical_foreign_rule_is_left_alone(make_rig):
     converge_and_clean(rig, {1: prev}, before)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: route-tune `route replace`s a foreign route holding its exact key (node "
-    "hostRuleTable or pod tables) and DEL then deletes it; it must refuse (code 103) or "
-    "record and restore the foreign route"))
 def test_foreign_route_on_the_node_key_is_not_clobbered(make_rig):
     """A foreign route already holds the exact node key route-tune needs (``172.16.11.10/32`` in
     table 500). route-tune must not overwrite it: ADD fails with code 103 and changes nothing."""

@@ -20,9 +20,12 @@ from reliability_fixtures import *  # noqa: F401,F403
 
 pytestmark = [pytest.mark.netns]
 WARM_UP = 5
-#: RSS may settle (allocator arenas, caches) but not keep growing: the growth over the second
-#: half of the run must stay under this, and the total under twice it.
-RSS_SLACK_KIB = 2048
+#: RSS settles (allocator arenas, caches: about 700 KiB over the first ~700 requests here, flat
+#: after) but must not keep growing: the last quarter of the run may add at most
+#: ``RSS_TAIL_KIB`` (a leak of 1 KiB per cycle fails the 1,000-cycle run) and the whole run at
+#: most ``RSS_TOTAL_KIB``.
+RSS_TAIL_KIB = 256
+RSS_TOTAL_KIB = 2048
 
 
 def counts(lab) -> tuple:
@@ -46,7 +49,8 @@ def soak(rig, cycles: int) -> None:
     reference = rig.snapshot()
     pod.delete(1)
     server = rig.server
-    fds = rss = []
+    fds: list[int] = []
+    rss: list[int] = []
     for cycle in range(1, cycles + 1):
         pod.add(1)
         if cycle % 10 == 0:
@@ -54,7 +58,7 @@ def soak(rig, cycles: int) -> None:
         pod.delete(1)
         assert counts(lab) == idle, f"cycle {cycle}: objects after DEL changed"
         assert rig.state_records() == [], f"cycle {cycle}: a state file survived DEL"
-        if cycle in (WARM_UP, cycles // 2, cycles):
+        if cycle in (WARM_UP, cycles // 2, 3 * cycles // 4, cycles):
             rig.assert_unchanged(before, f"cycle {cycle}")
             if server is not None:
                 fds, rss = fds + [settled_fds(server)], rss + [server.rss_kib()]
@@ -62,10 +66,9 @@ def soak(rig, cycles: int) -> None:
     assert owned(rig.snapshot()) == owned(reference), "route-tune's objects after the soak differ"
     pod.delete(1)
     if server is not None:
-        warm, mid, end = fds
-        assert end <= warm, f"server fds grew: {fds} (after warm-up, half-way, end)"
-        assert rss[2] - rss[1] <= RSS_SLACK_KIB and rss[2] - rss[0] <= 2 * RSS_SLACK_KIB, \
-            f"server RSS kept growing: {rss} KiB (after warm-up, half-way, end)"
+        assert fds[-1] <= fds[0], f"server fds grew: {fds} (after warm-up, 1/2, 3/4, end)"
+        assert rss[-1] - rss[-2] <= RSS_TAIL_KIB and rss[-1] - rss[0] <= RSS_TOTAL_KIB, \
+            f"server RSS kept growing: {rss} KiB (after warm-up, 1/2, 3/4, end)"
 
 
 def owned(snapshot: dict) -> dict:
