@@ -204,7 +204,7 @@ class Netlink:
         family = 6 if ":" in dst else 4
         body = [_rtnl.rtmsg(_AF[family], dst_len=_FULL[family],
                             src_len=_FULL[family] if src else 0,
-                            flags=_rtnl.RTM_F_LOOKUP_TABLE),
+                            flags=_lookup_flags(family)),
                 _rtnl.attr(_rtnl.RTA_DST, _rtnl.ip_bytes(dst))]
         if src:
             body.append(_rtnl.attr(_rtnl.RTA_SRC, _rtnl.ip_bytes(src)))
@@ -228,7 +228,7 @@ class Netlink:
         however large the main table is)."""
         dst = _PROBE_DST[family]
         body = (_rtnl.rtmsg(_AF[family], dst_len=_FULL[family],
-                            flags=_rtnl.RTM_F_LOOKUP_TABLE | _RTM_F_FIB_MATCH)
+                            flags=_lookup_flags(family) | _RTM_F_FIB_MATCH)
                 + _rtnl.attr(_rtnl.RTA_DST, _rtnl.ip_bytes(dst)))
         try:
             msg = self.sock.get(_rtnl.RTM_GETROUTE, body)
@@ -561,3 +561,13 @@ from ._gather import (_owned_rule, gather_node, gather_pod, owned_node_objects, 
 
 __all__ = ["Netlink", "RouteGet", "session", "open_session", "gather_pod", "gather_node",
            "verified_peer", "owned_node_objects", "owned_pod_objects"]
+
+
+def _lookup_flags(family: int) -> int:
+    """RTM_GETROUTE flags for "report the table the rules selected".
+
+    IPv4 needs RTM_F_LOOKUP_TABLE for that (else it reports main). IPv6 always reports the real
+    table, and its strict request check (NETLINK_GET_STRICT_CHK) refuses any flag but
+    RTM_F_FIB_MATCH with EINVAL.
+    """
+    return _rtnl.RTM_F_LOOKUP_TABLE if family == 4 else 0
