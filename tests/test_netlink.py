@@ -22,9 +22,11 @@ def policy_netns():
             "addr add 10.9.0.1/32 dev lo", "addr add fd00:9::1/128 dev lo nodad",
             "route add default dev lo table 100", "route add ::/0 dev lo table 100",
             "rule add from 10.9.0.1 lookup 100 pref 100",
-            "rule add from fd00:9::1 lookup 100 pref 100",
         ]) + "\n"
         subprocess.run(["ip", "-n", NS, "-batch", "-"], input=batch, text=True, check=True)
+        # `ip rule` takes the family from -6, not from the address (batch mode has no -6).
+        subprocess.run(["ip", "-n", NS, "-6", "rule", "add", "from", "fd00:9::1", "lookup", "100",
+                        "pref", "100"], check=True)
         yield f"/run/netns/{NS}"
     finally:
         subprocess.run(["ip", "netns", "del", NS], check=False)
