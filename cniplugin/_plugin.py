@@ -50,6 +50,8 @@ def main() -> None:
     # objects again and again (about 4% of an in-process ADD). Exit frees everything anyway.
     import gc
     gc.disable()
+    from ._pydantic_setup import disable_plugin_discovery
+    disable_plugin_discovery()
     from . import _protocol
     _emit(_protocol.run(environ, stdin, via="in-process" if command in _READS_STDIN else ""))
 

@@ -1,43 +1,19 @@
 """The one door to pydantic for route-tune's models (``_wire``, ``_config``).
 
-Importing pydantic through here switches off pydantic's plugin discovery first. pydantic looks
-for plugins when it builds the first model validator: ``pydantic.plugin._loader`` imports
-``importlib.metadata`` (email, zipfile, csv, pathlib ...) and then reads the metadata of every
-installed distribution: about 50 ms of CPU on the 2-core VM, paid once per pod interface by
-the in-process plugin. route-tune ships and wants no pydantic plugins, so a stand-in loader
-answers "no plugins" (as ``PYDANTIC_DISABLE_PLUGINS=__all__`` would, minus the import). Any
-other name a future pydantic asks the loader for is served by the real module, loaded on demand.
+pydantic looks for plugins when it builds the first model validator: ``pydantic.plugin._loader``
+imports ``importlib.metadata`` (email, zipfile, csv, pathlib ...) and then reads the metadata of
+every installed distribution: about 50 ms of CPU on the 2-core VM, paid once per pod interface
+by the in-process plugin. route-tune ships and wants no pydantic plugins, so the processes that
+route-tune owns (the plugin executable, the resident engine) call
+``_pydantic_setup.disable_plugin_discovery()`` before pydantic is imported. A program that merely
+imports ``cniplugin`` as a library keeps pydantic exactly as it is.
 
 ``Before`` and ``Dump`` are lighter spellings of ``BeforeValidator`` and ``PlainSerializer``.
 """
 
 from __future__ import annotations
 
-import sys
-
-_LOADER = "pydantic.plugin._loader"
-
-
-def _no_plugins() -> tuple:
-    return ()
-
-
-def _real_loader_attribute(name: str):
-    # Only reached if pydantic wants more than get_plugins: hand over to the real loader.
-    if name.startswith("__"):
-        raise AttributeError(name)
-    import importlib
-    sys.modules.pop(_LOADER, None)
-    return getattr(importlib.import_module(_LOADER), name)
-
-
-if _LOADER not in sys.modules:  # a host process that loaded the real one keeps it
-    _stand_in = type(sys)(_LOADER, "route-tune: pydantic plugin discovery switched off")
-    _stand_in.get_plugins = _no_plugins
-    _stand_in.__getattr__ = _real_loader_attribute
-    sys.modules[_LOADER] = _stand_in
-
-from pydantic import (  # noqa: E402  (after the stand-in, on purpose)
+from pydantic import (  # noqa: E402
     BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
     model_validator)
 from pydantic_core import core_schema  # noqa: E402

@@ -496,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="requests served concurrently (default %(default)s)")
     args = parser.parse_args(argv)
+    from ._pydantic_setup import disable_plugin_discovery
+    disable_plugin_discovery()
     _setup_logging()
     return serve(args.socket or _shim.socket_path(os.environ), threads=args.threads)
 

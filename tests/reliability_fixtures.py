@@ -348,6 +348,56 @@ class Rig:
             self.lab.close()
 
 
+class UnderlayLab(OverlayLab):
+    """The lab's namespaces, but the pod's eth0 is a macvlan on the node's uplink (underlay).
+
+    node ``uplink`` 10.6.0.4/24 (fd00:6::4/64), underlay gateway 10.6.0.1 (fd00:6::1) in the
+    ``infra`` ns; pod eth0 10.6.0.50/24 (fd00:6::50/64) default via that gateway; rails as in
+    the overlay lab. route-tune's first (eth0) ADD in underlay mode creates the veth0 pair and
+    its nftables table, so a crash sweep over it covers those too.
+    """
+
+    UNDERLAY = {"4": ("10.6.0.4/24", "10.6.0.1", "10.6.0.50/24"),
+                "6": ("fd00:6::4/64", "fd00:6::1", "fd00:6::50/64")}
+
+    def _build(self) -> None:
+        ks = range(1, self.rails + 1)
+        ip_batch([f"netns add {n}" for n in self.namespaces])
+        for ns in self.namespaces:
+            self._sysctls(ns, {"net.ipv6.conf.all.accept_dad": 0, "net.ipv6.conf.default.accept_dad": 0,
+                               **({"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1}
+                                  if ns == self.node else {})})
+        node = ["link set lo up", f"link add uplink type veth peer name tonode netns {self.infra}",
+                "link set uplink up", "link add eth0 link uplink type macvlan mode bridge",
+                f"link set eth0 netns {self.pod}"]
+        node += [f"link add rail{k} type veth peer name rail netns {self.gw(k)}" for k in ks]
+        node += [f"link set rail{k} up" for k in ks]
+        pod, infra = ["link set lo up", "link set eth0 up"], ["link set lo up", "link set tonode up"]
+        for fam in self.families:
+            node_ip, gw, pod_ip = self.UNDERLAY[fam]
+            node += [f"addr add {node_ip} dev uplink nodad" if fam == "6" else f"addr add {node_ip} dev uplink"]
+            infra.append(f"addr add {gw}/{node_ip.split('/')[1]} dev tonode" + (" nodad" if fam == "6" else ""))
+            pod += [f"addr add {pod_ip} dev eth0" + (" nodad" if fam == "6" else ""),
+                    f"route add default via {gw} dev eth0"]
+        node += [f"route add default via {self.UNDERLAY[f][1]} dev uplink" for f in self.families]
+        ip_batch(node, self.node)
+        ip_batch(infra, self.infra)
+        ip_batch(pod, self.pod)
+        for k in ks:
+            gw = ["link set lo up", "link set rail up"]
+            for fam in self.families:
+                gw += [f"addr add {self.gw_ip(k, fam)}/{24 if fam == '4' else 64} dev rail"
+                       + (" nodad" if fam == "6" else "")]
+            ip_batch(gw, self.gw(k))
+
+    def eth0_prev(self) -> dict:
+        """The prevResult macvlan + IPAM would hand route-tune for eth0."""
+        ips = [{"address": self.UNDERLAY[f][2], "gateway": self.UNDERLAY[f][1], "interface": 0}
+               for f in self.families]
+        return {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": self.pod_netns}],
+                "ips": ips}
+
+
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest) -> str:
     return request.param
@@ -358,8 +408,8 @@ def make_rig(rtr_session: None, engine: str) -> Iterator[Callable[..., Rig]]:
     """Factory: ``make_rig(family="4", rails=2, **node_defaults)`` -> a ``Rig`` (closed at teardown)."""
     rigs: list[Rig] = []
 
-    def make(family: str = "4", rails: int = 2, **defaults: object) -> Rig:
-        lab = OverlayLab(new_prefix(), rails=rails, family=family).__enter__()
+    def make(family: str = "4", rails: int = 2, lab_class: type = OverlayLab, **defaults: object) -> Rig:
+        lab = lab_class(new_prefix(), rails=rails, family=family).__enter__()
         try:
             rig = Rig(lab, engine, dict(defaults))
         except BaseException:
@@ -499,6 +549,6 @@ def farm(pods: int, rails: int) -> Iterator[Farm]:
         yield f
 
 
-__all__ = ["ENGINES", "Farm", "PREFIX", "Reply", "Resident", "Rig", "assert_cni_error",
+__all__ = ["ENGINES", "Farm", "PREFIX", "Reply", "Resident", "Rig", "UnderlayLab", "assert_cni_error",
            "engine", "farm", "make_rig", "new_prefix", "ns_state", "nft_ruleset", "rtr_session",
            "served_count", "snapshot_diff", "state_files"]

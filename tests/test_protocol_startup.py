@@ -103,7 +103,7 @@ def test_light_paths_skip_dataclasses_and_typing(tmp_path):
 
 def test_add_skips_pydantic_plugin_discovery(tmp_path):
     # pydantic's plugin loader imports importlib.metadata and scans every installed
-    # distribution; route-tune's models are built without it (cniplugin/_pydantic.py).
+    # distribution; route-tune's models are built without it (cniplugin/_pydantic_setup.py, used by the executable).
     env = {**_del_gone_netns_env(tmp_path), "CNI_COMMAND": "ADD"}
     config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disabled",
               "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}}

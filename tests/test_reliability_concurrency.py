@@ -109,31 +109,38 @@ def test_two_adds_on_one_netns_are_serialised(make_rig):
         rig.assert_unchanged(before, "after concurrent ADDs on one netns")
 
 
-def test_two_dels_on_one_netns_remove_the_shared_objects(make_rig, request):
+def test_two_dels_on_one_netns_remove_the_shared_objects(make_rig):
     """net1 and net2 of one pod are DELed at once. The test holds the pod's and the node's locks
     (flocks on their netns inodes, exactly as the engine takes them) so that both DELs queue on
-    the pod lock; it releases the pod lock, waits until both have done their pod side and wait for
-    the node lock, then releases that. The DEL that runs second must know the first one is gone
-    and remove the pod's shared objects (table 100, eth0 rule, main routes, neighbours)."""
+    the pod lock; it releases the pod lock and waits until the first DEL has done its pod side and
+    waits for the node lock (and the second has either done its pod side too, or waits behind the
+    first), then releases the node lock. The DEL that runs second must know the first one is gone
+    and remove the pod's shared objects (table 100, eth0 rule, main routes, neighbours).
+    (This caught a DEL that removed its state record after releasing the locks.)"""
     rig = make_rig("dual", rails=2)
     inprocess = rig.engine == "inprocess"
-    if inprocess:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "defect: cmd_del removes the state record only after releasing the pod and node "
-            "locks; a sibling DEL that takes the pod lock meanwhile still counts it and keeps "
-            "the shared objects, which then stay behind with no record")))
     lab = rig.lab
     bare = rig.bare()
     prevs = {k: bare.add(k) for k in (1, 2)}
     before = rig.snapshot()
     for k in (1, 2):
         assert rig.rt("ADD", k, prevs[k]).code == 0
-    with flock_held(f"/run/netns/{lab.node}") as node_waiters:
-        with flock_held(f"/run/netns/{lab.pod}") as pod_waiters:
+    pod_path, node_path = f"/run/netns/{lab.pod}", f"/run/netns/{lab.node}"
+    with flock_held(node_path):
+        with flock_held(pod_path):
             procs = start(rig, [("DEL", 1), ("DEL", 2)], prevs)
-            # resident: the server queues requests of one netns itself, so one waits here
-            pod_waiters(2 if inprocess else 1)
-        node_waiters(2 if inprocess else 1)
+            # resident: the server itself queues requests of one netns, so one waits here
+            wait_until(lambda: len(locks_on(pod_path)[1]) == (2 if inprocess else 1))
+
+        def both_past_the_pod_side_or_queued() -> bool:
+            pod_holders = locks_on(pod_path)[0]
+            node_waiters = locks_on(node_path)[1]
+            if not inprocess:
+                return len(node_waiters) == 1
+            # both DELs wait for the node, or the first waits for it holding the pod lock
+            return len(node_waiters) == 2 or (len(node_waiters) == 1 and node_waiters <= pod_holders)
+
+        wait_until(both_past_the_pod_side_or_queued)
     replies = finish(procs)
     assert all(r.code == 0 for r in replies), "\n".join(map(str, replies))
     rig.assert_unchanged(before, "after two DELs that queued on the pod lock")
@@ -232,23 +239,33 @@ def simultaneously(rig, calls: list[tuple[str, int]], prevs: dict) -> list[Reply
 
 @contextlib.contextmanager
 def flock_held(path: str):
-    """Hold an exclusive flock on ``path``'s inode; yields ``waiters(n)``, which returns once
-    ``n`` other lockers are blocked on that inode (read from /proc/locks)."""
+    """Hold an exclusive flock on ``path``'s inode for the body."""
     fd = os.open(path, os.O_RDONLY)
-    st = os.fstat(fd)
-    tag = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     fcntl.flock(fd, fcntl.LOCK_EX)
-
-    def waiters(n: int) -> None:
-        while sum(1 for line in Path("/proc/locks").read_text().splitlines()
-                  if "->" in line and tag in line) < n:
-            time.sleep(0.01)
-
     try:
-        yield waiters
+        yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def locks_on(path: str) -> tuple[set[int], set[int]]:
+    """(pids holding, pids waiting for) a flock on ``path``'s inode, from /proc/locks."""
+    st = os.stat(path)
+    tag = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders, waiters = set(), set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        waiting = fields[1] == "->"
+        fields = fields[2:] if waiting else fields[1:]
+        if fields[0] == "FLOCK" and fields[4] == tag:
+            (waiters if waiting else holders).add(int(fields[3]))
+    return holders, waiters
+
+
+def wait_until(condition) -> None:
+    while not condition():
+        time.sleep(0.01)
 
 
 def rail_tables(lab) -> dict[str, int]:

@@ -13,7 +13,9 @@ rollback must leave nothing, before any DEL). In resident mode a kill kills the 
 of points are swept by starting the server with the fault variables, letting it die mid-ADD (the
 shim answers code 11), restarting it over the stale socket, and running DEL / ADD / DEL through
 the new server. Every point with SIGKILL and ``raise`` in resident mode, the dual-stack pod, the
-second rail (shared objects already present) and kills during DEL run with ``--run-slow``.
+second rail (shared objects already present), the underlay eth0 in every variant and kills
+during DEL run with ``--run-slow``. CI sweeps every point of two ADDs with SIGKILL: overlay net1
+and underlay eth0 (which creates the veth0 pair and the nftables table).
 
 What "exactly before" means: the whole pod and node state (rules both families, every table,
 links, configured neighbours, sysctls, nft ruleset) and every file under the state dir.
@@ -21,12 +23,13 @@ links, configured neighbours, sysctls, nft ruleset) and every file under the sta
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 import pytest
 
 from reliability_fixtures import *  # noqa: F401,F403
-from reliability_fixtures import Resident
+from reliability_fixtures import Resident, UnderlayLab
 
 pytestmark = [pytest.mark.netns]
 KILL = {"ROUTE_TUNE_FAULT_ACTION": "kill"}
@@ -38,24 +41,18 @@ def ok(reply) -> None:
 
 
 class Sweep:
-    """A 2-rail pod (interfaces attached, route-tune not yet) and the states around rail k's ADD."""
+    """One attachment's ADD and the states around it: ``pre`` (before ADD), ``post`` (after a
+    clean ADD) and the fault ``points`` a clean ADD passes. ``call(command, extra_env)`` runs
+    route-tune for that attachment."""
 
-    def __init__(self, rig, k: int, recover_env: dict | None = None) -> None:
-        self.rig, self.k = rig, k
+    def __init__(self, rig, call, recover_env: dict | None = None) -> None:
+        self.rig, self.call = rig, call
         self.recover_env = recover_env or {}
-        bare = rig.bare()
-        self.prevs = {j: bare.add(j) for j in range(1, rig.lab.rails + 1)}
-        for j in range(1, k):  # the rails before k are configured: their shared objects exist
-            ok(rig.rt("ADD", j, self.prevs[j]))
         self.pre = rig.snapshot()
         self.points = self.count("ADD")
         self.post = rig.snapshot()
-        ok(rig.rt("DEL", k, self.prev))
+        ok(call("DEL", {}))
         rig.assert_unchanged(self.pre, "after a clean ADD + DEL")
-
-    @property
-    def prev(self) -> dict:
-        return self.prevs[self.k]
 
     def count(self, command: str) -> list[str]:
         """Run ``command`` cleanly with ``ROUTE_TUNE_FAULT_LOG`` in the REQUEST's environment; the
@@ -63,7 +60,7 @@ class Sweep:
         read from the server's own environment only), so there the log must not even appear."""
         log = self.rig.lab.tmp / "fault-points.log"
         log.unlink(missing_ok=True)
-        ok(self.rig.rt(command, self.k, self.prev, extra_env={"ROUTE_TUNE_FAULT_LOG": str(log)}))
+        ok(self.call(command, {"ROUTE_TUNE_FAULT_LOG": str(log)}))
         if self.rig.engine == "resident":
             assert not log.exists(), "a request's ROUTE_TUNE_FAULT_LOG reached the resident engine"
             return []
@@ -76,7 +73,26 @@ class Sweep:
 
     def recover(self, command: str):
         """DEL / fresh ADD after a fault (through ``recover_env``'s engine when given)."""
-        return self.rig.rt(command, self.k, self.prev, extra_env=self.recover_env)
+        return self.call(command, self.recover_env)
+
+
+def rail_sweep(rig, k: int, recover_env: dict | None = None) -> Sweep:
+    """Rail k of a 2-rail overlay pod (interfaces attached; the rails before k configured, so
+    their shared objects already exist)."""
+    bare = rig.bare()
+    prevs = {j: bare.add(j) for j in range(1, rig.lab.rails + 1)}
+    for j in range(1, k):
+        ok(rig.rt("ADD", j, prevs[j]))
+    return Sweep(rig, lambda command, env: rig.rt(command, k, prevs[k], extra_env=env), recover_env)
+
+
+def underlay_sweep(rig, recover_env: dict | None = None) -> Sweep:
+    """eth0 of an underlay pod (``UnderlayLab``): the first ADD creates the veth0 pair (its node
+    end included) and route-tune's nftables table."""
+    conf = {"cniVersion": "1.0.0", "name": "underlay", "type": "route-tune", "mode": "underlay",
+            "prevResult": rig.lab.eth0_prev()}
+    return Sweep(rig, lambda command, env: rig.exec_plugin(rig.env(command, "eth0", extra=env), conf),
+                 recover_env)
 
 
 def kill_sweep(s: Sweep, numbers: list[int]) -> list[str]:
@@ -84,7 +100,7 @@ def kill_sweep(s: Sweep, numbers: list[int]) -> list[str]:
     problems = []
     for n in numbers:
         where = f"kill at point {n} ({s.points[n - 1]})"
-        reply = s.rig.rt("ADD", s.k, s.prev, extra_env={**KILL, "ROUTE_TUNE_FAULT_AT": str(n)})
+        reply = s.call("ADD", {**KILL, "ROUTE_TUNE_FAULT_AT": str(n)})
         assert reply.code == -signal.SIGKILL and reply.stdout == b"", f"{where}: not killed:\n{reply}"
         problems += check_cycle(s, where)
     return problems
@@ -113,12 +129,12 @@ def raise_sweep(s: Sweep) -> list[str]:
     """For each N: ADD fails at point N (raise): the failed ADD alone leaves exactly ``pre``."""
     problems = []
     for n, name in enumerate(s.points, 1):
-        reply = s.rig.rt("ADD", s.k, s.prev, extra_env={**RAISE, "ROUTE_TUNE_FAULT_AT": str(n)})
+        reply = s.call("ADD", {**RAISE, "ROUTE_TUNE_FAULT_AT": str(n)})
         if reply.code != 1 or "injected fault" not in reply.stdout.decode():
             problems.append(f"raise at point {n} ({name}): want an error reply, got:\n{reply}")
         if diff := s.diff(s.pre):
             problems.append(f"raise at point {n} ({name}): rollback left (before any DEL):\n{diff}")
-            ok(s.rig.rt("DEL", s.k, s.prev))
+            ok(s.call("DEL", {}))
     return problems
 
 
@@ -127,51 +143,60 @@ def raise_sweep(s: Sweep) -> list[str]:
 INPROCESS = pytest.mark.parametrize("engine", ["inprocess"], indirect=True)
 
 
-@INPROCESS
-def test_kill_at_every_point_of_the_first_rail(make_rig):
-    """SIGKILL of the plugin process at every fault point of net1's ADD (IPv4; it creates the pod's
-    and the node's shared objects too); after each: DEL == before, fresh ADD == a clean ADD, DEL ==
-    before. To fit CI, the recovery calls go to a resident engine on the same node (``auto`` mode
-    after a server start: the realistic mix); ``--run-slow`` repeats it all in-process."""
-    rig = make_rig("4", rails=2)
+@contextlib.contextmanager
+def helper_engine(rig):
+    """A resident engine next to an in-process rig, for the recovery calls of a kill sweep."""
     helper = Resident(rig.lab.node, rig.penv).start()
     try:
-        s = Sweep(rig, k=1, recover_env={"ROUTE_TUNE_ENGINE": "resident",
-                                         "ROUTE_TUNE_SOCKET": str(helper.sock)})
-        problems = kill_sweep(s, list(range(1, len(s.points) + 1)))
+        yield {"ROUTE_TUNE_ENGINE": "resident", "ROUTE_TUNE_SOCKET": str(helper.sock)}
     finally:
         assert helper.stop() == 0, helper.log()[-2000:]
     assert served_count(rig.penv) > 0
+
+
+def assert_none(problems: list[str]) -> None:
     assert not problems, "\n\n".join(problems)
 
 
-@pytest.mark.slow
 @INPROCESS
-def test_kill_at_every_point_of_the_first_rail_all_inprocess(make_rig):
-    """The same sweep with every call in-process."""
-    s = Sweep(make_rig("4", rails=2), k=1)
-    problems = kill_sweep(s, list(range(1, len(s.points) + 1)))
-    assert not problems, "\n\n".join(problems)
+@pytest.mark.parametrize("shape", ["overlay net1", "underlay eth0"])
+def test_kill_at_every_point_of_add(make_rig, shape):
+    """SIGKILL of the plugin process at every fault point of one ADD; after each: DEL == before,
+    fresh ADD == a clean ADD, DEL == before. Overlay: net1 of a 2-rail IPv4 pod (it creates the
+    pod's and the node's shared objects too). Underlay: eth0, whose ADD creates the veth0 pair
+    and route-tune's nftables table. To fit CI, the recovery calls go to a resident engine on
+    the same node (the realistic ``auto`` mix); ``--run-slow`` repeats it all in-process."""
+    if shape.startswith("overlay"):
+        rig = make_rig("4", rails=2)
+        sweep = lambda env: rail_sweep(rig, 1, env)  # noqa: E731
+    else:
+        rig = make_rig("4", rails=1, lab_class=UnderlayLab)
+        sweep = lambda env: underlay_sweep(rig, env)  # noqa: E731
+    with helper_engine(rig) as recover_env:
+        s = sweep(recover_env)
+        problems = kill_sweep(s, list(range(1, len(s.points) + 1)))
+    assert_none(problems)
 
 
 @INPROCESS
 def test_failure_at_every_point_rolls_back(make_rig):
     """ADD fails (raise) at every fault point of net1's ADD: its own rollback restores the exact
     pre-ADD state, before any DEL."""
-    s = Sweep(make_rig("4", rails=2), k=1)
-    problems = raise_sweep(s)
-    assert not problems, "\n\n".join(problems)
+    assert_none(raise_sweep(rail_sweep(make_rig("4", rails=2), 1)))
 
 
 @pytest.mark.slow
 @INPROCESS
-@pytest.mark.parametrize("family,k", [("4", 2), ("dual", 1), ("dual", 2)])
+@pytest.mark.parametrize("family,k", [("4", 1), ("4", 2), ("dual", 1), ("dual", 2), ("dual", 0)])
 def test_kill_sweep_more_shapes(make_rig, family, k):
-    """The kill sweep for the second rail (shared objects already there: DEL must keep them) and
-    for a dual-stack pod; plus the raise sweep of the same ADD."""
-    s = Sweep(make_rig(family, rails=2), k=k)
-    problems = kill_sweep(s, list(range(1, len(s.points) + 1))) + raise_sweep(s)
-    assert not problems, "\n\n".join(problems)
+    """Every call in-process: net1 (IPv4), the second rail (shared objects already there: DEL
+    must keep them), dual-stack rails, and dual-stack underlay eth0 (k=0); each with the kill
+    and the raise sweep."""
+    if k == 0:
+        s = underlay_sweep(make_rig(family, rails=1, lab_class=UnderlayLab))
+    else:
+        s = rail_sweep(make_rig(family, rails=2), k)
+    assert_none(kill_sweep(s, list(range(1, len(s.points) + 1))) + raise_sweep(s))
 
 
 @pytest.mark.slow
@@ -179,20 +204,20 @@ def test_kill_sweep_more_shapes(make_rig, family, k):
 def test_kill_at_every_point_of_del(make_rig):
     """SIGKILL at every fault point of DEL: a retried DEL finishes, the state is as before ADD,
     and ADD works again."""
-    s = Sweep(make_rig("dual", rails=2), k=1)
-    ok(s.rig.rt("ADD", s.k, s.prev))
+    s = rail_sweep(make_rig("dual", rails=2), 1)
+    ok(s.call("ADD", {}))
     del_points = s.count("DEL")
     problems = []
     for n in range(1, len(del_points) + 1):
-        ok(s.rig.rt("ADD", s.k, s.prev))
-        reply = s.rig.rt("DEL", s.k, s.prev, extra_env={**KILL, "ROUTE_TUNE_FAULT_AT": str(n)})
+        ok(s.call("ADD", {}))
+        reply = s.call("DEL", {**KILL, "ROUTE_TUNE_FAULT_AT": str(n)})
         assert reply.code == -signal.SIGKILL, f"DEL point {n}: not killed:\n{reply}"
-        reply = s.rig.rt("DEL", s.k, s.prev)
+        reply = s.call("DEL", {})
         if reply.code != 0:
             problems.append(f"DEL killed at {n} ({del_points[n - 1]}): retried DEL failed:\n{reply}")
         elif diff := s.diff(s.pre):
             problems.append(f"DEL killed at {n} ({del_points[n - 1]}): retried DEL left:\n{diff}")
-    assert not problems, "\n\n".join(problems)
+    assert_none(problems)
 
 
 # ---------------------------------------------------------------------------- resident
@@ -200,38 +225,32 @@ def test_kill_at_every_point_of_del(make_rig):
 RESIDENT = pytest.mark.parametrize("engine", ["resident"], indirect=True)
 
 
-def faulty_server(rig, env: dict[str, str]) -> Resident:
-    """Replace the rig's server by one whose OWN environment carries the fault variables."""
+def replace_server(rig, env: dict[str, str] | None = None) -> Resident:
+    """Replace the rig's server by a new one (its OWN environment carrying ``env``)."""
     rig.server.stop()
     rig.server = Resident(rig.lab.node, rig.penv, extra_env=env).start()
     return rig.server
 
 
-def healthy_server(rig) -> None:
-    rig.server.stop()
-    rig.server = Resident(rig.lab.node, rig.penv).start()
-
-
-def resident_points(rig, s_k: int, prev: dict) -> list[str]:
-    log = rig.lab.tmp / "fault-points.log"
+def resident_points(s: Sweep) -> list[str]:
+    """The ADD's fault points, logged by a server started with ``ROUTE_TUNE_FAULT_LOG``."""
+    log = s.rig.lab.tmp / "fault-points.log"
     log.unlink(missing_ok=True)
-    faulty_server(rig, {"ROUTE_TUNE_FAULT_LOG": str(log)})
-    ok(rig.rt("ADD", s_k, prev))
-    ok(rig.rt("DEL", s_k, prev))
-    healthy_server(rig)
+    replace_server(s.rig, {"ROUTE_TUNE_FAULT_LOG": str(log)})
+    ok(s.call("ADD", {}))
+    ok(s.call("DEL", {}))
+    replace_server(s.rig)
     return [p for p in log.read_text().splitlines() if not p.startswith("del:")]
 
 
-def server_kill_sweep(rig, s: Sweep, numbers: list[int]) -> list[str]:
+def server_kill_sweep(s: Sweep, numbers: list[int]) -> list[str]:
     problems = []
     for n in numbers:
         where = f"server killed at point {n} ({s.points[n - 1]})"
-        server = faulty_server(rig, {**KILL, "ROUTE_TUNE_FAULT_AT": str(n)})
-        reply = rig.rt("ADD", s.k, s.prev)
-        assert_cni_error(reply, 11)  # the shim: the engine took the request and died
-        server.proc.wait()
-        assert server.proc.returncode == -signal.SIGKILL, f"{where}: {server.log()[-2000:]}"
-        healthy_server(rig)  # over the stale socket the dead server left behind
+        server = replace_server(s.rig, {**KILL, "ROUTE_TUNE_FAULT_AT": str(n)})
+        assert_cni_error(s.call("ADD", {}), 11)  # the shim: the engine took the request and died
+        assert server.proc.wait() == -signal.SIGKILL, f"{where}: {server.log()[-2000:]}"
+        replace_server(s.rig)  # over the stale socket the dead server left behind
         problems += check_cycle(s, where)
     return problems
 
@@ -241,30 +260,31 @@ def test_server_killed_mid_add_then_del_cleans(make_rig):
     """The resident server is SIGKILLed at the first kernel change, in the middle, at the first
     node change and after the state is marked applied; the shim answers code 11, a restarted
     server takes over the stale socket, DEL == before, fresh ADD converges, DEL == before."""
-    rig = make_rig("4", rails=2)
-    s = Sweep(rig, k=1)
-    s.points = names = resident_points(rig, 1, s.prev)
+    s = rail_sweep(make_rig("4", rails=2), 1)
+    s.points = names = resident_points(s)
     first_pod = next(i for i, p in enumerate(names, 1) if p.startswith("pod:"))
     first_node = next(i for i, p in enumerate(names, 1) if p.startswith("node:"))
     numbers = sorted({first_pod, (first_pod + first_node) // 2, first_node, len(names)})
-    problems = server_kill_sweep(rig, s, numbers)
-    assert not problems, "\n\n".join(problems)
+    assert_none(server_kill_sweep(s, numbers))
 
 
 @pytest.mark.slow
 @RESIDENT
-def test_server_killed_or_failing_at_every_point(make_rig):
+@pytest.mark.parametrize("shape", ["overlay net1", "underlay eth0"])
+def test_server_killed_or_failing_at_every_point(make_rig, shape):
     """Every point, resident: the server SIGKILLed (then restarted) and the server raising."""
-    rig = make_rig("4", rails=2)
-    s = Sweep(rig, k=1)
-    s.points = resident_points(rig, 1, s.prev)
-    problems = server_kill_sweep(rig, s, list(range(1, len(s.points) + 1)))
+    if shape.startswith("overlay"):
+        s = rail_sweep(make_rig("4", rails=2), 1)
+    else:
+        s = underlay_sweep(make_rig("4", rails=1, lab_class=UnderlayLab))
+    s.points = resident_points(s)
+    problems = server_kill_sweep(s, list(range(1, len(s.points) + 1)))
     for n, name in enumerate(s.points, 1):
-        faulty_server(rig, {**RAISE, "ROUTE_TUNE_FAULT_AT": str(n)})
-        reply = rig.rt("ADD", s.k, s.prev)
+        replace_server(s.rig, {**RAISE, "ROUTE_TUNE_FAULT_AT": str(n)})
+        reply = s.call("ADD", {})
         if reply.code != 1 or "injected fault" not in reply.stdout.decode():
             problems.append(f"raise at {n} ({name}): want an error reply, got:\n{reply}")
         if diff := s.diff(s.pre):
             problems.append(f"raise at {n} ({name}): rollback left:\n{diff}")
-    healthy_server(rig)
-    assert not problems, "\n\n".join(problems)
+    replace_server(s.rig)
+    assert_none(problems)
