@@ -282,7 +282,11 @@ def _log_options(req: Request):
     file log works from the first step, also for the light DEL path and for 999s."""
     from ._logging import DEFAULT_LOG_DIR, resolve_log_options
     defaults = req.node_defaults.values
-    merged = {**(defaults.get("logOptions") or {}), **(req.raw.get("logOptions") or {})}
+    options = req.raw.get("logOptions") or {}
+    if not isinstance(options, dict):
+        raise InvalidConfig(f"key `logOptions`: value `{options}` is not valid; expected an "
+                            "object such as {\"logLevel\": \"info\"}")
+    merged = {**(defaults.get("logOptions") or {}), **options}
     return resolve_log_options(merged, defaults.get("logDir", DEFAULT_LOG_DIR))
 
 

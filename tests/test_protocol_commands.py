@@ -184,3 +184,11 @@ def test_unexpected_exception_is_999_with_traceback_only_in_the_log(env, monkeyp
              .splitlines()]
     assert lines[-1]["level"] == "error" and "ZeroDivisionError: boom" in lines[-1]["error"]
     assert lines[-1]["containerID"] == "rtA-c1" and lines[-1]["command"] == "ADD"
+
+
+@pytest.mark.parametrize("options", ["x", 3, ["logLevel", "debug"]])
+def test_non_object_log_options_is_code_7(env, options):
+    proc = run_plugin(env, conf(mode="disabled", logOptions=options, prevResult=PREV))
+    reply = json.loads(proc.stdout)
+    assert (proc.returncode, reply["code"]) == (1, 7)
+    assert reply["msg"].startswith("key `logOptions`: value ")
