@@ -85,7 +85,7 @@ def cold(env: dict, stdin: bytes, n: int) -> None:
         spawn([PLUGIN], del_env, stdin)
     bare = [spawn([PY, "-I", "-S", "-c", "pass"], {}, b"")[0] for _ in range(n)]
     site = [spawn([PY, "-c", "pass"], {}, b"")[0] for _ in range(n)]
-    print(f"### in-process ADD (console script `route-tune`, ROUTE_TUNE_ENGINE=inprocess)\n")
+    print("### in-process ADD (console script `route-tune`, ROUTE_TUNE_ENGINE=inprocess)\n")
     print(f"- wall: median {statistics.median(walls):.1f} ms over {n} ADDs (each followed by a DEL); "
           f"bare `python -I -S -c pass` {statistics.median(bare):.1f} ms, `python -c pass` (venv site) "
           f"{statistics.median(site):.1f} ms")

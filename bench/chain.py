@@ -34,13 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -101,15 +98,6 @@ int main(int argc, char **argv, char **envp) {
 """
 
 
-def b36(n: int) -> str:
-    digits, out = "0123456789abcdefghijklmnopqrstuvwxyz", ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if not n:
-            return out
-
-
 # ================================================================================================
 # outer: root namespace side (build / tear down namespaces only)
 
@@ -119,15 +107,12 @@ def burst_pod(prefix: str, i: int) -> tuple[str, str, str]:
     return f"{prefix}-bp{i}", f"cali{prefix}b{i:x}", f"10.233.119.{180 + i}"
 
 
-def cleanup_stale() -> None:
-    """Remove rtK labs left by benchmark runs whose process is gone."""
-    from cniplugin.lab.topology import cleanup, netns_names
-    owner = re.compile(rf"^{TAG}([0-9a-z]+)-")
-    pids = {m[1] for n in netns_names(TAG) if (m := owner.match(n))}
-    pids |= {m[1] for p in Path(tempfile.gettempdir()).glob(f"{TAG}*-lab-*") if (m := owner.match(p.name))}
-    for pid in pids:
-        if not Path(f"/proc/{int(pid, 36)}").exists():
-            cleanup(f"{TAG}{pid}-")
+def lab_names():
+    """This run's lab names (rtK<pid>x<n>); leftovers of dead runs are removed first."""
+    from cniplugin.lab.sessions import LabNames
+    names = LabNames(TAG)
+    names.cleanup_stale()
+    return names
 
 
 def build_burst_pods(lab, prefix: str) -> None:
@@ -156,8 +141,7 @@ def outer(args: argparse.Namespace) -> int:
     from cniplugin.lab.runtime import PluginEnv, build_cnirunner
     from cniplugin.lab.topology import OverlayLab
     runner = build_cnirunner()
-    cleanup_stale()
-    prefix = f"{TAG}{b36(os.getpid())}"
+    prefix = lab_names().next()
     lab = OverlayLab(prefix, rails=8, family="4")
     inner_proc: subprocess.Popen | None = None
 

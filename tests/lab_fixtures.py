@@ -20,59 +20,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import itertools
 import os
-import re
 import shutil
-import tempfile
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import ContextManager
 
+import conftest
 import pytest
 
 from cniplugin.lab.runtime import Libcni, PluginEnv, RailPod, ResidentEngine, build_cnirunner
-from cniplugin.lab.topology import OverlayLab, cleanup, ip_batch, netns_names
+from cniplugin.lab.sessions import LabNames
+from cniplugin.lab.topology import OverlayLab, cleanup
 
 PREFIX = "rtC"
-_counter = itertools.count(1)
-
-
-def _b36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if not n:
-            return out
-
-
-#: This session's lab prefix: rtC<pid base36>x<n>.  Other sessions (other engineers' suites
-#: importing these fixtures) run at the same time, so only labs of dead pids are removed.
-SESSION_PREFIX = f"{PREFIX}{_b36(os.getpid())}x"
-_OWNER = re.compile(rf"^{PREFIX}([0-9a-z]+)x\d+-")
-
-
-def _stale(name: str, path: Path) -> bool:
-    """Owner pid gone AND older than an hour (a session in another pid namespace cannot be
-    seen in /proc, so age is the second guard against deleting a live lab)."""
-    m = _OWNER.match(name)
-    try:
-        old = time.time() - path.stat().st_mtime > 3600
-    except OSError:
-        return False
-    return bool(m) and old and not Path(f"/proc/{int(m[1], 36)}").exists()
-
-
-def cleanup_stale() -> None:
-    """Remove labs (namespaces, temp dirs) left by crashed sessions."""
-    names = [n for n in netns_names(PREFIX) if _stale(n, Path("/run/netns") / n)]
-    ip_batch([f"netns del {n}" for n in names])
-    for leftover in Path(tempfile.gettempdir()).glob(f"{PREFIX}*x*-lab-*"):
-        if _stale(leftover.name.replace("-lab-", "-", 1), leftover):
-            shutil.rmtree(leftover, ignore_errors=True)
+#: This session's lab names: rtC<pid base36>x<n>.  Other sessions (other suites importing these
+#: fixtures) run at the same time, so only labs of dead owners are removed.
+NAMES = LabNames(PREFIX)
+SESSION_PREFIX = NAMES.prefix
 
 
 @contextlib.contextmanager
@@ -84,7 +48,7 @@ def _inprocess(penv: PluginEnv) -> Iterator[None]:
 @contextlib.contextmanager
 def _resident(penv: PluginEnv) -> Iterator[None]:
     """Every plugin process forwards to one `cni-route-tune serve` (no in-process fallback)."""
-    with ResidentEngine(penv.workdir / "engine", f"{SESSION_PREFIX}{next(_counter)}-srv") as engine:
+    with ResidentEngine(penv.workdir / "engine", f"{NAMES.next()}-srv") as engine:
         penv.env.update(engine.env)
         yield
 
@@ -96,18 +60,13 @@ ENGINE_MODES: dict[str, Callable[[PluginEnv], ContextManager[None]]] = {
 
 def require_root() -> None:
     """Skip (or fail under CI) when namespaces cannot be created here."""
-    missing = os.geteuid() != 0 or not shutil.which("ip")
-    if missing:
-        msg = "needs root and iproute2 (network namespaces)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    conftest.require_root("ip")
 
 
 @pytest.fixture(scope="session")
 def _lab_session_cleanup() -> Iterator[None]:
     require_root()
-    cleanup_stale()
+    NAMES.cleanup_stale()
     yield
     cleanup(SESSION_PREFIX)
 
@@ -118,7 +77,7 @@ def overlay_lab(_lab_session_cleanup: None) -> Iterator[Callable[..., OverlayLab
     labs: list[OverlayLab] = []
 
     def make(family: str = "4", rails: int = 8) -> OverlayLab:
-        lab = OverlayLab(f"{SESSION_PREFIX}{next(_counter)}", rails=rails, family=family)
+        lab = OverlayLab(NAMES.next(), rails=rails, family=family)
         labs.append(lab)
         return lab.__enter__()
 

@@ -8,10 +8,8 @@ macvlan/host-local), so these tests need no Go toolchain.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -23,38 +21,16 @@ import pytest
 from cniplugin import _engine, _netns
 from cniplugin._facts import Facts
 from cniplugin.lab.runtime import PluginEnv, PyRuntime, RailPod
-from cniplugin.lab.topology import OverlayLab, ip_batch, netns_names
+from cniplugin.lab.sessions import LabNames
+from cniplugin.lab.topology import OverlayLab, ip_batch
 from conftest import CNI_ROUTE_TUNE, require_root
 
 pytestmark = [pytest.mark.netns]
 
 PREFIX = "rtH"
 CID = "cli-pod-1"
-_counter = itertools.count(1)
-
-
-def _b36(n: int) -> str:
-    digits, out = "0123456789abcdefghijklmnopqrstuvwxyz", ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if not n:
-            return out
-
-
-SESSION = f"{PREFIX}{_b36(os.getpid())}x"
-_OWNER = re.compile(rf"^{PREFIX}([0-9a-z]+)x\d+")
-
-
-def cleanup_stale() -> None:
-    """Remove rtH labs whose owning test process is gone (parallel sessions keep theirs)."""
-    dead = [n for n in netns_names(PREFIX) if (m := _OWNER.match(n))
-            and not Path(f"/proc/{int(m[1], 36)}").exists()]
-    ip_batch([f"netns del {n}" for n in dead])
-    for leftover in Path(tempfile.gettempdir()).glob(f"{PREFIX}*x*-lab-*"):
-        m = _OWNER.match(leftover.name)
-        if m and not Path(f"/proc/{int(m[1], 36)}").exists():
-            shutil.rmtree(leftover, ignore_errors=True)
+NAMES = LabNames(PREFIX)
+SESSION = NAMES.prefix
 
 
 @dataclass
@@ -106,7 +82,7 @@ class CliPod:
 
 
 def make_pod(workdir: Path, family: str, rails: int, add: bool = True) -> CliPod:
-    lab = OverlayLab(f"{SESSION}{next(_counter)}", rails=rails, family=family).__enter__()
+    lab = OverlayLab(NAMES.next(), rails=rails, family=family).__enter__()
     penv = PluginEnv(workdir / lab.prefix, family=family)
     pod = RailPod(lab, penv, PyRuntime(lab.node, penv), container_id=CID)
     if add:
@@ -127,7 +103,7 @@ def _require_lab() -> None:
 def healthy(tmp_path_factory) -> CliPod:
     """A dual-stack pod with three rails, all attached; shared by the read-only tests."""
     _require_lab()
-    cleanup_stale()
+    NAMES.cleanup_stale()
     pod = make_pod(tmp_path_factory.mktemp("cli"), "dual", 3)
     try:
         yield pod
