@@ -329,6 +329,16 @@ def build(raw_config: Mapping, defaults: NodeDefaults) -> PluginConfig:
         config = PluginConfig.model_validate(merged)
     except ValidationError as exc:
         raise _translate(exc, raw_config, defaults) from None
+    node_table = defaults.values.get("hostRuleTable", 500)
+    if config.allowed_host_rule_tables is None and config.host_rule_table != node_table:
+        # A tenant's NetworkAttachmentDefinition may not pick the node's table: the node rule
+        # `from all lookup <hostRuleTable>` precedes main, so naming a table the node uses for
+        # its own policy would send all node traffic through it. Only the node's own table (or
+        # what the node defaults file's allowedHostRuleTables lists) is accepted.
+        raise InvalidConfig(
+            f"key `hostRuleTable`: value `{config.host_rule_table}` is not valid; expected one "
+            f"of the node's allowedHostRuleTables [{node_table}] (a node may allow more tables "
+            f"in its defaults file {defaults.path})")
     if config.host_rp_filter is not None:
         log.warning("key `hostRPFilter` is deprecated and ignored (the node's rp_filter is "
                     "not route-tune's to change)")

@@ -118,6 +118,11 @@ def _gather(req, pod_nl, node_nl, node_fd: int) -> Facts:
                 f"node; underlay mode needs that name for its veth pair")
     else:
         node = _netlink.gather_node(node_nl, eth0_link, eth0_addrs, nsid)
+    if req.prev_result is not None and node.host_peer is not None:
+        attachment = attachment_from_result(req.prev_result, ifname, req.env.container_id,
+                                            _network(req), pod)
+        node = replace(node, claims=_netlink.node_claims(node_nl, attachment.addresses,
+                                                          node.host_peer.name))
     return Facts(pod=pod, node=node)
 
 

@@ -87,6 +87,10 @@ class NodeFacts:
     node_ips: tuple[str, ...] = ()             # ordered; the first of a family = hijack gateway
     local_addrs: frozenset[str] = frozenset()  # every address on the node (for safety checks)
     gateways: frozenset[str] = frozenset()     # gateways of the node's main default routes
+    # The subnets of the node addresses it reaches the pod from (its "own networks"), and the
+    # pod addresses the node already routes to another device with a host route.
+    own_networks: tuple[str, ...] = ()
+    claims: tuple[tuple[str, str], ...] = ()   # (pod address, node device that has it)
 
 
 @dataclass(frozen=True)
@@ -129,5 +133,7 @@ class Facts:
             node_facts = NodeFacts(
                 host_peer=Link(**peer) if peer else None, node_ips=tuple(node.get("node_ips", ())),
                 local_addrs=frozenset(node.get("local_addrs", ())),
-                gateways=frozenset(node.get("gateways", ())))
+                gateways=frozenset(node.get("gateways", ())),
+                own_networks=tuple(node.get("own_networks", ())),
+                claims=tuple(tuple(c) for c in node.get("claims", ())))
         return cls(pod=pod_facts, node=node_facts, warnings=tuple(data.get("warnings", ())))

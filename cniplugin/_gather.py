@@ -91,8 +91,27 @@ def gather_node(nl: Netlink, pod_eth0: Link | None, eth0_addrs: list[str],
     node_ips += [a.address for a in usable if a.address not in node_ips]
     families = {ipaddress.ip_address(ip).version for ip in eth0_addrs} or {4, 6}
     gateways = frozenset(g for fam in sorted(families) for g in nl.default_gateways(fam))
+    first = {}  # family -> the node's first (primary) address, the one it reaches the pod from
+    for ip in node_ips:
+        first.setdefault(ipaddress.ip_address(ip).version, ip)
+    own = tuple(str(ipaddress.ip_interface(a.cidr).network) for a in usable
+                if a.address in first.values() and a.prefixlen < (32 if a.family == 4 else 128))
     return NodeFacts(host_peer=peer, node_ips=tuple(dict.fromkeys(node_ips)),
-                     local_addrs=frozenset(a.address for a in addrs), gateways=gateways)
+                     local_addrs=frozenset(a.address for a in addrs), gateways=gateways,
+                     own_networks=own)
+
+
+def node_claims(nl: Netlink, addresses: list[str], host_peer: str) -> tuple[tuple[str, str], ...]:
+    """The pod addresses the node already sends elsewhere with a host route (/32, /128): the
+    address of another workload on this node. One FIB-match lookup per address."""
+    claims = []
+    for cidr in addresses:
+        ip = str(ipaddress.ip_interface(cidr).ip)
+        match = nl.route_match(ip)
+        if match and match[0] == ipaddress.ip_address(ip).max_prefixlen and match[1] \
+                and match[1] != host_peer:
+            claims.append((ip, match[1]))
+    return tuple(claims)
 
 
 def owned_node_objects(nl: Netlink, host_rule_table: int | None, host_peer: str,

@@ -223,6 +223,20 @@ class Netlink:
                         gateway=msg.ip(_rtnl.RTA_GATEWAY), prefsrc=msg.ip(_rtnl.RTA_PREFSRC),
                         local=msg.fields[7] == _rtnl.RTN_LOCAL)
 
+    def route_match(self, dst: str) -> tuple[int, str] | None:
+        """The route this netns would use for ``dst`` (a FIB-match lookup through the rules):
+        ``(prefix length, device)``, or None when nothing routes it."""
+        family = 6 if ":" in dst else 4
+        body = (_rtnl.rtmsg(_AF[family], dst_len=_FULL[family],
+                            flags=_lookup_flags(family) | _RTM_F_FIB_MATCH)
+                + _rtnl.attr(_rtnl.RTA_DST, _rtnl.ip_bytes(dst)))
+        try:
+            msg = self.sock.get(_rtnl.RTM_GETROUTE, body)
+        except NetlinkError:
+            return None
+        oif = msg.u32(_rtnl.RTA_OIF)
+        return msg.fields[1], self._name_of(oif) if oif else ""
+
     def default_gateways(self, family: int) -> list[str]:
         """Gateways of the default route this netns uses (a FIB-match lookup: one message,
         however large the main table is)."""
@@ -556,10 +570,11 @@ _KNOWN_FRA = frozenset({_rtnl.FRA_SRC, _rtnl.FRA_PRIORITY, _rtnl.FRA_TABLE, _rtn
 
 
 # The fact readers live in _gather; the CLI imports them from here.
-from ._gather import (_owned_rule, gather_node, gather_pod, owned_node_objects,  # noqa: E402
-                      owned_pod_objects, verified_peer)
+from ._gather import (_owned_rule, gather_node, gather_pod, node_claims,  # noqa: E402
+                      owned_node_objects, owned_pod_objects, verified_peer)
 
 __all__ = ["Netlink", "RouteGet", "session", "open_session", "gather_pod", "gather_node",
+           "node_claims",
            "verified_peer", "owned_node_objects", "owned_pod_objects"]
 
 

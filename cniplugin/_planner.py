@@ -124,6 +124,22 @@ def _validate(config, attachment: Attachment, facts: Facts) -> None:
             raise UnsafeRequest(
                 f"{netk} address {ip} is the node's default gateway; refusing to route it to "
                 f"the pod. Fix the IP pool so it excludes the node's gateways")
+        holder = dict(node.claims).get(ip)
+        if holder:
+            raise UnsafeRequest(
+                f"{netk} address {ip} is already routed by the node to {holder} (another "
+                f"workload has it); routing it to this pod would take that traffic. Fix the IP "
+                f"pool so addresses are not handed out twice")
+        # Underlay's first interface lives on the node's network by design; any other address
+        # there would capture the node's traffic to a neighbour (another node, the API server).
+        on_node_network = not (resolve_mode(config, netk, [l.name for l in pod.links])
+                               == "underlay" and netk == eth0)
+        for network in node.own_networks if on_node_network else ():
+            if ipaddress.ip_address(ip) in ipaddress.ip_network(network):
+                raise UnsafeRequest(
+                    f"{netk} address {ip} is on the node's own network {network}; routing it "
+                    f"to the pod would capture the node's traffic to that neighbour. Use a "
+                    f"rail subnet that is not the node's network")
     _validate_addresses(config, attachment, pod)
 
 

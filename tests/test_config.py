@@ -54,6 +54,7 @@ def test_missing_defaults_file_is_fine_and_builtin_log_dir_applies(environ):
 
 def test_precedence_builtin_file_conflist_one_level_deep(environ, tmp_path):
     write_defaults(environ, {"logDir": str(tmp_path), "hostRuleTable": 600, "podRPFilter": 2,
+                             "allowedHostRuleTables": [600, 700],
                              "hostRulePriority": 900, "detectOptions": {"retries": 5},
                              "logOptions": {"logLevel": "debug", "logMaxCount": 4}})
     c = load({"name": "n", "hostRuleTable": 700, "detectOptions": {"timeout": "1s"},
@@ -136,6 +137,16 @@ def test_validation_errors_name_key_and_value(environ, key, value, needle):
     msg = bad(environ, **{key: value})
     assert needle in msg, msg
     assert msg.startswith("key `") or "logOptions" in msg
+
+
+def test_host_rule_table_is_the_nodes_unless_the_node_allows_more(environ):
+    """A NetworkAttachmentDefinition is tenant-writable: by default it cannot move the node rule
+    `from all lookup <hostRuleTable>` onto a table the node uses for its own policy."""
+    assert load({"name": "n", "hostRuleTable": 500}, environ).host_rule_table == 500
+    assert "allowedHostRuleTables [500]" in bad(environ, hostRuleTable=600)
+    write_defaults(environ, {"hostRuleTable": 600})
+    assert load({"name": "n"}, environ).host_rule_table == 600
+    assert "allowedHostRuleTables [600]" in bad(environ, hostRuleTable=500)
 
 
 def test_host_rule_table_must_be_in_the_node_allowlist(environ):

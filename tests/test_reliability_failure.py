@@ -93,7 +93,7 @@ def test_unreachable_gateway_rolls_back_link_attributes(make_rig):
     rig = make_rig("dual", rails=1)
     lab = rig.lab
     keys = {"detectGateway": True, "podMACPrefix": "0a:1b", "txQueueLen": 4321,
-            "detectOptions": {"retries": 2, "timeout": "50ms"}}
+            "detectOptions": {"retries": 2, "timeout": "500ms"}}
     prev = rig.bare().add(1)
     gateway_down(lab, 1)
     before = rig.snapshot()
