@@ -117,7 +117,8 @@ def test_node_changes_confined_to_host_rule_table(make_rig):
     txqueuelen, MAC prefix) changes on the node ONLY: rules ``from all lookup T pref 1000 proto
     231``, routes of table T on the pod's own host peer, and PERMANENT neighbours on that peer.
     DEL then restores the node exactly."""
-    rig = make_rig("dual", rails=1)
+    # The node allows a second table, so the NAD's own hostRuleTable is accepted at all.
+    rig = make_rig("dual", rails=1, allowedHostRuleTables=[500, 4242])
     lab = rig.lab
     prev = rig.bare().add(1)
     hostile_prev = {**prev, "interfaces": [*prev["interfaces"], {"name": "uplink"}, {"name": lab.cali}],
@@ -156,26 +157,21 @@ def node_changes_outside(before: dict, after: dict, table: str, peer: str) -> st
 
 # ---------------------------------------------------------------------------- node routing
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: a hostRuleTable that already holds foreign (non-231) routes on the node is "
-    "accepted; the rule `from all lookup T pref 1000` then exposes them to all node traffic"))
 def test_host_rule_table_holding_foreign_routes_is_refused(make_rig):
     """The node already uses table 600 for its own policy (a default route via the uplink).
     ``hostRuleTable: 600`` would put ``from all lookup 600`` in front of main and send ALL node
-    traffic through that foreign table: ADD must refuse (code 107) and change nothing."""
+    traffic through that foreign table: a NetworkAttachmentDefinition may only use the node's
+    own table (or what the node defaults file allows), so ADD refuses (code 7), changing
+    nothing."""
     rig = make_rig("4", rails=1)
     lab = rig.lab
     prev = rig.bare().add(1)
     lab.ip(lab.node, "route", "add", "default", "via", "10.1.20.1", "dev", "uplink", "table", "600")
     before = rig.snapshot()
-    assert_cni_error(rig.rt("ADD", 1, prev, keys={"hostRuleTable": 600}), 107)
+    assert_cni_error(rig.rt("ADD", 1, prev, keys={"hostRuleTable": 600}), 7)
     rig.assert_unchanged(before, "after hostRuleTable named a foreign table")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: a rail address the node already reaches through ANOTHER link (a host route to "
-    "another veth, or a host on a node-connected subnet of another link) is accepted; the node "
-    "route `<ip>/32 dev <peer> table 500` at pref 1000 then captures the node's traffic for it"))
 @pytest.mark.parametrize("address,why", [
     ("10.1.20.77/24", "a neighbour on the node's own uplink subnet (another node, the API server)"),
     ("10.233.99.9/24", "another workload: the node routes 10.233.99.9/32 to another veth"),
