@@ -91,6 +91,16 @@ def forward(environ, stdin: bytes) -> tuple[int, bytes, bytes] | None:
         return 1, try_again_reply(stdin, "resident engine not reachable", str(exc)), b""
 
 
+def _is_net_ns(fd: int) -> bool:
+    """A network namespace, not another nsfs file (``/proc/self/ns/mnt``): those stay paths, so
+    the engine reports them exactly as in-process (ADD code 3, DEL success)."""
+    import fcntl  # a C extension module: no Python-level imports
+    try:
+        return fcntl.ioctl(fd, 0xB703) == 0x40000000  # NS_GET_NSTYPE == CLONE_NEWNET
+    except OSError:
+        return False
+
+
 def _exchange(path: str, environ, stdin: bytes) -> tuple[int, bytes, bytes]:
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     fds: list[int] = []
@@ -112,7 +122,7 @@ def _exchange(path: str, environ, stdin: bytes) -> tuple[int, bytes, bytes]:
                 # Only an nsfs file travels (all namespaces share nsfs's st_dev; the server
                 # checks the type); for anything else the engine opens the path itself and
                 # reports it exactly as in-process.
-                if os.fstat(fd).st_dev == os.fstat(node_fd).st_dev:
+                if os.fstat(fd).st_dev == os.fstat(node_fd).st_dev and _is_net_ns(fd):
                     flags |= FLAG_POD_NETNS
                 else:
                     os.close(fds.pop())

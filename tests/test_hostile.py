@@ -88,10 +88,7 @@ def _named() -> list:
         Case("netns missing", 3, env={"CNI_NETNS": "/run/netns/rtR-never-created"}),
         Case("netns regular file", 3, env={"CNI_NETNS": "/etc/hostname"}),
         Case("netns directory", 3, env={"CNI_NETNS": "/tmp"}),
-        Case("netns a mount namespace", 3, env={"CNI_NETNS": "/proc/self/ns/mnt"}, xfail={
-            "resident": "defect: the shim sends any nsfs fd; the server refuses a non-net "
-                        "namespace fd as a malformed request (code 5, also for DEL) instead of "
-                        "letting the engine treat the path as in-process does (ADD 3, DEL 0)"}),
+        Case("netns a mount namespace", 3, env={"CNI_NETNS": "/proc/self/ns/mnt"}),
         Case("netns path too long", 3, env={"CNI_NETNS": "/" + "n" * 5000}),
         Case("netns path a symlink loop", 3, env={"CNI_NETNS": lambda t: str(t.loop)}),
         Case("defaults is a directory", 7, env={"ROUTE_TUNE_DEFAULTS": "/tmp"}),
@@ -236,10 +233,6 @@ def test_del_with_a_non_network_netns_succeeds(target, request):
     """DEL whose CNI_NETNS names a namespace file of another type (the shim's own mount
     namespace) must succeed like a DEL whose netns is gone: the runtime would retry a failing
     DEL forever."""
-    if target.rig.engine == "resident":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "defect: the resident server answers code 5 (malformed request) when the shim passes "
-            "a non-net nsfs fd; in-process DEL succeeds")))
     conf = {**target.rig.conf(1), "prevResult": target.prev}
     reply = target.rig.exec_plugin(target.rig.env("DEL", "net1", netns="/proc/self/ns/mnt"), conf)
     assert (reply.code, reply.stdout) == (0, b""), str(reply)

@@ -28,9 +28,9 @@ def converge_and_clean(rig, prevs: dict[int, dict], before: dict, keys: dict | N
 
 
 def test_host_peer_down_fails_add_after_the_pod_side(make_rig):
-    """The pod's host-side veth peer goes down between the pod step and the node step (the node
-    route ``<rail ip>/32 dev <peer>`` is then refused): code 103, and the rollback removes the
-    whole pod side that was already applied. With the peer up again, ADD converges."""
+    """The pod's host-side veth peer is down, so the node step - after the whole pod side was
+    applied - fails (the kernel refuses ``<rail ip>/32 dev <peer>``): code 103 naming the peer,
+    and the rollback removes the pod side again. With the peer up again, ADD converges."""
     rig = make_rig("4", rails=1)
     lab = rig.lab
     prev = rig.bare().add(1)
