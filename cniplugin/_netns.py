@@ -27,7 +27,7 @@ def open_netns(path: str) -> int:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if not _is_netns(fd):
+        if not is_netns(fd):
             raise NotADirectoryError(f"{path} is not a network namespace")
     except BaseException:
         os.close(fd)
@@ -35,7 +35,8 @@ def open_netns(path: str) -> int:
     return fd
 
 
-def _is_netns(fd: int) -> bool:
+def is_netns(fd: int) -> bool:
+    """True when ``fd`` is a network namespace (not a file, nor another namespace type)."""
     # NS_GET_NSTYPE answers only on nsfs files, with the namespace's CLONE_* type.
     try:
         return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET

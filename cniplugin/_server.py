@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 
-from . import _logging, _shim
+from . import _logging, _netns, _shim
 from ._env import read_node_defaults
 from ._errors import CNIError, InternalError, IOFailure, UnsafeRequest
 
@@ -43,8 +43,6 @@ MAX_FDS = 2
 IO_TIMEOUT = 30.0
 DEFAULT_THREADS = 32
 
-_NS_GET_NSTYPE = 0xB703  # ioctl(2) on an nsfs fd -> CLONE_NEW* type (Linux >= 4.11)
-_CLONE_NEWNET = 0x40000000
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 
 #: Test hooks, read from the SERVER's own environment at start (never from a request), set only by
@@ -115,13 +113,6 @@ def _close_all(fds: list[int]) -> None:
         os.close(fds.pop())
 
 
-def _is_netns(fd: int) -> bool:
-    try:
-        return fcntl.ioctl(fd, _NS_GET_NSTYPE) == _CLONE_NEWNET
-    except OSError:
-        return False
-
-
 def decode_env(block: bytes) -> dict[str, str]:
     """``K=V\\0...`` -> dict, keeping only the forwarded prefixes."""
     if block and not block.endswith(b"\0"):
@@ -159,7 +150,7 @@ def read_request(conn: socket.socket, fds: list[int]):
     if len(fds) != want:
         raise BadRequest(f"expected {want} file descriptors, got {len(fds)}")
     for fd in fds:
-        if not _is_netns(fd):
+        if not _netns.is_netns(fd):
             raise BadRequest("a passed file descriptor is not a network namespace")
     it = iter(fds)
     pod_fd = next(it) if flags & _shim.FLAG_POD_NETNS else None
