@@ -197,6 +197,20 @@ class Resident:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
 
+def delete_pod_netns(lab: OverlayLab) -> None:
+    """``ip netns del`` the pod and wait until the kernel has really destroyed it (its veth end
+    ``cali<prefix>`` gone from the node): netns teardown runs asynchronously, and a process or
+    thread still holding the netns would keep it alive - that is reported, after a minute."""
+    run("ip", "netns", "del", lab.pod)
+    for _ in range(1200):
+        links = json.loads(run("ip", "-n", lab.node, "-j", "link", "show").stdout)
+        if lab.cali not in {link["ifname"] for link in links}:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{lab.pod} was deleted a minute ago but {lab.cali} is still on the node: "
+                         "something still holds the pod's netns")
+
+
 def served_count(penv: PluginEnv) -> int:
     """Requests the resident engine answered (its "served via resident engine" log lines)."""
     total = 0
@@ -549,6 +563,6 @@ def farm(pods: int, rails: int) -> Iterator[Farm]:
         yield f
 
 
-__all__ = ["ENGINES", "Farm", "PREFIX", "Reply", "Resident", "Rig", "UnderlayLab", "assert_cni_error",
+__all__ = ["ENGINES", "Farm", "PREFIX", "Reply", "Resident", "Rig", "UnderlayLab", "assert_cni_error", "delete_pod_netns",
            "engine", "farm", "make_rig", "new_prefix", "ns_state", "nft_ruleset", "rtr_session",
            "served_count", "snapshot_diff", "state_files"]

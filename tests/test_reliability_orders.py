@@ -109,7 +109,7 @@ def test_readd_after_netns_recreated_converges(make_rig):
 def recreate_pod(lab) -> None:
     """Delete the pod netns (its veth and macvlans die with it) and build a new one at the same
     path: same eth0 addresses and routes, same node-side ``cali`` name and MAC, new inode."""
-    run("ip", "netns", "del", lab.pod)
+    delete_pod_netns(lab)
     run("ip", "netns", "add", lab.pod)
     run("ip", "netns", "exec", lab.pod, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
         "net.ipv6.conf.default.accept_dad=0")

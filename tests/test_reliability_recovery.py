@@ -15,7 +15,6 @@ import subprocess
 
 import pytest
 
-from cniplugin.lab.topology import run
 from conftest import CNI_ROUTE_TUNE
 from reliability_fixtures import *  # noqa: F401,F403
 
@@ -39,7 +38,7 @@ def test_orphans_lists_and_removes_what_nobody_owns(make_rig):
     lab = rig.lab
     node_before = rig.snapshot()[lab.node]
     rig.pod().add_all()
-    run("ip", "netns", "del", lab.pod)
+    delete_pod_netns(lab)
     lab.ip(lab.node, "rule", "add", "from", "all", "lookup", "777", "pref", "1001", "proto", "231")
 
     found = cli(rig, "orphans", "--json")
