@@ -54,3 +54,30 @@ def run_plugin(env: dict[str, str], stdin: bytes | str | dict | None = None, *,
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
     return subprocess.run([str(executable), *args], input=stdin if stdin is not None else b"",
                           env=full_env, capture_output=True, check=False)
+
+
+def in_netns(name: str, fn):
+    """Run ``fn`` in a fresh thread that entered netns ``name`` (thread-local setns, as the
+    engine and the resident server do) and return its result, re-raising its exception."""
+    import threading
+
+    from cniplugin import _netns
+    box: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            fd = _netns.open_netns(f"/run/netns/{name}")
+            try:
+                with _netns.entered(fd):
+                    box["value"] = fn()
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]

@@ -26,10 +26,8 @@ session's leftovers at session end, and labs of dead sessions (owner pid gone) a
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -45,6 +43,7 @@ import pytest
 
 from cniplugin._version import SUPPORTED_VERSIONS
 from cniplugin.lab.runtime import PluginEnv, PyRuntime, RailPod, rail_conflist
+from cniplugin.lab.sessions import LabNames
 from cniplugin.lab.topology import (CALI_MAC, OverlayLab, _decode_many, cleanup, ip_batch,
                                     netns_names, run, state_diff)
 from conftest import CNI_ROUTE_TUNE, REPO, ROUTE_TUNE, require_root
@@ -52,42 +51,19 @@ from conftest import CNI_ROUTE_TUNE, REPO, ROUTE_TUNE, require_root
 PREFIX = "rtR"
 ENGINES = ("inprocess", "resident")
 PYTHON = REPO / ".venv" / "bin" / "python"
-_counter = itertools.count(1)
-
-
-def _b36(n: int) -> str:
-    digits, out = "0123456789abcdefghijklmnopqrstuvwxyz", ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if not n:
-            return out
-
-
-#: rtR<pid base36>x: this session's prefix (at most 11 characters with the lab counter).
-SESSION_PREFIX = f"{PREFIX}{_b36(os.getpid())}x"
-_OWNER = re.compile(rf"^{PREFIX}([0-9a-z]+)x[0-9a-z]+-")
+#: rtR<pid base36>x<n>: this session's lab names (at most 11 characters with the counter).
+NAMES = LabNames(PREFIX)
+SESSION_PREFIX = NAMES.prefix
 
 
 def new_prefix() -> str:
-    return f"{SESSION_PREFIX}{_b36(next(_counter))}"
-
-
-def cleanup_stale() -> None:
-    """Remove rtR namespaces and temp dirs whose owner session (pid) is gone."""
-    names = [n for n in netns_names(PREFIX)
-             if (m := _OWNER.match(n)) and not Path(f"/proc/{int(m[1], 36)}").exists()]
-    ip_batch([f"netns del {n}" for n in names])
-    for leftover in Path(tempfile.gettempdir()).glob(f"{PREFIX}*x*-lab-*"):
-        m = _OWNER.match(leftover.name.split("-lab-")[0] + "-")
-        if m and not Path(f"/proc/{int(m[1], 36)}").exists():
-            shutil.rmtree(leftover, ignore_errors=True)
+    return NAMES.next()
 
 
 @pytest.fixture(scope="session")
 def rtr_session() -> Iterator[None]:
     require_root("ip", "nft")
-    cleanup_stale()
+    NAMES.cleanup_stale()
     yield
     cleanup(SESSION_PREFIX)
 

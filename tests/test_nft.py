@@ -16,7 +16,6 @@ never touched and must never see route-tune's table.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -27,17 +26,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 import pytest
+
+from conftest import in_netns
 
 from cniplugin import _nft
 from cniplugin._errors import NetfilterError
 
 pytestmark = pytest.mark.netns
-T = TypeVar("T")
 PORT = 5555
-CLONE_NEWNET = 0x40000000
 
 
 def _require_root() -> None:
@@ -57,31 +55,6 @@ def sh(*argv: str, netns: str | None = None, stdin: str | None = None) -> str:
     proc = subprocess.run([*prefix, *argv], input=stdin, capture_output=True, text=True)
     assert proc.returncode == 0, f"{argv}: {proc.stderr}"
     return proc.stdout
-
-
-def in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a fresh thread that setns()'d into netns ``name`` (the resident-server way)."""
-    box: dict[str, object] = {}
-
-    def body() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:  # this thread only; it dies afterwards
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:  # re-raised in the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
 
 
 def root_has_our_table() -> bool:

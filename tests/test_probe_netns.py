@@ -13,7 +13,6 @@ the pod, as the engine calls it.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import select
@@ -21,7 +20,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +27,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import pytest
+
+from conftest import in_netns
 
 from cniplugin import _packets as pk
 from cniplugin._errors import GatewayUnreachable, InterfaceNotFound, IPConflict, TryAgainLater
@@ -38,7 +38,6 @@ from cniplugin._probe import (ProbeOptions, announce, check_conflicts, check_gat
 
 pytestmark = pytest.mark.netns
 T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
 POD4, GW4, DEAD4 = "10.77.0.10", "10.77.0.1", "10.77.0.99"
 POD6, GW6, DEAD6 = "fd77::10", "fd77::1", "fd77::99"
@@ -63,31 +62,6 @@ def sh(*argv: str, netns: str | None = None, check: bool = True) -> str:
     proc = subprocess.run([*prefix, *argv], capture_output=True, text=True)
     assert proc.returncode == 0 or not check, f"{argv}: {proc.stderr}"
     return proc.stdout
-
-
-def in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a fresh thread that setns()'d into netns ``name`` (the engine's way)."""
-    box: dict[str, object] = {}
-
-    def body() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:  # this thread only; it dies afterwards
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:  # re-raised in the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
 
 
 def _timed(fn: Callable[..., object], *args, **kwargs) -> tuple[float, Exception | None]:
