@@ -21,7 +21,7 @@ from ._errors import (CheckFailed, InterfaceNotFound, IOFailure, NotChained, Plu
 from ._facts import Facts
 from ._journal import READ_KINDS, Applier, Step, undo
 from ._objects import Desired, KernelObject, LinkAttr, Route, Sysctl, Veth, apply_order
-from ._planner import UNDERLAY_VETH, attachment_from_result, plan, resolve_mode
+from ._planner import UNDERLAY_VETH, Attachment, attachment_from_result, plan, resolve_mode
 from ._store import PHASE_APPLIED, AttachmentState, Store, key_text
 
 DEFAULT_STATE_DIR = "/run/route-tune"
@@ -99,6 +99,11 @@ def _sessions(pod_fd: int, node_fd: int) -> Iterator[tuple[_netlink.Netlink, _ne
         yield pod_nl, node_nl
 
 
+def _attachment(req, pod) -> Attachment:
+    return attachment_from_result(req.prev_result, req.env.ifname, req.env.container_id,
+                                  _network(req), pod)
+
+
 def _gather(req, pod_nl, node_nl, node_fd: int) -> Facts:
     config, ifname = req.config, req.env.ifname
     eth0 = config.pod_default_cni_nic
@@ -119,19 +124,16 @@ def _gather(req, pod_nl, node_nl, node_fd: int) -> Facts:
     else:
         node = _netlink.gather_node(node_nl, eth0_link, eth0_addrs, nsid)
     if req.prev_result is not None and node.host_peer is not None:
-        attachment = attachment_from_result(req.prev_result, ifname, req.env.container_id,
-                                            _network(req), pod)
-        node = replace(node, claims=_netlink.node_claims(node_nl, attachment.addresses,
+        node = replace(node, claims=_netlink.node_claims(node_nl, _attachment(req, pod).addresses,
                                                           node.host_peer.name))
     return Facts(pod=pod, node=node)
 
 
 def _plan(req, facts: Facts, prior: Desired | None) -> Desired:
-    config, env = req.config, req.env
+    config = req.config
     if req.prev_result is None:
         raise NotChained("route-tune must be chained: it needs a prevResult")
-    attachment = attachment_from_result(req.prev_result, env.ifname, env.container_id,
-                                        _network(req), facts.pod)
+    attachment = _attachment(req, facts.pod)
     if config.pod_mac_prefix and attachment.addresses:
         from . import _probe
 

@@ -88,7 +88,7 @@ def plan(config, attachment: Attachment, facts: Facts, prior: Desired | None = N
     """Everything ``attachment`` needs, in the pod and on the node. Raises on unsafe input."""
     netk = attachment.ifname
     mode = resolve_mode(config, netk, [link.name for link in facts.pod.links])
-    _validate(config, attachment, facts)
+    _validate(config, attachment, facts, mode)
     plan_ = _Plan(config, attachment, facts, prior, mode)
     plan_.build()
     return Desired(
@@ -100,7 +100,7 @@ def plan(config, attachment: Attachment, facts: Facts, prior: Desired | None = N
     )
 
 
-def _validate(config, attachment: Attachment, facts: Facts) -> None:
+def _validate(config, attachment: Attachment, facts: Facts, mode: str) -> None:
     pod, netk, eth0 = facts.pod, attachment.ifname, config.pod_default_cni_nic
     if pod.link(netk) is None:
         raise InterfaceNotFound(f"interface {netk!r} (CNI_IFNAME) is not in the pod netns")
@@ -132,8 +132,7 @@ def _validate(config, attachment: Attachment, facts: Facts) -> None:
                 f"pool so addresses are not handed out twice")
         # Underlay's first interface lives on the node's network by design; any other address
         # there would capture the node's traffic to a neighbour (another node, the API server).
-        on_node_network = not (resolve_mode(config, netk, [l.name for l in pod.links])
-                               == "underlay" and netk == eth0)
+        on_node_network = not (mode == "underlay" and netk == eth0)
         for network in node.own_networks if on_node_network else ():
             if ipaddress.ip_address(ip) in ipaddress.ip_network(network):
                 raise UnsafeRequest(
