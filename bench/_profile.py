@@ -109,8 +109,7 @@ def cold(env: dict, stdin: bytes, n: int) -> None:
 
 def warm(env: dict, stdin: bytes, n: int, title: str) -> None:
     sys.path.insert(0, str(REPO))
-    from cniplugin import _protocol
-
+    from cniplugin.protocol import dispatch as _protocol
     add_env, del_env = {**env, "CNI_COMMAND": "ADD"}, {**env, "CNI_COMMAND": "DEL"}
 
     def cycle(profiler: cProfile.Profile | None = None) -> tuple[float, float]:

@@ -483,7 +483,7 @@ class Bench:
 
     def phase_requests(self, total: int, every: int) -> list[tuple[int, float, float]]:
         """ADD/DEL pairs of route-tune alone for net1, straight to the socket via the shim client."""
-        from cniplugin import _shim
+        from cniplugin.transport import shim as _shim
         conf = json.loads(self.conf[("d", 1)].read_text())
         # net1 from [macvlan, host-local]; route-tune then gets that result as prevResult (as libcni would)
         _, result, _ = self.chain.run("add", self.conf[("a", 1)], "a", netns=self.cfg["pod_netns"],

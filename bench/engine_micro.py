@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cniplugin import _engine, _netns  # noqa: E402  (imports done before timing)
-from cniplugin._env import parse_env, read_node_defaults  # noqa: E402
-from cniplugin._protocol import Request  # noqa: E402
+from cniplugin.protocol.env import parse_env, read_node_defaults  # noqa: E402
+from cniplugin.protocol.dispatch import Request  # noqa: E402
 
 CID = "b3nchb3nchb3nchb3nch"
 
@@ -108,8 +108,7 @@ class Counter:
     """Counts netlink requests sent and messages decoded (``_rtnl.Socket`` patched in place)."""
 
     def __init__(self) -> None:
-        from cniplugin import _rtnl
-
+        from cniplugin.kernel import rtnl as _rtnl
         self.sent = self.decoded = 0
         exchange = _rtnl.Socket._exchange
         counter = self

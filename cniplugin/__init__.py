@@ -6,7 +6,7 @@ The public surface is listed in ``__all__``. Everything but the version is loade
 
 from __future__ import annotations
 
-from ._version import SUPPORTED_VERSIONS, __version__
+from cniplugin._version import SUPPORTED_VERSIONS, __version__
 
 __all__ = [
     "__version__", "SUPPORTED_VERSIONS",
@@ -22,17 +22,17 @@ __all__ = [
     "CNIError", "ERROR_CODES",
 ]
 
-#: public name -> (private module, attribute there)
+#: public name -> (module under cniplugin, attribute there)
 _LAZY = {
-    "run": ("_protocol", "run"), "Outcome": ("_protocol", "Outcome"),
-    "Request": ("_protocol", "Request"),
-    "Result": ("_wire", "Result"), "Interface": ("_wire", "Interface"),
-    "IPConfig": ("_wire", "IPConfig"), "Route": ("_wire", "Route"), "DNS": ("_wire", "DNS"),
-    "parse_result": ("_wire", "parse_result"), "dump_result": ("_wire", "dump_result"),
-    "PluginConfig": ("_config", "PluginConfig"), "load_config": ("_config", "load"),
-    "CniEnv": ("_env", "CniEnv"), "CniArgs": ("_env", "CniArgs"),
-    "parse_env": ("_env", "parse_env"), "parse_cni_args": ("_env", "parse_cni_args"),
-    "CNIError": ("_errors", "CNIError"), "ERROR_CODES": ("_errors", "ERROR_CODES"),
+    "run": ("protocol.dispatch", "run"), "Outcome": ("protocol.dispatch", "Outcome"),
+    "Request": ("protocol.dispatch", "Request"),
+    "Result": ("protocol.wire", "Result"), "Interface": ("protocol.wire", "Interface"),
+    "IPConfig": ("protocol.wire", "IPConfig"), "Route": ("protocol.wire", "Route"), "DNS": ("protocol.wire", "DNS"),
+    "parse_result": ("protocol.wire", "parse_result"), "dump_result": ("protocol.wire", "dump_result"),
+    "PluginConfig": ("protocol.config", "PluginConfig"), "load_config": ("protocol.config", "load"),
+    "CniEnv": ("protocol.env", "CniEnv"), "CniArgs": ("protocol.env", "CniArgs"),
+    "parse_env": ("protocol.env", "parse_env"), "parse_cni_args": ("protocol.env", "parse_cni_args"),
+    "CNIError": ("protocol.errors", "CNIError"), "ERROR_CODES": ("protocol.errors", "ERROR_CODES"),
 }
 
 
@@ -42,7 +42,7 @@ def __getattr__(name: str):
     except KeyError:
         raise AttributeError(f"module 'cniplugin' has no attribute {name!r}") from None
     import importlib
-    value = getattr(importlib.import_module(f".{module_name}", __name__), attribute)
+    value = getattr(importlib.import_module(f"cniplugin.{module_name}"), attribute)
     globals()[name] = value  # cache: the next access is a plain attribute lookup
     return value
 

@@ -61,7 +61,7 @@ def in_netns(name: str, fn):
     engine and the resident server do) and return its result, re-raising its exception."""
     import threading
 
-    from cniplugin import _netns
+    from cniplugin.kernel import netns as _netns
     box: dict[str, object] = {}
 
     def body() -> None:

@@ -106,11 +106,8 @@ def assert_cni_error(reply: Reply, code: int | tuple[int, ...]) -> dict:
 # ---------------------------------------------------------------------------- resident server
 
 def server_cmd(sock: Path) -> list[str]:
-    """``cni-route-tune serve`` once the CLI registers it, else the server module itself."""
-    cli = (REPO / "cniplugin" / "_cli.py").read_text()
-    if '"serve"' in cli:
-        return [str(CNI_ROUTE_TUNE), "serve", "--socket", str(sock)]
-    return [str(PYTHON), "-m", "cniplugin._server", "--socket", str(sock)]
+    """The resident engine as a node runs it: ``cni-route-tune serve`` on a private socket."""
+    return [str(CNI_ROUTE_TUNE), "serve", "--socket", str(sock)]
 
 
 class Resident:

@@ -1,0 +1,581 @@
+"""`cni-route-tune install`: put a self-contained route-tune runtime on a node, then flip the shim.
+
+Most nodes (Talos, Flatcar, minimal images) have no usable Python, and the node's Python is not
+ours anyway. So the install copies a whole runtime -- interpreter, standard library and the
+site-packages route-tune needs -- into a versioned directory, and only then replaces the small
+``#!/bin/sh`` shim that the container runtime executes as ``<cni-bin-dir>/route-tune``::
+
+    <runtime-dir>/<version>/bin/python3
+    <runtime-dir>/<version>/lib/python3.X/...               (stdlib, lib-dynload)
+    <runtime-dir>/<version>/lib/python3.X/site-packages/    (cniplugin, pyroute2, pydantic, ...)
+    <runtime-dir>/<version>/.route-tune-runtime.json        (marker: digest of the tree)
+    <cni-bin-dir>/route-tune                                (shim, flipped last)
+
+Order and atomicity:
+1. Take an flock on ``<runtime-dir>`` (concurrent installs serialise; no lock file is left).
+   Holding it, every ``*.tmp-*`` left behind is stale (a killed install) and is removed.
+2. Copy into ``<version>.tmp-<pid>``, self-test the copied interpreter, write the marker, sync,
+   rename to ``<version>``. A version dir therefore either is complete or does not exist.
+3. Write the shim to ``.route-tune.tmp-<pid>`` in the CNI bin dir, chmod 0755, fsync, then
+   ``os.replace`` onto ``route-tune``. Running plugin processes keep their old inode; a new exec
+   sees the old or the new shim, never a partial one. ETXTBSY is retried.
+4. Install the node defaults file only when absent (an operator's edits are never overwritten)
+   unless asked to replace it.
+5. Prune runtime versions beyond ``keep`` (the new one and the one the old shim pointed at stay).
+
+Path safety (the chosen policy): the CNI bin dir must already exist and be a real directory, and
+the runtime dir must be a real directory (created when absent). A symlink in either place is
+refused: inside the install container a host symlink resolves against the *container's* tree, so
+following it would write somewhere the node never looks. Symlinks inside a source runtime must be
+relative and stay inside it, for the same reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, NamedTuple, Sequence
+
+__all__ = ["InstallError", "InstallReport", "install", "main", "build_parser"]
+
+SHIM_NAME = "route-tune"
+MARKER = ".route-tune-runtime.json"
+ENTRY_MODULE = "cniplugin.transport.plugin"
+DEFAULT_CNI_BIN_DIR = "/opt/cni/bin"
+DEFAULT_RUNTIME_DIR = "/opt/route-tune"
+DEFAULT_DEFAULTS_DEST = "/etc/cni/route-tune/defaults.json"
+DEFAULT_KEEP = 2
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_SHIM_VERSION_RE = re.compile(r"^# route-tune-runtime-version: (\S+)$", re.M)
+# Parts of the base interpreter's stdlib a CNI plugin never needs (libpython.a alone is ~25 MB).
+_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
+                "distutils", "site-packages", "dist-packages"}
+_STDLIB_SKIP_PREFIX = ("config-",)
+_ETXTBSY_TRIES = 50
+
+
+class InstallError(Exception):
+    """The install was refused or failed; the node is left as it was before."""
+
+
+@dataclass
+class InstallReport:
+    """What an install did (or, with dry_run, would do)."""
+
+    version: str
+    runtime_path: str
+    shim_path: str
+    dry_run: bool = False
+    actions: list[str] = field(default_factory=list)
+    changed: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        if not self.changed and not self.dry_run:
+            return f"route-tune {self.version} is already installed; nothing changed"
+        head = "plan" if self.dry_run else "installed"
+        return f"route-tune {self.version} {head}:\n" + "\n".join(f"  {a}" for a in self.actions)
+
+
+class _Entry(NamedTuple):
+    rel: str              # path inside the runtime tree
+    src: str              # absolute source path
+    link: str | None      # symlink target (relative) or None for a regular file
+
+
+@dataclass
+class _Source:
+    entries: list[_Entry]
+    site_rel: str          # site-packages holding cniplugin, relative to the runtime root
+    package_version: str   # cniplugin.__version__ found in the source
+    description: str
+    compile_dirs: list[str] = field(default_factory=list)  # rel dirs to byte-compile after copy
+
+
+# --------------------------------------------------------------------------- sources
+
+def _walk_files(root: Path, rel_prefix: str, *, skip_top: Iterable[str] = (),
+                skip_prefix: tuple[str, ...] = ()) -> list[_Entry]:
+    """Regular files and symlinks under root (symlinks are kept as links, never followed)."""
+    skip = set(skip_top)
+    out: list[_Entry] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root:
+            dirnames[:] = [d for d in dirnames if d not in skip and not d.startswith(skip_prefix)]
+        for name in list(dirnames) + filenames:
+            path = Path(dirpath, name)
+            rel = f"{rel_prefix}/{path.relative_to(root).as_posix()}".lstrip("/")
+            if path.is_symlink():
+                out.append(_Entry(rel, str(path), os.readlink(path)))
+                if name in dirnames:
+                    dirnames.remove(name)   # never descend through a link
+            elif name in filenames and path.is_file():
+                out.append(_Entry(rel, str(path), None))
+    return out
+
+
+def _source_from_interpreter() -> _Source:
+    """Assemble a runtime from the running interpreter: base binary + stdlib + our dependencies.
+
+    Works from a venv (also an editable install, whose package is copied from its checkout).
+    Used by tests and same-distro nodes; the DaemonSet image passes --source-runtime instead.
+    """
+    import importlib.metadata as metadata
+    import sysconfig
+
+    import cniplugin
+    from cniplugin._version import __version__
+
+    pyver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    base_exe = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
+    stdlib = Path(sysconfig.get_path("stdlib", vars={"installed_base": sys.base_prefix,
+                                                     "base": sys.base_prefix}))
+    purelib = Path(sysconfig.get_path("purelib"))
+    site_rel = f"lib/{pyver}/site-packages"
+
+    entries = [_Entry("bin/python3", str(base_exe), None)]
+    # Distro symlinks out of the stdlib (Debian: sitecustomize.py -> /etc/...) would dangle on
+    # the node; the shim runs with -S, which never reads them, so they are left out.
+    entries += [e for e in _walk_files(stdlib, f"lib/{pyver}", skip_top=_STDLIB_SKIP,
+                                       skip_prefix=_STDLIB_SKIP_PREFIX)
+                if e.link is None or not _escapes(e)]
+    # A --enable-shared interpreter finds libpython via RPATH $ORIGIN/../lib: bring it along.
+    for lib in sorted(Path(sys.base_prefix, "lib").glob("libpython3*.so*")):
+        entries.append(_Entry(f"lib/{lib.name}", os.path.realpath(lib), None))
+
+    # Dependencies: the closure of route-tune's requirements, minus extras, copied file by
+    # file from each distribution's RECORD so that test tools in the venv stay behind.
+    dists = {_norm(d.metadata["Name"]): d for d in metadata.distributions(path=[str(purelib)])}
+    todo, seen = ["route-tune"], set()
+    while todo:
+        name = _norm(todo.pop())
+        if name in seen or name not in dists:
+            continue
+        seen.add(name)
+        for req in dists[name].requires or ():
+            if "extra" not in req.partition(";")[2]:
+                todo.append(re.match(r"[A-Za-z0-9._-]+", req).group(0))
+    seen.discard("route-tune")
+    for name in sorted(seen):
+        for f in dists[name].files or ():
+            src = Path(dists[name].locate_file(f)).resolve()
+            if src.is_relative_to(purelib) and src.is_file():
+                entries.append(_Entry(f"{site_rel}/{src.relative_to(purelib).as_posix()}",
+                                      str(src), None))
+
+    pkg = Path(cniplugin.__file__).resolve().parent
+    entries += [e for e in _walk_files(pkg, f"{site_rel}/cniplugin")
+                if "__pycache__" not in e.rel and e.link is None]
+    return _Source(entries, site_rel, __version__, f"interpreter {base_exe}",
+                   compile_dirs=[f"{site_rel}/cniplugin"])
+
+
+def _source_from_tree(root: Path) -> _Source:
+    """A prepared runtime tree (the image's): bin/python3 + lib/python3.X/site-packages/cniplugin."""
+    if not root.is_dir():
+        raise InstallError(f"source runtime {root} is not a directory")
+    root = root.resolve()
+    hits = sorted(root.glob("lib/python3*/site-packages/cniplugin/_version.py"))
+    if len(hits) != 1:
+        raise InstallError(f"source runtime {root}: expected one lib/python3.X/site-packages/"
+                           f"cniplugin, found {len(hits)}")
+    if not os.access(root / "bin/python3", os.X_OK):
+        raise InstallError(f"source runtime {root}: bin/python3 is missing or not executable")
+    # The marker describes a copy; a tree that was itself installed carries one: skip it.
+    entries = [e for e in _walk_files(root, "") if e.rel != MARKER]
+    for e in entries:
+        if e.link is not None and _escapes(e):
+            raise InstallError(f"source runtime {root}: symlink {e.rel} -> {e.link} leaves "
+                                   "the tree (it would dangle on the node)")
+    site_rel = hits[0].parent.parent.relative_to(root).as_posix()
+    found = re.search(r'__version__\s*=\s*["\']([^"\']+)', hits[0].read_text())
+    return _Source(entries, site_rel, found.group(1) if found else "unknown", f"tree {root}")
+
+
+def _escapes(entry: _Entry) -> bool:
+    """A symlink that is absolute or climbs out of the runtime tree."""
+    target = os.path.normpath(os.path.join(os.path.dirname(entry.rel), entry.link))
+    return os.path.isabs(entry.link) or target == ".." or target.startswith("../")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# --------------------------------------------------------------------------- tree helpers
+
+def _digest(entries: Sequence[_Entry], root: Path | None = None) -> str:
+    """Content digest of the entries, read from their source or (root given) from the copy."""
+    h = hashlib.sha256()
+    for e in sorted(entries):
+        path = root / e.rel if root is not None else Path(e.src)
+        h.update(e.rel.encode() + b"\0")
+        if e.link is not None:
+            h.update(b"L" + os.readlink(path).encode())
+        else:
+            h.update(b"X" if os.access(path, os.X_OK) else b"F")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _read_marker(vdir: Path) -> dict | None:
+    try:
+        return json.loads((vdir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_complete(vdir: Path, source: _Source, digest: str) -> bool:
+    """The version dir holds exactly this source's content (marker and files agree)."""
+    marker = _read_marker(vdir)
+    if not marker or marker.get("digest") != digest:
+        return False
+    try:
+        return _digest(source.entries, vdir) == digest
+    except OSError:
+        return False
+
+
+def _copy_tree(source: _Source, dest: Path) -> None:
+    made: set[Path] = set()
+    for e in source.entries:
+        target = dest / e.rel
+        if target.parent not in made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            made.add(target.parent)
+        if e.link is not None:
+            os.symlink(e.link, target)
+        else:
+            shutil.copy2(e.src, target)   # keeps mode and mtime, so shipped .pyc stay valid
+    if source.compile_dirs:
+        import compileall
+        for rel in source.compile_dirs:   # precompiled .pyc: the node never compiles at run time
+            compileall.compile_dir(str(dest / rel), quiet=1)
+
+
+def _shim_code(site: str) -> str:
+    """The -c program: no `site` import (-S), our site-packages appended explicitly."""
+    return (f"import sys;sys.argv[0]={SHIM_NAME!r};sys.path.append({site!r});"
+            f"from {ENTRY_MODULE} import main;sys.exit(main())")
+
+
+def _self_test(vdir: Path, site_rel: str) -> str:
+    """Run the copied interpreter the way the shim will; return cniplugin's version."""
+    code = (f"import sys;sys.path.append({str(vdir / site_rel)!r});"
+            "import importlib.util as u;import cniplugin._version as v;"
+            f"assert u.find_spec({ENTRY_MODULE!r}), 'no {ENTRY_MODULE}';print(v.__version__)")
+    proc = subprocess.run([str(vdir / "bin/python3"), "-I", "-S", "-c", code],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    if proc.returncode != 0:
+        raise InstallError(f"the copied runtime does not start: {proc.stderr.strip()[-500:]}")
+    return proc.stdout.strip()
+
+
+def _shim_text(host_vdir: str, version: str, site_rel: str) -> str:
+    python = f"{host_vdir}/bin/python3"
+    code = _shim_code(f"{host_vdir}/{site_rel}")
+    return ("#!/bin/sh\n"
+            f"# route-tune CNI plugin shim, written by `cni-route-tune install`.\n"
+            f"# route-tune-runtime-version: {version}\n"
+            f"exec {shlex.quote(python)} -I -S -c {shlex.quote(code)} \"$@\"\n")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """os.replace, retried while the kernel says the target is busy (ETXTBSY)."""
+    for attempt in range(_ETXTBSY_TRIES):
+        try:
+            os.replace(src, dst)
+            return
+        except OSError as exc:
+            if exc.errno != errno.ETXTBSY or attempt == _ETXTBSY_TRIES - 1:
+                raise
+            time.sleep(0.1)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write to a temp name beside path, fsync, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)   # umask-proof
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        _replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False when unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _publish(tmp: Path, vdir: Path) -> None:
+    """Move a finished tmp tree to its version name; swap atomically if a broken one is there."""
+    if vdir.exists():
+        if not _exchange(tmp, vdir):
+            old = vdir.with_name(f"{vdir.name}.old-{os.getpid()}")
+            os.rename(vdir, old)
+            os.rename(tmp, vdir)
+            tmp = old
+        shutil.rmtree(tmp)
+    else:
+        os.rename(tmp, vdir)
+    _fsync_dir(vdir.parent)
+
+
+# --------------------------------------------------------------------------- checks
+
+def _check_dir(path: Path, what: str, *, create: bool) -> None:
+    if path.is_symlink():
+        raise InstallError(f"{what} {path} is a symlink; refusing (pass the real directory)")
+    if not path.exists():
+        if not create:
+            raise InstallError(f"{what} {path} does not exist")
+        path.mkdir(mode=0o755, parents=True)
+    elif not path.is_dir():
+        raise InstallError(f"{what} {path} is not a directory")
+
+
+def _check_host_dir(value: str) -> str:
+    if not os.path.isabs(value) or any(c in value for c in "\n\r\0"):
+        raise InstallError(f"host runtime dir must be an absolute path, got {value!r}")
+    return os.path.normpath(value)
+
+
+def _shim_version(shim: Path) -> str | None:
+    try:
+        found = _SHIM_VERSION_RE.search(shim.read_text(errors="replace")[:4096])
+    except OSError:
+        return None
+    return found.group(1) if found else None
+
+
+# --------------------------------------------------------------------------- the install
+
+def install(cni_bin_dir: str | os.PathLike, runtime_dir: str | os.PathLike, *,
+            source_runtime: str | os.PathLike | None = None, version: str | None = None,
+            host_runtime_dir: str | None = None, defaults_file: str | os.PathLike | None = None,
+            defaults_dest: str | os.PathLike = DEFAULT_DEFAULTS_DEST,
+            overwrite_defaults: bool = False, keep: int = DEFAULT_KEEP,
+            dry_run: bool = False) -> InstallReport:
+    """Install (or upgrade to) a runtime version and point the CNI bin dir's shim at it.
+
+    ``runtime_dir`` is where this process writes; ``host_runtime_dir`` (default: the same) is
+    the path the node sees, written into the shim. Idempotent: a rerun with the same source
+    changes nothing and reports ``changed=False``.
+    """
+    bin_dir, rt_dir = Path(cni_bin_dir), Path(runtime_dir)
+    host_rt = _check_host_dir(host_runtime_dir or os.path.abspath(rt_dir))
+    if keep < 1:
+        raise InstallError("keep must be at least 1")
+    source = (_source_from_tree(Path(source_runtime)) if source_runtime
+              else _source_from_interpreter())
+    version = version or source.package_version
+    if not _VERSION_RE.match(version) or ".tmp-" in version or ".old-" in version:
+        raise InstallError(f"unusable version label {version!r}")
+    vdir, shim = rt_dir / version, bin_dir / SHIM_NAME
+    report = InstallReport(version, str(vdir), str(shim), dry_run=dry_run)
+    _check_dir(bin_dir, "CNI bin dir", create=False)
+    if shim.is_dir():
+        raise InstallError(f"{shim} is a directory")
+    defaults = _read_defaults(Path(defaults_file)) if defaults_file is not None else None
+    digest = _digest(source.entries)
+
+    if dry_run:
+        _plan_only(report, source, digest, rt_dir, vdir, shim, host_rt, defaults_file,
+                   Path(defaults_dest), overwrite_defaults)
+        return report
+
+    _check_dir(rt_dir, "runtime dir", create=True)
+    lock = os.open(rt_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # serialise installs; released when lock closes
+        _clean_stale(rt_dir, bin_dir, report)
+        _install_runtime(source, digest, vdir, report)
+        previous = _shim_version(shim)
+        text = _shim_text(f"{host_rt}/{version}", version, source.site_rel).encode()
+        if not shim.exists() or shim.read_bytes() != text:
+            _write_atomic(shim, text, 0o755)
+            report.actions.append(f"shim {shim} -> {host_rt}/{version}"
+                                  + (f" (was {previous})" if previous else ""))
+        if defaults is not None:
+            _install_defaults(defaults, Path(defaults_dest), overwrite_defaults, report)
+        _prune(rt_dir, version, previous, keep, report)
+    finally:
+        os.close(lock)
+    report.changed = bool(report.actions)
+    return report
+
+
+def _clean_stale(rt_dir: Path, bin_dir: Path, report: InstallReport) -> None:
+    """Under the lock, any temp tree or temp shim belongs to an install that died."""
+    for p in rt_dir.iterdir():
+        if (".tmp-" in p.name or ".old-" in p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+            report.actions.append(f"removed stale {p}")
+    for p in bin_dir.glob(f".{SHIM_NAME}.tmp-*"):
+        p.unlink(missing_ok=True)
+        report.actions.append(f"removed stale {p}")
+
+
+def _install_runtime(source: _Source, digest: str, vdir: Path, report: InstallReport) -> None:
+    if _is_complete(vdir, source, digest):
+        return
+    tmp = vdir.with_name(f"{vdir.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(mode=0o755)
+        _copy_tree(source, tmp)
+        pkg_version = _self_test(tmp, source.site_rel)
+        marker = {"version": vdir.name, "packageVersion": pkg_version, "digest": digest,
+                  "files": len(source.entries), "site": source.site_rel,
+                  "source": source.description}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        os.sync()   # the whole tree is durable before its name says it is complete
+        _publish(tmp, vdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.actions.append(f"runtime {vdir} ({len(source.entries)} files from "
+                          f"{source.description})")
+
+
+def _read_defaults(src: Path) -> bytes:
+    """The defaults file's bytes, checked to be a JSON object before anything is changed."""
+    try:
+        data = src.read_bytes()
+        if not isinstance(json.loads(data), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise InstallError(f"defaults file {src}: {exc}") from None
+    return data
+
+
+def _install_defaults(data: bytes, dest: Path, overwrite: bool, report: InstallReport) -> None:
+    if dest.exists():
+        if not overwrite or dest.read_bytes() == data:
+            return
+    _check_dir(dest.parent, "defaults dir", create=True)
+    _write_atomic(dest, data, 0o644)
+    report.actions.append(f"defaults {dest}")
+
+
+def _prune(rt_dir: Path, version: str, previous: str | None, keep: int,
+           report: InstallReport) -> None:
+    """Keep the new version, the one the old shim named, then the most recent; drop the rest."""
+    installed = [p for p in rt_dir.iterdir()
+                 if p.is_dir() and not p.is_symlink() and (p / MARKER).is_file()]
+    installed.sort(key=lambda p: (p / MARKER).stat().st_mtime, reverse=True)
+    order = [version] + ([previous] if previous else []) + [p.name for p in installed]
+    kept = list(dict.fromkeys(n for n in order if (rt_dir / n / MARKER).is_file()))[:keep]
+    for p in installed:
+        if p.name not in kept:
+            shutil.rmtree(p)
+            report.actions.append(f"pruned {p}")
+
+
+def _plan_only(report: InstallReport, source: _Source, digest: str, rt_dir: Path, vdir: Path,
+               shim: Path, host_rt: str, defaults_file, defaults_dest: Path,
+               overwrite: bool) -> None:
+    acts = report.actions
+    if not (vdir.is_dir() and _is_complete(vdir, source, digest)):
+        acts.append(f"would copy runtime ({len(source.entries)} files from "
+                    f"{source.description}) to {vdir}")
+    text = _shim_text(f"{host_rt}/{report.version}", report.version, source.site_rel).encode()
+    if not shim.exists() or shim.read_bytes() != text:
+        acts.append(f"would write shim {shim} -> {host_rt}/{report.version}")
+    if defaults_file is not None and (overwrite or not defaults_dest.exists()):
+        acts.append(f"would install defaults {defaults_dest}")
+    report.changed = bool(acts)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cni-route-tune install",
+        description="Install or upgrade route-tune on a node: copy a self-contained runtime to "
+                    "<runtime-dir>/<version>/, then atomically flip the shim "
+                    "<cni-bin-dir>/route-tune. Idempotent; safe while the old plugin runs.")
+    p.add_argument("--cni-bin-dir", default=DEFAULT_CNI_BIN_DIR,
+                   help="CNI bin dir as this process sees it (default %(default)s)")
+    p.add_argument("--runtime-dir", default=DEFAULT_RUNTIME_DIR,
+                   help="where runtime versions are written (default %(default)s)")
+    p.add_argument("--host-runtime-dir", default=None,
+                   help="the runtime dir as the node sees it, written into the shim "
+                        "(default: --runtime-dir); e.g. /opt/route-tune when writing to "
+                        "/host/opt/route-tune")
+    p.add_argument("--source-runtime", default=None, metavar="DIR",
+                   help="prepared runtime tree to copy (bin/python3, lib/python3.X/"
+                        "site-packages); default: assemble one from this interpreter")
+    p.add_argument("--runtime-version", default=None, metavar="LABEL",
+                   help="version directory name (default: the source's cniplugin version)")
+    p.add_argument("--defaults", default=None, metavar="FILE",
+                   help="node defaults file to install when none is present")
+    p.add_argument("--defaults-dest", default=DEFAULT_DEFAULTS_DEST, metavar="PATH",
+                   help="where the node reads its defaults file (default %(default)s)")
+    p.add_argument("--overwrite-defaults", action="store_true",
+                   help="replace an existing defaults file (default: keep the node's file)")
+    p.add_argument("--keep", type=int, default=DEFAULT_KEEP,
+                   help="runtime versions to keep, the new one included (default %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `cni-route-tune install`: 0 done (or nothing to do), 1 refused/failed."""
+    args = build_parser().parse_args(argv)
+    try:
+        report = install(args.cni_bin_dir, args.runtime_dir, source_runtime=args.source_runtime,
+                         version=args.runtime_version, host_runtime_dir=args.host_runtime_dir,
+                         defaults_file=args.defaults, defaults_dest=args.defaults_dest,
+                         overwrite_defaults=args.overwrite_defaults, keep=args.keep,
+                         dry_run=args.dry_run)
+    except (InstallError, OSError) as exc:
+        print(f"cni-route-tune install: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m cniplugin.cli.install` in images
+    sys.exit(main())

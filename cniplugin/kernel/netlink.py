@@ -1,0 +1,589 @@
+"""The netlink adapter: kernel state in and out as ``_facts``/``_objects`` values.
+
+A ``Netlink`` session owns one rtnetlink socket (``_rtnl``) bound to one netns for its whole
+life, whatever netns the calling thread is in later; file-based work (sysctls, nftables) enters
+that netns for the calling thread only while it runs. So the engine opens one session per netns
+per request and uses both freely. Every read is a single request with kernel-side filters; no
+session caches anything beyond its request (the resident server is long-lived).
+
+It is still the only module that imports pyroute2: lazily, for ``Netlink.ipr``, which the CLI's
+inspection code uses to read everything (the engine itself never touches it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cniplugin.kernel import netns as _netns
+
+from cniplugin.kernel import rtnl as _rtnl
+
+from cniplugin.kernel import veth as _veth
+from cniplugin.protocol.errors import InterfaceNotFound, RouteConflict
+from cniplugin.engine.facts import Addr, Link, RuleInfo
+from cniplugin.engine.objects import (SCOPE_LINK, SCOPE_UNIVERSE, KernelObject, LinkAttr, Neighbour,
+                       NftTable, Route, Rule, Sysctl, Veth, default_dst)
+from cniplugin.kernel.rtnl import NetlinkError
+from cniplugin._version import RTPROT_ROUTE_TUNE
+
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
+_SCOPES = {0: SCOPE_UNIVERSE, 253: SCOPE_LINK, 254: "host"}
+_SCOPE_NUMBERS = {v: k for k, v in _SCOPES.items()}
+_GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
+_FULL = {4: 32, 6: 128}
+#: Documentation addresses: a FIB-match lookup of one of them finds the default route in use.
+_PROBE_DST = {4: "192.0.2.1", 6: "2001:db8::1"}
+
+
+@dataclass(frozen=True)
+class RouteGet:
+    """What ``ip route get`` says: the table really used, the device, next hop and source."""
+
+    table: int
+    dev: str
+    gateway: str = ""
+    prefsrc: str = ""
+    local: bool = False           # the destination is an address of this netns
+
+
+@contextlib.contextmanager
+def session(fd: int | None) -> Iterator[Netlink]:
+    """A session in netns ``fd`` (None: the thread's current one); the thread stays inside for
+    the body (callers may use ``entered`` semantics, e.g. raw sockets, alongside)."""
+    with _netns.entered(fd):
+        nl = Netlink(fd)
+        try:
+            yield nl
+        finally:
+            nl.close()
+
+
+@contextlib.contextmanager
+def open_session(fd: int) -> Iterator[Netlink]:
+    """A session bound to netns ``fd``; the calling thread does not stay inside."""
+    nl = Netlink(fd)
+    try:
+        yield nl
+    finally:
+        nl.close()
+
+
+class Netlink:
+    def __init__(self, fd: int | None = None) -> None:
+        with _netns.entered(fd):
+            self.sock = _rtnl.Socket()
+        self.fd = fd
+        #: The node's session, for objects with an end there (the underlay veth pair).
+        self.node: Netlink | None = None
+        self._names: dict[int, str] | None = None
+        self._indexes: dict[str, int] = {}   # name -> ifindex, positive lookups only
+        self._ipr = None
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._ipr is not None:
+            self._ipr.close()
+
+    @property
+    def ipr(self):
+        """A pyroute2 ``IPRoute`` in this session's netns, opened on first use (CLI only)."""
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            with _netns.entered(self.fd):
+                self._ipr = IPRoute(strict_check=True)
+        return self._ipr
+
+    # -- reading ------------------------------------------------------------------------
+    def links(self) -> list[Link]:
+        msgs = self.sock.dump(_rtnl.RTM_GETLINK, _rtnl.ifinfomsg() + _EXT_MASK)
+        links = [_link(m) for m in msgs]
+        self._names = {link.index: link.name for link in links}
+        self._indexes.update({link.name: link.index for link in links})
+        return links
+
+    def link(self, name: str) -> Link | None:
+        return self._get_link(_rtnl.ifinfomsg() + _rtnl.attr_str(_rtnl.IFLA_IFNAME, name))
+
+    def link_by_index(self, index: int) -> Link | None:
+        return self._get_link(_rtnl.ifinfomsg(index=index))
+
+    def _get_link(self, body: bytes) -> Link | None:
+        try:
+            link = _link(self.sock.get(_rtnl.RTM_GETLINK, body + _EXT_MASK))
+        except NetlinkError as err:
+            if err.code == errno.ENODEV:
+                return None
+            raise
+        self._indexes[link.name] = link.index
+        return link
+
+    def addresses(self, family: int | None = None, index: int = 0,
+                  names: dict[int, str] | None = None) -> list[Addr]:
+        """Addresses (kernel-filtered by family and ifindex); names from ``names`` or a dump."""
+        records = self.address_records(family, index)
+        if names is None:
+            names = self._index_names()
+        return [Addr(names.get(i, ""), *rest) for i, *rest in records]
+
+    def address_records(self, family: int | None = None,
+                        index: int = 0) -> list[tuple[int, int, str, int, bool]]:
+        """(ifindex, family, ip, prefixlen, link_local) per address, without names."""
+        msgs = self.sock.dump(_rtnl.RTM_GETADDR, _rtnl.ifaddrmsg(_AF.get(family, 0), index=index))
+        out = []
+        for msg in msgs:
+            fam = _FAMILY.get(msg.fields[0])
+            raw = msg.attrs.get(_rtnl.IFA_LOCAL) or msg.attrs.get(_rtnl.IFA_ADDRESS)
+            if fam is None or not raw:
+                continue
+            ip = ipaddress.ip_address(raw)
+            out.append((msg.fields[4], fam, str(ip), msg.fields[1], ip.is_link_local))
+        return out
+
+    def routes(self, family: int | None = None, table: int | None = None,
+               proto: int | None = None, dev: str | None = None) -> list[Route]:
+        """Unicast routes, filtered by the kernel (family, table, protocol, output device)."""
+        body = _route_dump_body(family, table, proto)
+        names = None
+        if dev is not None:
+            index = self._index(dev)
+            if index is None:
+                return []
+            body += _rtnl.attr_u32(_rtnl.RTA_OIF, index)
+            names = {index: dev}
+        try:
+            msgs = self.sock.dump(_rtnl.RTM_GETROUTE, body)
+        except NetlinkError as err:
+            if err.code == errno.ENOENT:   # the table does not exist (yet): nothing in it
+                return []
+            raise
+        if names is None:
+            names = self._index_names()
+        out = []
+        for msg in msgs:
+            out += _routes(msg, names)
+        return out
+
+    def rules(self, family: int | None = None) -> list[RuleInfo]:
+        """Every lookup rule (the kernel cannot filter rule dumps beyond the family)."""
+        msgs = self.sock.dump(_rtnl.RTM_GETRULE, _rtnl.fib_rule_hdr(_AF.get(family, 0)))
+        return [_rule(m) for m in msgs if m.fields[7] == _rtnl.FR_ACT_TO_TBL
+                and m.fields[0] in _FAMILY]
+
+    def owned_rules(self) -> list[Rule]:
+        return [_owned_rule(r) for r in self.rules() if r.proto == RTPROT_ROUTE_TUNE]
+
+    def owned_neighbours(self, dev: str | None = None) -> list[Neighbour]:
+        """Neighbours carrying our protocol (kernel-filtered to ``dev`` when given)."""
+        body = _rtnl.ndmsg()
+        if dev is not None:
+            index = self._index(dev)
+            if index is None:
+                return []
+            body += _rtnl.attr_u32(_rtnl.NDA_IFINDEX, index)
+            names = {index: dev}
+        else:
+            names = None
+        out = []
+        for msg in self.sock.dump(_rtnl.RTM_GETNEIGH, body):
+            fam = _FAMILY.get(msg.fields[0])
+            if fam is None or msg.u8(_rtnl.NDA_PROTOCOL) != RTPROT_ROUTE_TUNE:
+                continue
+            if names is None:
+                names = self._index_names()
+            out.append(Neighbour(fam, names.get(msg.fields[1], ""), msg.ip(_rtnl.NDA_DST),
+                                 msg.mac(_rtnl.NDA_LLADDR)))
+        return out
+
+    def route_get(self, dst: str, src: str | None = None, iif: str | None = None,
+                  mark: int = 0) -> RouteGet:
+        """``ip route get``; ``table`` is the table the rules really selected."""
+        family = 6 if ":" in dst else 4
+        body = [_rtnl.rtmsg(_AF[family], dst_len=_FULL[family],
+                            src_len=_FULL[family] if src else 0,
+                            flags=_lookup_flags(family)),
+                _rtnl.attr(_rtnl.RTA_DST, _rtnl.ip_bytes(dst))]
+        if src:
+            body.append(_rtnl.attr(_rtnl.RTA_SRC, _rtnl.ip_bytes(src)))
+        if iif:
+            body.append(_rtnl.attr_u32(_rtnl.RTA_IIF, self._require_index(iif)))
+        if mark:
+            body.append(_rtnl.attr_u32(_rtnl.RTA_MARK, mark))
+        try:
+            msg = self.sock.get(_rtnl.RTM_GETROUTE, b"".join(body))
+        except NetlinkError as err:
+            raise RouteConflict(f"no route to {dst}" + (f" from {src}" if src else "")
+                                + f": {os.strerror(err.code)}") from None
+        oif = msg.u32(_rtnl.RTA_OIF)
+        return RouteGet(table=msg.u32(_rtnl.RTA_TABLE) or msg.fields[4],
+                        dev=self._name_of(oif) if oif else "",
+                        gateway=msg.ip(_rtnl.RTA_GATEWAY), prefsrc=msg.ip(_rtnl.RTA_PREFSRC),
+                        local=msg.fields[7] == _rtnl.RTN_LOCAL)
+
+    def route_match(self, dst: str) -> tuple[int, str] | None:
+        """The route this netns would use for ``dst`` (a FIB-match lookup through the rules):
+        ``(prefix length, device)``, or None when nothing routes it."""
+        family = 6 if ":" in dst else 4
+        body = (_rtnl.rtmsg(_AF[family], dst_len=_FULL[family],
+                            flags=_lookup_flags(family) | _RTM_F_FIB_MATCH)
+                + _rtnl.attr(_rtnl.RTA_DST, _rtnl.ip_bytes(dst)))
+        try:
+            msg = self.sock.get(_rtnl.RTM_GETROUTE, body)
+        except NetlinkError:
+            return None
+        oif = msg.u32(_rtnl.RTA_OIF)
+        return msg.fields[1], self._name_of(oif) if oif else ""
+
+    def default_gateways(self, family: int) -> list[str]:
+        """Gateways of the default route this netns uses (a FIB-match lookup: one message,
+        however large the main table is)."""
+        dst = _PROBE_DST[family]
+        body = (_rtnl.rtmsg(_AF[family], dst_len=_FULL[family],
+                            flags=_lookup_flags(family) | _RTM_F_FIB_MATCH)
+                + _rtnl.attr(_rtnl.RTA_DST, _rtnl.ip_bytes(dst)))
+        try:
+            msg = self.sock.get(_rtnl.RTM_GETROUTE, body)
+        except NetlinkError:
+            return []
+        if msg.fields[1] != 0:   # a more specific route matched: not a default route
+            return []
+        legs = msg.attrs.get(_rtnl.RTA_MULTIPATH)
+        if legs:
+            return [_rtnl.ip_text(a[_rtnl.RTA_GATEWAY]) for _, a in _rtnl.multipath(legs)
+                    if a.get(_rtnl.RTA_GATEWAY)]
+        gateway = msg.ip(_rtnl.RTA_GATEWAY)
+        return [gateway] if gateway else []
+
+    def node_ns_id(self, node_fd: int) -> int:
+        """The id this netns gives the node netns (-1: none assigned)."""
+        msg = self.sock.get(_rtnl.RTM_GETNSID,
+                            _rtnl.rtgenmsg() + _rtnl.attr_u32(_rtnl.NETNSA_FD, node_fd))
+        nsid = msg.i32(_rtnl.NETNSA_NSID, -1)
+        return -1 if nsid < 0 else nsid
+
+    def read_attr(self, obj: KernelObject) -> str | None:
+        """The live value of a sysctl or link attribute (None: it does not exist)."""
+        if isinstance(obj, Sysctl):
+            return self.read_sysctl(obj.path)
+        link = self.link(obj.ifname)
+        if link is None:
+            return None
+        return str(link.txqlen) if obj.attr == "txqlen" else link.mac
+
+    def read_sysctl(self, path: str) -> str | None:
+        try:
+            with _netns.entered(self.fd), open(f"/proc/sys/{path}") as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
+
+    def read(self, obj: KernelObject):
+        """The live counterpart of a whole-object kind (Veth, NftTable); None when absent."""
+        if isinstance(obj, Veth):
+            return self.read_veth(obj.name)
+        if isinstance(obj, NftTable):
+            from cniplugin.kernel import nft as _nft
+            with _netns.entered(self.fd):
+                text = _nft.read_reply_steering()
+            if text is None:
+                return None
+            if text == _nft.expected_reply_steering(obj.ifname, obj.mark, obj.mask):
+                return obj
+            return "a different table inet route_tune"
+        return self.read_attr(obj)
+
+    def read_veth(self, name: str) -> Veth | None:
+        """The pair whose pod end is ``name`` (``configured`` False if it is not set up)."""
+        return _veth.read(self, name)
+
+    # -- writing ------------------------------------------------------------------------
+    def apply(self, obj: KernelObject) -> None:
+        """Install ``obj``; converges when it (or the identical object) is already there."""
+        try:
+            if isinstance(obj, Rule):
+                self._rule_add(obj)
+            elif isinstance(obj, Route):
+                self.sock.change(_rtnl.RTM_NEWROUTE, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_REPLACE,
+                                 self._route_body(obj))
+            elif isinstance(obj, Neighbour):
+                self.sock.change(_rtnl.RTM_NEWNEIGH, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_REPLACE,
+                                 self._neigh_body(obj, self._require_index(obj.dev), True))
+            elif isinstance(obj, Sysctl):
+                self._write_sysctl(obj.path, obj.value)
+            elif isinstance(obj, LinkAttr):
+                self._link_set(obj, obj.value)
+            elif isinstance(obj, Veth):
+                _veth.apply(self, obj)
+            elif isinstance(obj, NftTable):
+                from cniplugin.kernel import nft as _nft
+                with _netns.entered(self.fd):
+                    _nft.ensure_reply_steering(obj.ifname, obj.mark, obj.mask)
+        except NetlinkError as err:
+            raise _refused(obj, err) from None
+
+    def create_route(self, route: Route) -> Route | None:
+        """Add ``route`` where the request saw nothing with its key (table, prefix, metric).
+
+        If something does hold the key, a route of ours (moved elsewhere, or left by an older
+        attachment with the same address) is replaced and returned, so a rollback can put it
+        back; a foreign route is never overwritten: RouteConflict (code 103).
+        """
+        try:
+            self.sock.change(_rtnl.RTM_NEWROUTE, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_EXCL,
+                             self._route_body(route))
+            return None
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise _refused(route, err) from None
+        holder = next((r for r in self.routes(route.family, route.table)
+                       if r.key() == route.key()), None)
+        if holder is not None and holder.proto != RTPROT_ROUTE_TUNE:
+            raise RouteConflict(
+                f"table {route.table} already has a route to {route.dst} that route-tune did "
+                f"not install (`{holder.render()}`, protocol {holder.proto}); route-tune never "
+                f"overwrites it: remove it, or choose another table (hostRuleTable) or address")
+        self.apply(route)
+        return holder
+
+    def remove(self, obj: KernelObject) -> None:
+        """Delete ``obj`` exactly (explicit priority, family, device, protocol); gone is fine."""
+        try:
+            if isinstance(obj, Rule):
+                self.sock.change(_rtnl.RTM_DELRULE, 0, _rule_body(obj))
+            elif isinstance(obj, Route):
+                if self._index(obj.dev) is not None:
+                    self.sock.change(_rtnl.RTM_DELROUTE, 0, self._route_body(obj))
+            elif isinstance(obj, Neighbour):
+                index = self._index(obj.dev)
+                if index is not None:
+                    self.sock.change(_rtnl.RTM_DELNEIGH, 0, self._neigh_body(obj, index, False))
+            elif isinstance(obj, Veth):
+                index = self._index(obj.name)
+                if index is not None:  # deleting one end deletes the pair (and its routes)
+                    self.sock.change(_rtnl.RTM_DELLINK, 0, _rtnl.ifinfomsg(index=index))
+                    self._indexes.pop(obj.name, None)
+            elif isinstance(obj, NftTable):
+                from cniplugin.kernel import nft as _nft
+                with _netns.entered(self.fd):
+                    _nft.remove_reply_steering()
+        except NetlinkError as err:
+            if err.code not in _GONE:
+                raise _refused(obj, err, "remove") from None
+
+    def remove_veth_peer(self, veth: Veth) -> bool:
+        """Delete the node end of ``veth`` (a node session), only if its alias names the same
+        container: the DEL path when the pod cannot be reached. True when it was deleted."""
+        return _veth.remove_peer(self, veth)
+
+    def restore(self, obj: KernelObject, original=None) -> None:
+        """Put back a displaced foreign route, or an original sysctl/link value/veth."""
+        try:
+            if isinstance(obj, Route):
+                if self._index(obj.dev) is not None:
+                    self.sock.change(_rtnl.RTM_NEWROUTE, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_EXCL,
+                                     self._route_body(obj))
+            elif isinstance(obj, Sysctl) and original is not None:
+                self._write_sysctl(obj.path, original)
+            elif isinstance(obj, LinkAttr) and original is not None:
+                if self._index(obj.ifname) is not None:
+                    self._link_set(obj, original)
+            elif isinstance(obj, Veth) and isinstance(original, Veth):
+                _veth.apply(self, original)
+        except FileNotFoundError:
+            pass  # the interface (and its sysctls) went away: nothing to restore
+        except NetlinkError as err:
+            if err.code not in (*_GONE, errno.EEXIST, errno.ENETUNREACH):
+                raise _refused(obj, err, "restore") from None
+
+    # -- helpers ------------------------------------------------------------------------
+    def _index_names(self) -> dict[int, str]:
+        if self._names is None:
+            self.links()
+        return self._names
+
+    def _name_of(self, index: int) -> str:
+        if self._names is not None and index in self._names:
+            return self._names[index]
+        link = self.link_by_index(index)
+        return link.name if link else ""
+
+    def _index(self, name: str) -> int | None:
+        if name not in self._indexes:
+            link = self.link(name)
+            if link is None:
+                return None
+        return self._indexes[name]
+
+    def _require_index(self, name: str) -> int:
+        index = self._index(name)
+        if index is None:
+            raise InterfaceNotFound(f"interface {name!r} is gone")
+        return index
+
+    def _write_sysctl(self, path: str, value: str) -> None:
+        with _netns.entered(self.fd), open(f"/proc/sys/{path}", "w") as f:
+            f.write(value)
+
+    def _route_body(self, route: Route) -> bytes:
+        family = _AF[route.family]
+        net = ipaddress.ip_network(route.dst)
+        scope = _SCOPE_NUMBERS.get(route.scope, 0) if route.family == 4 else 0
+        parts = [_rtnl.rtmsg(family, dst_len=net.prefixlen, table=route.table,
+                             proto=route.proto, scope=scope, rtype=_rtnl.RTN_UNICAST),
+                 _rtnl.attr_u32(_rtnl.RTA_TABLE, route.table),
+                 _rtnl.attr_u32(_rtnl.RTA_OIF, self._require_index(route.dev))]
+        if net.prefixlen:
+            parts.append(_rtnl.attr(_rtnl.RTA_DST, net.network_address.packed))
+        if route.gateway:
+            parts.append(_rtnl.attr(_rtnl.RTA_GATEWAY, _rtnl.ip_bytes(route.gateway)))
+        if route.src:
+            parts.append(_rtnl.attr(_rtnl.RTA_PREFSRC, _rtnl.ip_bytes(route.src)))
+        if route.metric:
+            parts.append(_rtnl.attr_u32(_rtnl.RTA_PRIORITY, route.metric))
+        return b"".join(parts)
+
+    @staticmethod
+    def _neigh_body(neigh: Neighbour, index: int, full: bool) -> bytes:
+        parts = [_rtnl.ndmsg(_AF[neigh.family], index, _rtnl.NUD_PERMANENT if full else 0),
+                 _rtnl.attr(_rtnl.NDA_DST, _rtnl.ip_bytes(neigh.ip))]
+        if full:
+            parts += [_rtnl.attr(_rtnl.NDA_LLADDR, _rtnl.mac_bytes(neigh.lladdr)),
+                      _rtnl.attr(_rtnl.NDA_PROTOCOL, bytes([RTPROT_ROUTE_TUNE]))]
+        return b"".join(parts)
+
+    def _rule_add(self, rule: Rule) -> None:
+        try:
+            self.sock.change(_rtnl.RTM_NEWRULE, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_EXCL,
+                             _rule_body(rule))
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise
+            live = [_owned_rule(r) for r in self.rules(rule.family) if not r.selectors]
+            if rule not in live:
+                raise RouteConflict(
+                    f"`{rule.render()}` collides with an existing rule that is not "
+                    f"route-tune's; remove that rule or change hostRulePriority") from None
+
+    def _link_set(self, attr: LinkAttr, value: str) -> None:
+        index = self._require_index(attr.ifname)
+        if attr.attr == "txqlen":
+            payload = _rtnl.attr_u32(_rtnl.IFLA_TXQLEN, int(value))
+        else:
+            payload = _rtnl.attr(_rtnl.IFLA_ADDRESS, _rtnl.mac_bytes(value))
+        self.sock.change(_rtnl.RTM_NEWLINK, 0, _rtnl.ifinfomsg(index=index) + payload)
+
+    def _set_link(self, index: int, up: bool = False, *attrs: bytes) -> None:
+        flags = _rtnl.IFF_UP if up else 0
+        self.sock.change(_rtnl.RTM_NEWLINK, 0,
+                         _rtnl.ifinfomsg(index=index, flags=flags, change=flags) + b"".join(attrs))
+
+_RTM_F_FIB_MATCH = 0x2000
+_EXT_MASK = _rtnl.attr_u32(_rtnl.IFLA_EXT_MASK, _rtnl.RTEXT_FILTER_SKIP_STATS)
+
+
+def _refused(obj: KernelObject, err: NetlinkError, action: str = "install") -> RouteConflict:
+    reason = f"; {err.reason}" if err.reason else ""
+    return RouteConflict(f"the kernel refused to {action} `{obj.render()}`: "
+                         f"{os.strerror(err.code)} (errno {err.code}{reason})")
+
+
+def _route_dump_body(family: int | None, table: int | None, proto: int | None) -> bytes:
+    # Strict dump filters: table (RTA_TABLE, any size), protocol and type in the header.
+    body = _rtnl.rtmsg(_AF.get(family, 0), table=table or 0, proto=proto or 0,
+                       rtype=_rtnl.RTN_UNICAST)
+    if table:
+        body += _rtnl.attr_u32(_rtnl.RTA_TABLE, table)
+    return body
+
+
+def _rule_body(rule: Rule) -> bytes:
+    # Explicit priority and family on add AND del, so a delete can only match this rule.
+    src_len = int(rule.src.partition("/")[2]) if rule.src else 0
+    parts = [_rtnl.fib_rule_hdr(_AF[rule.family], src_len, rule.table, _rtnl.FR_ACT_TO_TBL),
+             _rtnl.attr_u32(_rtnl.FRA_PRIORITY, rule.priority),
+             _rtnl.attr_u32(_rtnl.FRA_TABLE, rule.table),
+             _rtnl.attr(_rtnl.FRA_PROTOCOL, bytes([rule.proto]))]
+    if rule.src:
+        parts.append(_rtnl.attr(_rtnl.FRA_SRC, _rtnl.ip_bytes(rule.src.partition("/")[0])))
+    if rule.fwmark:
+        parts += [_rtnl.attr_u32(_rtnl.FRA_FWMARK, rule.fwmark),
+                  _rtnl.attr_u32(_rtnl.FRA_FWMASK, rule.fwmask)]
+    return b"".join(parts)
+
+
+def _link(msg: _rtnl.Msg) -> Link:
+    info = msg.nested(_rtnl.IFLA_LINKINFO)
+    kind = info.get(_rtnl.IFLA_INFO_KIND, b"").split(b"\0", 1)[0].decode()
+    nsid = msg.i32(_rtnl.IFLA_LINK_NETNSID)
+    return Link(index=msg.fields[2], name=msg.text(_rtnl.IFLA_IFNAME), kind=kind,
+                mac=msg.mac(_rtnl.IFLA_ADDRESS), up=bool(msg.fields[3] & _rtnl.IFF_UP),
+                txqlen=msg.u32(_rtnl.IFLA_TXQLEN, 0), peer_index=msg.u32(_rtnl.IFLA_LINK, 0),
+                peer_nsid=-1 if nsid is None else nsid, mtu=msg.u32(_rtnl.IFLA_MTU, 0),
+                alias=msg.text(_rtnl.IFLA_IFALIAS))
+
+
+def _routes(msg: _rtnl.Msg, names: dict[int, str]) -> list[Route]:
+    """One route message as Routes (a multipath route becomes one per next hop)."""
+    rfamily, dst_len, _, _, table, proto, scope, rtype, _ = msg.fields
+    family = _FAMILY.get(rfamily)
+    if family is None or rtype != _rtnl.RTN_UNICAST:
+        return []
+    dst = msg.ip(_rtnl.RTA_DST)
+    if not dst:
+        dst = default_dst(family)
+    elif family == 4:  # inet_ntop's IPv4 text is canonical, and ipaddress is slow (pod dumps)
+        dst = f"{dst}/{dst_len}"
+    else:
+        dst = str(ipaddress.ip_network(f"{dst}/{dst_len}"))
+    base = dict(family=family, table=msg.u32(_rtnl.RTA_TABLE) or table, dst=dst,
+                scope=_SCOPES.get(scope, str(scope)), src=msg.ip(_rtnl.RTA_PREFSRC),
+                metric=msg.u32(_rtnl.RTA_PRIORITY, 0), proto=proto)
+    legs = msg.attrs.get(_rtnl.RTA_MULTIPATH)
+    if legs:
+        hops = [(oif, _rtnl.ip_text(a[_rtnl.RTA_GATEWAY]) if a.get(_rtnl.RTA_GATEWAY) else "")
+                for oif, a in _rtnl.multipath(legs)]
+    else:
+        hops = [(msg.u32(_rtnl.RTA_OIF), msg.ip(_rtnl.RTA_GATEWAY))]
+    return [Route(dev=names.get(oif, ""), gateway=gw, **base) for oif, gw in hops if oif]
+
+
+def _rule(msg: _rtnl.Msg) -> RuleInfo:
+    rfamily, dst_len, src_len, tos, table, _, _, _, _ = msg.fields
+    src = msg.ip(_rtnl.FRA_SRC)
+    others = dst_len or tos or bool(msg.attrs.keys() - _KNOWN_FRA)
+    return RuleInfo(family=_FAMILY[rfamily], priority=msg.u32(_rtnl.FRA_PRIORITY, 0),
+                    table=msg.u32(_rtnl.FRA_TABLE) or table,
+                    src=f"{src}/{src_len}" if src else "", proto=msg.u8(_rtnl.FRA_PROTOCOL, 0),
+                    fwmark=msg.u32(_rtnl.FRA_FWMARK, 0), fwmask=msg.u32(_rtnl.FRA_FWMASK, 0),
+                    selectors=bool(others))
+
+
+#: Rule attributes that do not select traffic beyond what RuleInfo records.
+_KNOWN_FRA = frozenset({_rtnl.FRA_SRC, _rtnl.FRA_PRIORITY, _rtnl.FRA_TABLE, _rtnl.FRA_FWMARK,
+                        _rtnl.FRA_FWMASK, _rtnl.FRA_PROTOCOL})
+
+
+# The fact readers live in _gather; the CLI imports them from here.
+from cniplugin.engine.gather import (_owned_rule, gather_node, gather_pod, node_claims,  # noqa: E402
+                      owned_node_objects, owned_pod_objects, verified_peer)
+
+__all__ = ["Netlink", "RouteGet", "session", "open_session", "gather_pod", "gather_node",
+           "node_claims",
+           "verified_peer", "owned_node_objects", "owned_pod_objects"]
+
+
+def _lookup_flags(family: int) -> int:
+    """RTM_GETROUTE flags for "report the table the rules selected".
+
+    IPv4 needs RTM_F_LOOKUP_TABLE for that (else it reports main). IPv6 always reports the real
+    table, and its strict request check (NETLINK_GET_STRICT_CHK) refuses any flag but
+    RTM_F_FIB_MATCH with EINVAL.
+    """
+    return _rtnl.RTM_F_LOOKUP_TABLE if family == 4 else 0

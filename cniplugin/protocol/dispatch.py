@@ -1,0 +1,323 @@
+"""The CNI protocol, transport-agnostic: environment + stdin in, ``Outcome`` out.
+
+``run`` does what Go's ``skel`` does, in this order: CNI_COMMAND (empty: the about text on stderr,
+exit 0) → VERSION (no stdin) → the other CNI_* variables (code 4) → stdin JSON (6) → ``name`` (7)
+→ version negotiation (``cniVersion`` + 1.1.0 ``cniVersions``; malformed 6, unsupported 1) →
+command gates (CHECK ≥ 0.4.0, GC/STATUS ≥ 1.1.0; code 1) → ``prevResult`` and ``PluginConfig``
+(7) → the engine. Differences from skel: the container id and ifname are checked before stdin is
+parsed (so a request with several faults reports code 4 first), and a malformed version string is
+code 6 for every command (Go gives 6 only on CHECK and 1 elsewhere).
+
+Import cost is part of the contract: this module imports only the stdlib at load time. pydantic
+arrives with ``_wire``/``_config`` when a result or config must be validated, pyroute2 only with
+the engine. VERSION and the about text need neither; a DEL whose netns is gone builds its
+``Request`` with the config and prevResult loaded lazily, so the engine decides whether it needs
+them (the node-side cleanup works from the state store).
+
+Every failure is one JSON object on stdout (``cniVersion``, ``code``, ``msg``, ``details``) and
+exit 1; an unexpected exception is code 999 with its traceback only in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import cached_property
+
+from cniplugin.protocol.errors import CNIError, DecodeFailure, IncompatibleVersion, InternalError, \
+    InvalidConfig, NotChained
+from cniplugin._version import PLUGIN_NAME, SUPPORTED_VERSIONS, __version__
+
+# Neither ``typing`` nor ``dataclasses`` is imported at run time: together they cost more than
+# the whole VERSION command (dataclasses pulls in ``inspect``). Hence plain classes below.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Mapping
+
+    from cniplugin.protocol.config import PluginConfig
+    from cniplugin.protocol.env import CniEnv, NodeDefaults
+    from cniplugin.protocol.wire import Result
+
+__all__ = ["Outcome", "Request", "run", "error_outcome", "negotiate", "parse_version",
+           "version_at_least", "about_text", "version_reply"]
+
+_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*\Z")
+_FALLBACK_VERSION = SUPPORTED_VERSIONS[-1]
+#: The minimum config version of each command that did not exist from the start.
+_COMMAND_SINCE = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
+
+
+class Outcome:
+    """What the plugin process prints and returns.
+
+    ``stdout``: exactly what goes to stdout (the result, the error JSON, or b"");
+    ``exit_code``: 0 or 1; ``stderr``: only the about text (logs go through logging).
+    """
+
+    __slots__ = ("stdout", "exit_code", "stderr")
+
+    def __init__(self, stdout: bytes, exit_code: int, stderr: bytes = b"") -> None:
+        self.stdout = stdout
+        self.exit_code = exit_code
+        self.stderr = stderr
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Outcome) and (self.stdout, self.exit_code, self.stderr) == (
+            other.stdout, other.exit_code, other.stderr)
+
+    def __repr__(self) -> str:
+        return f"Outcome(stdout={self.stdout!r}, exit_code={self.exit_code}, stderr={self.stderr!r})"
+
+
+# ---------------------------------------------------------------- versions (stdlib only)
+
+def parse_version(text: Any) -> tuple[int, int, int]:
+    """Go's ``version.ParseVersion``: 1 to 3 dot-separated integers; else ``DecodeFailure`` (6)."""
+    if not isinstance(text, str) or not text:
+        raise DecodeFailure(f"invalid version {json.dumps(text)}: the version is empty"
+                            if text == "" else f"invalid version {json.dumps(text)}")
+    parts = text.split(".")
+    if len(parts) > 3 or not all(p.isdigit() and p.isascii() for p in parts):
+        raise DecodeFailure(f'invalid version "{text}"')
+    numbers = [int(p) for p in parts] + [0] * (3 - len(parts))
+    return numbers[0], numbers[1], numbers[2]
+
+
+def version_at_least(version: str, minimum: str) -> bool:
+    """True when ``version`` >= ``minimum`` (both well-formed)."""
+    return parse_version(version) >= parse_version(minimum)
+
+
+def negotiate(config: Mapping[str, Any]) -> str:
+    """The version to speak: the highest of ``cniVersion`` and the 1.1.0 ``cniVersions`` list
+    that route-tune supports (libcni picks the same way). A missing ``cniVersion`` means 0.1.0.
+
+    Malformed version strings are code 6; nothing supported is code 1 ``incompatible CNI
+    versions`` with Go's details ``config is "X", plugin supports ["0.3.0" ...]``.
+    """
+    declared = config.get("cniVersion") or "0.1.0"
+    parse_version(declared)
+    offered = config.get("cniVersions", [])
+    if not isinstance(offered, list):
+        raise DecodeFailure("cniVersions must be a list of version strings")
+    for version in offered:
+        parse_version(version)
+    usable = [v for v in [declared, *offered] if v in SUPPORTED_VERSIONS]
+    if not usable:
+        supported = " ".join(f'"{v}"' for v in SUPPORTED_VERSIONS)
+        raise IncompatibleVersion("incompatible CNI versions",
+                                  f'config is "{declared}", plugin supports [{supported}]')
+    return max(usable, key=parse_version)
+
+
+def about_text() -> str:
+    """What skel prints on stderr when CNI_COMMAND is unset (plus route-tune's version)."""
+    return (f"CNI {PLUGIN_NAME} plugin v{__version__}\n"
+            f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
+
+
+def version_reply() -> bytes:
+    """The VERSION reply, encoded like Go's ``PluginInfo.Encode`` (compact, newline)."""
+    return json.dumps({"cniVersion": SUPPORTED_VERSIONS[-1],
+                       "supportedVersions": list(SUPPORTED_VERSIONS)},
+                      separators=(",", ":")).encode() + b"\n"
+
+
+# ---------------------------------------------------------------- the request
+
+class Request:
+    """One CNI invocation, as the engine sees it.
+
+    - ``command``: ADD | DEL | CHECK | GC | STATUS
+    - ``env``: the validated CNI_* variables (container_id, netns, ifname, args, path)
+    - ``raw``: the whole stdin config; ``cni_version``: the negotiated version of the reply
+    - ``node_defaults``: the node defaults file (already read)
+    - ``pod_netns_fd``: given by the resident server (SCM_RIGHTS); None = open ``env.netns``
+    - ``node_netns_fd``: the caller's netns (the node); None = this process's netns
+    - ``config`` (PluginConfig) and ``prev_result`` (canonical 1.x Result or None) are loaded on
+      first access and cached, so a DEL whose netns is gone imports pydantic only if the engine
+      asks for them. For every other command ``run`` touches both before calling the engine, so
+      validation errors come first.
+    """
+
+    def __init__(self, command: str, env: CniEnv, raw: dict, cni_version: str,
+                 node_defaults: NodeDefaults, pod_netns_fd: int | None = None,
+                 node_netns_fd: int | None = None) -> None:
+        self.command = command
+        self.env = env
+        self.raw = raw
+        self.cni_version = cni_version
+        self.node_defaults = node_defaults
+        self.pod_netns_fd = pod_netns_fd
+        self.node_netns_fd = node_netns_fd
+
+    def __repr__(self) -> str:
+        return (f"Request({self.command} {self.env.container_id}/{self.env.ifname} "
+                f"netns={self.env.netns!r} cniVersion={self.cni_version})")
+
+    @cached_property
+    def config(self) -> PluginConfig:
+        from cniplugin.protocol import config as _config
+        return _config.build(self.raw, self.node_defaults)
+
+    @cached_property
+    def prev_result(self) -> Result | None:
+        raw_prev = self.raw.get("prevResult")
+        if raw_prev is None:
+            return None
+        from cniplugin.protocol import wire as _wire
+        return _wire.parse_result(raw_prev, self.cni_version)
+
+    @property
+    def netns_gone(self) -> bool:
+        """True when CNI_NETNS is empty or names nothing (possible only on DEL)."""
+        # A netns fd handed over by the resident server means the pod netns exists, whatever
+        # the server's own mount namespace shows at that path.
+        if self.pod_netns_fd is not None:
+            return False
+        return not self.env.netns or not os.path.exists(self.env.netns)
+
+
+# ---------------------------------------------------------------- replies
+
+def _encode(obj: dict) -> bytes:
+    # Go's PrintResult: json.MarshalIndent(obj, "", "    "), no trailing newline.
+    return json.dumps(obj, indent=4, ensure_ascii=False).encode()
+
+
+def error_outcome(error: CNIError, cni_version: str = _FALLBACK_VERSION) -> Outcome:
+    """The reply for ``error``: its JSON on stdout, exit 1."""
+    return Outcome(_encode(error.to_reply(cni_version)), 1)
+
+
+def _reply_version(stdin: bytes) -> str:
+    """For an error before negotiation: the config's version when we support it, else the
+    newest we speak (the error JSON is then still readable by the runtime that sent it)."""
+    try:
+        declared = json.loads(stdin).get("cniVersion")
+    except (ValueError, AttributeError):
+        declared = None
+    return declared if declared in SUPPORTED_VERSIONS else _FALLBACK_VERSION
+
+
+def _decode(stdin: bytes) -> dict:
+    try:
+        raw = json.loads(stdin)
+    except ValueError as exc:
+        raise DecodeFailure(f"error unmarshalling network config: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DecodeFailure("error unmarshalling network config: expected a JSON object")
+    return raw
+
+
+def _check_name(raw: dict) -> None:
+    name = raw.get("name")
+    if name is None or name == "":
+        raise InvalidConfig("missing network name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidConfig("invalid characters found in network name", str(name))
+
+
+def _log_fields(env: CniEnv) -> dict:
+    return {"containerID": env.container_id, "netns": env.netns, "ifname": env.ifname,
+            "podNamespace": env.args.pod_namespace, "podName": env.args.pod_name,
+            "command": env.command}
+
+
+def _effective_mode(req: Request) -> str:
+    """``mode`` without validating the whole config (the light DEL path)."""
+    mode = req.raw.get("mode", req.node_defaults.values.get("mode", "auto"))
+    return "disabled" if mode == "disable" else mode
+
+
+# ---------------------------------------------------------------- dispatch
+
+def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = None,
+        node_netns_fd: int | None = None, via: str = "") -> Outcome:
+    """Serve one CNI invocation; never raises."""
+    command = environ.get("CNI_COMMAND", "")
+    if not command:
+        return Outcome(b"", 0, about_text().encode())
+    if command == "VERSION":
+        return Outcome(version_reply(), 0)
+
+    from cniplugin.protocol import log as _logging
+    from cniplugin.protocol.env import parse_env, read_node_defaults
+
+    logger = _logging.setup(environ)
+    reply_version: str | None = None  # known once stdin is decoded and negotiated
+    fields: dict = {"command": command}
+    with _logging.request_context(fields, None):
+        try:
+            env = parse_env(environ)
+            fields.update(_log_fields(env))
+            raw = _decode(stdin)
+            _check_name(raw)
+            reply_version = negotiate(raw)
+            since = _COMMAND_SINCE.get(command)
+            if since and not version_at_least(reply_version, since):
+                raise IncompatibleVersion(f"config version does not allow {command}",
+                                          f'config is "{reply_version}", {command} needs '
+                                          f'{since} or later')
+            req = Request(command, env, raw, reply_version, read_node_defaults(environ),
+                          pod_netns_fd, node_netns_fd)
+            _logging.set_request_options(_log_options(req))
+            if via:
+                logger.info("served %s", via)
+            return _dispatch(req, logger)
+        except CNIError as error:
+            logger.warning("%s failed: code %d: %s%s", command, error.code, error.msg,
+                           f" ({error.details})" if error.details else "")
+            return error_outcome(error, reply_version or _reply_version(stdin))
+        except Exception as exc:  # the one broad catch: the edge turns surprises into 999
+            logger.error("%s failed unexpectedly: %r", command, exc, exc_info=True)
+            error = InternalError(f"internal error: {type(exc).__name__}: {exc}",
+                                  "the traceback is in the route-tune log")
+            return error_outcome(error, reply_version or _reply_version(stdin))
+
+
+def _log_options(req: Request):
+    """``logOptions`` resolved without pydantic (the same function the config model uses), so the
+    file log works from the first step, also for the light DEL path and for 999s."""
+    from cniplugin.protocol.log import DEFAULT_LOG_DIR, resolve_log_options
+    defaults = req.node_defaults.values
+    options = req.raw.get("logOptions") or {}
+    if not isinstance(options, dict):
+        raise InvalidConfig(f"key `logOptions`: value `{options}` is not valid; expected an "
+                            "object such as {\"logLevel\": \"info\"}")
+    merged = {**(defaults.get("logOptions") or {}), **options}
+    return resolve_log_options(merged, defaults.get("logDir", DEFAULT_LOG_DIR))
+
+
+def _dispatch(req: Request, logger) -> Outcome:
+    light = req.command == "DEL" and req.netns_gone
+    if not light:
+        req.config  # validate now: option errors are code 7 before anything else happens
+        req.prev_result
+    logger.debug("%s: config version %s", req.command, req.cni_version)
+
+    if req.command == "ADD" and req.raw.get("prevResult") is None:
+        raise NotChained(
+            "route-tune must be chained: it needs a prevResult",
+            "put route-tune last in a conflist's plugins, after an interface plugin such as "
+            "macvlan (with its IPAM)")
+
+    disabled = _effective_mode(req) == "disabled" if light else req.config.disabled
+    if disabled:  # pass-through without importing the engine
+        if req.command == "ADD":
+            return _result_outcome(req.prev_result, req.cni_version)
+        return Outcome(b"", 0)
+
+    from cniplugin.engine import commands as _engine
+    if req.command == "ADD":
+        return _result_outcome(_engine.cmd_add(req), req.cni_version)
+    handler = {"DEL": _engine.cmd_del, "CHECK": _engine.cmd_check, "GC": _engine.cmd_gc,
+               "STATUS": _engine.cmd_status}[req.command]
+    handler(req)
+    return Outcome(b"", 0)
+
+
+def _result_outcome(result: Result, cni_version: str) -> Outcome:
+    from cniplugin.protocol.wire import dump_result
+    return Outcome(_encode(dump_result(result, cni_version)), 0)

@@ -1,0 +1,69 @@
+"""``route-tune``: the executable a CNI runtime runs (env + stdin in, JSON on stdout out).
+
+Kept tiny and stdlib-only at import: the resident-engine fast path (``_shim.forward``) slots in
+before the in-process call, and VERSION / ``--version`` must cost no more than an interpreter
+start plus ``json``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["main"]
+
+#: Commands whose config arrives on stdin (skel reads no stdin for VERSION or the about text).
+_READS_STDIN = ("ADD", "DEL", "CHECK", "GC", "STATUS")
+
+
+def _print_version() -> None:
+    from cniplugin._version import PLUGIN_NAME, SUPPORTED_VERSIONS, __version__
+    sys.stdout.write(f"{PLUGIN_NAME} {__version__}\n"
+                     f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
+
+
+def main() -> None:
+    """Run one CNI invocation and exit with its status."""
+    if sys.argv[1:] in (["--version"], ["-V"]):
+        _print_version()
+        sys.exit(0)
+    environ = os.environ
+    command = environ.get("CNI_COMMAND", "")
+    if command in _READS_STDIN:
+        try:
+            stdin = sys.stdin.buffer.read()
+        except OSError as exc:
+            from cniplugin.protocol import dispatch as _protocol
+            from cniplugin.protocol.errors import IOFailure
+            _emit(_protocol.error_outcome(IOFailure(f"error reading from stdin: {exc}")))
+        # Fast path: a resident engine (`cni-route-tune serve`) has everything imported already.
+        # `_shim` imports only C-level stdlib, so trying it costs well under a millisecond.
+        from cniplugin.transport import shim as _shim
+        if _shim.mode(environ) != "inprocess":
+            reply = _shim.forward(environ, stdin)
+            if reply is not None:
+                code, out, err = reply
+                _write(out, err, code)
+    else:
+        stdin = b""
+    # One request, then exit: the cyclic collector would only walk pydantic's import-time
+    # objects again and again (about 4% of an in-process ADD). Exit frees everything anyway.
+    import gc
+    gc.disable()
+    from cniplugin.transport.pydantic_setup import disable_plugin_discovery
+    disable_plugin_discovery()
+    from cniplugin.protocol import dispatch as _protocol
+    _emit(_protocol.run(environ, stdin, via="in-process" if command in _READS_STDIN else ""))
+
+
+def _emit(outcome) -> None:
+    _write(outcome.stdout, outcome.stderr, outcome.exit_code)
+
+
+def _write(stdout: bytes, stderr: bytes, exit_code: int) -> None:
+    if stderr:
+        sys.stderr.buffer.write(stderr)
+        sys.stderr.flush()
+    sys.stdout.buffer.write(stdout)
+    sys.stdout.flush()
+    sys.exit(exit_code)

@@ -1,0 +1,470 @@
+"""Engine tests on a real kernel: a Calico-style pod eth0 plus macvlan rails, in namespaces.
+
+Topology (every namespace is prefixed ``rtB`` and removed afterwards):
+
+    gwK ns: gw 172.16.1K.254/24 + fd00:16:1K::254/64, lo 10.100.K.1 (only gwK has it)
+       | veth
+    node ns: rtBrK (macvlan master), rtBup0 10.1.20.4/24 (node IP), rtBcali0 (eth0's peer,
+       | proxy_arp, ee:ee:ee:ee:ee:ee)             route 10.233.119.164 dev rtBcali0
+    pod ns: eth0 10.233.119.164/32 default via 169.254.1.1; netK macvlan on rtBrK
+
+route-tune runs as the installed ``route-tune`` executable inside the node namespace, exactly as
+a runtime runs it (env + stdin), with a node defaults file pointing stateDir at a temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import struct
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from conftest import ROUTE_TUNE, require_root
+
+pytestmark = pytest.mark.netns
+CALICO_MAC = "ee:ee:ee:ee:ee:ee"
+CID = "c0ffee" * 4
+
+
+def sh(*args: str, check: bool = True) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if check and done.returncode:
+        raise AssertionError(f"{' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def nsx(ns: str, *args: str, check: bool = True) -> str:
+    return sh("ip", "netns", "exec", ns, *args, check=check)
+
+
+@dataclass
+class Topology:
+    tag: str
+    rails: int
+    v4: bool = True
+    v6: bool = False
+    tmp: str = ""
+    created: list[str] = field(default_factory=list)
+
+    @property
+    def node(self) -> str:
+        return f"{self.tag}n"
+
+    @property
+    def pod(self) -> str:
+        return f"{self.tag}p"
+
+    def gw(self, k: int) -> str:
+        return f"{self.tag}g{k}"
+
+    def add_ns(self, name: str) -> None:
+        sh("ip", "netns", "add", name)
+        self.created.append(name)
+        nsx(name, "ip", "link", "set", "lo", "up")
+
+    def build(self) -> None:
+        self.add_ns(self.node)
+        self.add_ns(self.pod)
+        n, p = self.node, self.pod
+        for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
+            nsx(n, "sysctl", "-qw", key)
+        nsx(n, "ip", "link", "add", "rtBup0", "type", "veth", "peer", "name", "rtBup1")
+        for link in ("rtBup0", "rtBup1"):
+            nsx(n, "ip", "link", "set", link, "up")
+        nsx(n, "ip", "addr", "add", "10.1.20.4/24", "dev", "rtBup0")
+        nsx(n, "ip", "addr", "add", "fd00:1:20::4/64", "dev", "rtBup0", "nodad")
+        # Calico-style eth0.
+        nsx(n, "ip", "link", "add", "rtBcali0", "address", CALICO_MAC, "type", "veth",
+            "peer", "name", "eth0", "netns", p)
+        nsx(n, "ip", "link", "set", "rtBcali0", "up")
+        nsx(n, "sysctl", "-qw", "net.ipv4.conf.rtBcali0.proxy_arp=1")
+        nsx(p, "ip", "link", "set", "eth0", "up")
+        nsx(p, "ip", "addr", "add", "10.233.119.164/32", "dev", "eth0")
+        nsx(p, "ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
+        nsx(p, "ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+        nsx(n, "ip", "route", "add", "10.233.119.164/32", "dev", "rtBcali0")
+        nsx(p, "ip", "addr", "add", "fd00:233::164/128", "dev", "eth0", "nodad")
+        nsx(p, "ip", "-6", "route", "add", "default", "via", "fe80::ecee:eeff:feee:eeee",
+            "dev", "eth0")
+        nsx(n, "ip", "-6", "route", "add", "fd00:233::164/128", "dev", "rtBcali0")
+        for k in range(1, self.rails + 1):
+            self.add_rail(k)
+
+    def add_rail(self, k: int) -> None:
+        g, n = self.gw(k), self.node
+        self.add_ns(g)
+        nsx(n, "ip", "link", "add", f"rtBr{k}", "type", "veth", "peer", "name", "gw", "netns", g)
+        nsx(n, "ip", "link", "set", f"rtBr{k}", "up")
+        nsx(g, "ip", "link", "set", "gw", "up")
+        nsx(g, "ip", "addr", "add", f"172.16.1{k}.254/24", "dev", "gw")
+        nsx(g, "ip", "addr", "add", f"fd00:16:1{k}::254/64", "dev", "gw", "nodad")
+        nsx(g, "ip", "addr", "add", f"10.100.{k}.1/32", "dev", "lo")
+        nsx(g, "ip", "addr", "add", f"fd00:100:{k}::1/128", "dev", "lo")
+
+    def attach(self, k: int, ifname: str = "") -> dict:
+        """What macvlan + host-local do: the link with its addresses; returns the prevResult."""
+        ifname = ifname or f"net{k}"
+        n, p = self.node, self.pod
+        nsx(n, "ip", "link", "add", ifname, "link", f"rtBr{k}", "type", "macvlan", "mode",
+            "bridge")
+        nsx(n, "ip", "link", "set", ifname, "netns", p)
+        ips = []
+        if self.v4:
+            nsx(p, "ip", "addr", "add", f"172.16.1{k}.10/24", "dev", ifname)
+            ips.append({"address": f"172.16.1{k}.10/24", "gateway": f"172.16.1{k}.254",
+                        "interface": 0})
+        if self.v6:
+            nsx(p, "ip", "addr", "add", f"fd00:16:1{k}::10/64", "dev", ifname, "nodad")
+            ips.append({"address": f"fd00:16:1{k}::10/64", "gateway": f"fd00:16:1{k}::254",
+                        "interface": 0})
+        nsx(p, "ip", "link", "set", ifname, "up")
+        mac = json.loads(nsx(p, "ip", "-j", "link", "show", ifname))[0]["address"]
+        return {"cniVersion": "1.0.0", "ips": ips, "dns": {},
+                "interfaces": [{"name": ifname, "mac": mac,
+                                "sandbox": f"/var/run/netns/{p}"}]}
+
+    def cleanup(self) -> None:
+        for name in reversed(self.created):
+            sh("ip", "netns", "del", name, check=False)
+
+
+@pytest.fixture
+def topo_factory(tmp_path):
+    require_root("ip")
+    made: list[Topology] = []
+
+    def make(rails: int = 3, v4: bool = True, v6: bool = False) -> Topology:
+        topo = Topology(f"rtB{secrets.token_hex(3)}", rails, v4, v6, str(tmp_path))
+        made.append(topo)
+        topo.build()
+        return topo
+    yield make
+    for topo in made:
+        topo.cleanup()
+
+
+@pytest.fixture
+def topo(topo_factory) -> Topology:
+    return topo_factory()
+
+
+# -- running route-tune -----------------------------------------------------------------------
+def conf(topo: Topology, prev: dict | None = None, **keys) -> dict:
+    config = {"cniVersion": "1.0.0", "name": "rail", "type": "route-tune",
+              "overlayPodCIDR": ["10.233.64.0/18"], "serviceCIDR": ["10.233.0.0/18"],
+              "hijackCIDR": ["169.254.0.0/16"], **keys}
+    if topo.v6:
+        config["serviceCIDR"] = [*config["serviceCIDR"], "fd00:96::/112"]
+    if prev is not None:
+        config["prevResult"] = prev
+    return config
+
+
+def run(topo: Topology, command: str, ifname: str, config: dict,
+        netns: str | None = None) -> subprocess.CompletedProcess:
+    defaults = os.path.join(topo.tmp, f"{topo.tag}-defaults.json")
+    with open(defaults, "w") as f:
+        json.dump({"stateDir": os.path.join(topo.tmp, "state"),
+                   "logDir": os.path.join(topo.tmp, "log")}, f)
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": CID, "CNI_IFNAME": ifname,
+           "CNI_NETNS": f"/var/run/netns/{topo.pod}" if netns is None else netns,
+           "CNI_PATH": "/usr/lib/cni", "ROUTE_TUNE_DEFAULTS": defaults,
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.run(["ip", "netns", "exec", topo.node, str(ROUTE_TUNE)],
+                          input=json.dumps(config).encode(), env=env, capture_output=True,
+                          check=False)
+
+
+def ok(done: subprocess.CompletedProcess) -> dict | None:
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    return json.loads(done.stdout) if done.stdout.strip() else None
+
+
+def add(topo: Topology, k: int, ifname: str = "", **keys) -> dict:
+    ifname = ifname or f"net{k}"
+    prev = topo.attach(k, ifname)
+    result = ok(run(topo, "ADD", ifname, conf(topo, prev, **keys)))
+    return result
+
+
+# -- observing ---------------------------------------------------------------------------------
+def snapshot(ns: str) -> dict:
+    """Whole routing state of a namespace: rules, every table, neighbours (both families)."""
+    out = {}
+    for fam in ("-4", "-6"):
+        out[f"rule{fam}"] = nsx(ns, "ip", fam, "rule", "show")
+        out[f"route{fam}"] = sorted(
+            line for line in nsx(ns, "ip", fam, "route", "show", "table", "all").splitlines()
+            if " table local " not in line and not line.startswith(("local ", "multicast ")))
+        out[f"neigh{fam}"] = sorted(line for line in nsx(ns, "ip", fam, "neigh", "show",
+                                                         "nud", "permanent").splitlines())
+    return out
+
+
+def route_get(ns: str, dst: str, src: str = "") -> dict:
+    args = ["ip", "-j", "route", "get", dst] + (["from", src] if src else [])
+    return json.loads(nsx(ns, *args))[0]
+
+
+def table_of(ns: str, dst: str, src: str) -> str:
+    line = nsx(ns, "ip", "route", "get", dst, "from", src)
+    words = line.split()
+    return words[words.index("table") + 1] if "table" in words else "main"
+
+
+def pings(ns: str, dst: str, src: str, timeout: float = 2.0) -> bool:
+    """One ICMP echo from ``src`` to ``dst`` inside ``ns`` (no ping binary on this machine)."""
+    from cniplugin.kernel import netns as _netns
+    v6 = ":" in dst
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    ident = secrets.randbits(16)
+    header = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, ident, 1) + b"route-tune"
+    if not v6:  # the kernel checksums ICMPv6 itself, ICMPv4 is ours
+        total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+        total = (total >> 16) + (total & 0xFFFF)
+        header = header[:2] + struct.pack("!H", ~(total + (total >> 16)) & 0xFFFF) + header[4:]
+    fd = _netns.open_netns(f"/var/run/netns/{ns}")
+    try:
+        with _netns.entered(fd), socket.socket(family, socket.SOCK_RAW, proto) as sock:
+            sock.bind((src, 0))
+            sock.sendto(header, (dst, 0))
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    data, peer = sock.recvfrom(2048)
+                except TimeoutError:
+                    return False
+                reply = data if v6 else data[(data[0] & 0x0F) * 4:]
+                kind, _, _, got_id, _ = struct.unpack("!BBHHH", reply[:8])
+                if peer[0] == dst and kind == (129 if v6 else 0) and got_id == ident:
+                    return True
+            return False
+    finally:
+        os.close(fd)
+
+
+def rail_ip(k: int, family: int = 4) -> str:
+    return f"172.16.1{k}.10" if family == 4 else f"fd00:16:1{k}::10"
+
+
+# -- tests -------------------------------------------------------------------------------------
+def test_three_rails_route_and_reach(topo):
+    pod_before, node_before = snapshot(topo.pod), snapshot(topo.node)
+    for k in (1, 2, 3):
+        add(topo, k)
+    p, n = topo.pod, topo.node
+    for k in (1, 2, 3):
+        src = rail_ip(k)
+        got = route_get(p, "8.8.8.8", src)
+        assert got["dev"] == f"net{k}" and got["gateway"] == f"172.16.1{k}.254"
+        assert table_of(p, "8.8.8.8", src) == str(100 + k)
+        # Cluster traffic stays on eth0 whatever the source (coordinator leaks net1's).
+        assert route_get(p, "10.233.0.10", src)["dev"] == "eth0"
+        assert route_get(p, "10.1.20.4", src)["dev"] == "eth0"
+        assert pings(p, f"172.16.1{k}.254", src)
+        assert pings(p, f"10.100.{k}.1", src), f"rail {k} must reach what only gw{k} has"
+        assert not pings(p, f"10.100.{k % 3 + 1}.1", src)
+        assert pings(n, src, "10.1.20.4"), "the node reaches every rail IP through eth0"
+    # Unsourced traffic and eth0 replies stay on eth0.
+    assert route_get(p, "8.8.8.8")["dev"] == "eth0"
+    assert table_of(p, "8.8.8.8", "10.233.119.164") == "100"
+    assert nsx(p, "sysctl", "-n", "net.ipv4.conf.all.rp_filter").strip() == "0"
+    assert nsx(p, "sysctl", "-n", "net.ipv4.conf.net2.rp_filter").strip() == "0"
+    rules = nsx(p, "ip", "rule", "show")
+    assert rules.count("lookup 100") == 1
+    assert "31000:\tfrom 172.16.11.10 lookup 101 proto 231" in rules
+    assert "1000:\tfrom all lookup 500 proto 231" in nsx(n, "ip", "rule", "show")
+    table500 = nsx(n, "ip", "route", "show", "table", "500")
+    assert all(f"{rail_ip(k)} dev rtBcali0" in table500 for k in (1, 2, 3))
+    # CHECK passes; DEL in reverse order restores pod and node exactly.
+    for k in (1, 2, 3):
+        ok(run(topo, "CHECK", f"net{k}", conf(topo, topo_prev(topo, k))))
+    for k in (3, 2, 1):
+        ok(run(topo, "DEL", f"net{k}", conf(topo)))
+        nsx(p, "ip", "link", "del", f"net{k}")
+    assert snapshot(p) == pod_before
+    assert snapshot(n) == node_before
+    assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))
+
+
+def topo_prev(topo: Topology, k: int, ifname: str = "") -> dict:
+    ifname = ifname or f"net{k}"
+    ips = []
+    if topo.v4:
+        ips.append({"address": f"172.16.1{k}.10/24", "gateway": f"172.16.1{k}.254",
+                    "interface": 0})
+    if topo.v6:
+        ips.append({"address": f"fd00:16:1{k}::10/64", "gateway": f"fd00:16:1{k}::254",
+                    "interface": 0})
+    return {"cniVersion": "1.0.0", "ips": ips,
+            "interfaces": [{"name": ifname, "sandbox": f"/var/run/netns/{topo.pod}"}]}
+
+
+def test_del_matrix(topo):
+    """DEL: twice, without prevResult, empty CNI_NETNS, gone interface, gone netns, no ADD."""
+    pod_before, node_before = snapshot(topo.pod), snapshot(topo.node)
+    ok(run(topo, "DEL", "net9", conf(topo)))                      # never added
+    add(topo, 1)
+    add(topo, 2)
+    ok(run(topo, "DEL", "net2", conf(topo), netns=""))            # empty CNI_NETNS: node only
+    assert rail_ip(2) not in nsx(topo.node, "ip", "route", "show", "table", "500")
+    ok(run(topo, "DEL", "net2", conf(topo)))                      # again: nothing left to do
+    nsx(topo.pod, "ip", "link", "del", "net1")                    # interface gone
+    ok(run(topo, "DEL", "net1", conf(topo)))
+    ok(run(topo, "DEL", "net1", conf(topo)))
+    nsx(topo.pod, "ip", "link", "del", "net2")
+    # net2's pod-side objects survive (netns was unknown at its DEL): only table 102 routes on
+    # the deleted link vanished with it, and its rule stays; that is the documented cost of
+    # DEL without CNI_NETNS. Everything else is back.
+    rules = [line for line in nsx(topo.pod, "ip", "rule").splitlines() if "172.16.12.10" not in line]
+    assert "\n".join(rules) + "\n" == pod_before["rule-4"]
+    assert snapshot(topo.node) == node_before
+
+
+def test_del_with_netns_gone_cleans_node(topo):
+    node_before = snapshot(topo.node)
+    add(topo, 1)
+    add(topo, 2)
+    sh("ip", "netns", "del", topo.pod)
+    for k in (2, 1):
+        ok(run(topo, "DEL", f"net{k}", conf(topo)))
+        ok(run(topo, "DEL", f"net{k}", conf(topo)))
+    # The pod's veth died with its netns (and the Calico-style route on it); the rest, including
+    # the node rule route-tune added, must be exactly as before.
+    without_veth = lambda snap: {k: [line for line in (v if isinstance(v, list) else
+                                                       v.splitlines()) if "rtBcali0" not in line]
+                                 for k, v in snap.items()}
+    assert without_veth(snapshot(topo.node)) == without_veth(node_before)
+    assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))
+
+
+def test_del_one_rail_leaves_others(topo):
+    for k in (1, 2, 3):
+        add(topo, k)
+    ok(run(topo, "DEL", "net2", conf(topo)))
+    nsx(topo.pod, "ip", "link", "del", "net2")
+    for k in (1, 3):
+        assert table_of(topo.pod, "8.8.8.8", rail_ip(k)) == str(100 + k)
+        assert pings(topo.pod, f"10.100.{k}.1", rail_ip(k))
+        assert pings(topo.node, rail_ip(k), "10.1.20.4")
+        ok(run(topo, "CHECK", f"net{k}", conf(topo, topo_prev(topo, k))))
+    assert "lookup 102" not in nsx(topo.pod, "ip", "rule")
+    assert rail_ip(2) not in nsx(topo.node, "ip", "route", "show", "table", "500")
+
+
+def test_check_detects_drift_and_ignores_unrelated_main_routes(topo):
+    add(topo, 1)
+    add(topo, 2)
+    check = lambda k: run(topo, "CHECK", f"net{k}", conf(topo, topo_prev(topo, k)))
+    nsx(topo.pod, "ip", "route", "add", "192.0.2.0/24", "dev", "net2")  # a later plugin's route
+    ok(check(2))
+    nsx(topo.pod, "ip", "route", "del", "default", "table", "102")
+    failed = check(2)
+    assert failed.returncode == 1
+    reply = json.loads(failed.stdout)
+    assert reply["code"] == 104 and "table 102" in reply["msg"] and "missing" in reply["msg"]
+    ok(check(1))
+    nsx(topo.node, "ip", "route", "replace", "172.16.11.10", "dev", "rtBup0", "table", "500",
+        "proto", "231")
+    assert "node: changed" in json.loads(check(1).stdout)["msg"]
+    # C3: a prevResult whose sandbox is another netns.
+    prev = topo_prev(topo, 2)
+    prev["interfaces"][0]["sandbox"] = "/var/run/netns/elsewhere"
+    assert json.loads(run(topo, "CHECK", "net2", conf(topo, prev)).stdout)["code"] == 104
+
+
+def test_retried_add_converges(topo):
+    prev = topo.attach(1)
+    ok(run(topo, "ADD", "net1", conf(topo, prev)))
+    pod_once, node_once = snapshot(topo.pod), snapshot(topo.node)
+    ok(run(topo, "ADD", "net1", conf(topo, prev)))
+    assert snapshot(topo.pod) == pod_once and snapshot(topo.node) == node_once
+    add(topo, 2)
+    ok(run(topo, "ADD", "net1", conf(topo, prev)))
+    assert table_of(topo.pod, "8.8.8.8", rail_ip(1)) == "101"
+    assert table_of(topo.pod, "8.8.8.8", rail_ip(2)) == "102"
+
+
+@pytest.mark.parametrize("default_nic", ["net1", "net3"])
+def test_pod_default_route_nic(topo, default_nic):
+    pod_before = snapshot(topo.pod)
+    for k in (1, 2, 3):
+        add(topo, k, podDefaultRouteNic=default_nic)
+        want = default_nic if k >= int(default_nic[-1]) else "eth0"
+        assert route_get(topo.pod, "8.8.8.8")["dev"] == want
+    k = int(default_nic[-1])
+    assert pings(topo.pod, f"10.100.{k}.1", rail_ip(k))
+    assert route_get(topo.pod, "10.233.0.10")["dev"] == "eth0"
+    assert table_of(topo.pod, "8.8.8.8", "10.233.119.164") == "100"
+    assert route_get(topo.pod, "8.8.8.8", "10.233.119.164")["dev"] == "eth0"
+    for j in (3, 2, 1):
+        ok(run(topo, "DEL", f"net{j}", conf(topo, podDefaultRouteNic=default_nic)))
+        nsx(topo.pod, "ip", "link", "del", f"net{j}")
+    assert snapshot(topo.pod) == pod_before
+
+
+@pytest.mark.parametrize("v4,v6", [(False, True), (True, True)], ids=["v6", "dual"])
+def test_ipv6_and_dual_stack(topo_factory, v4, v6):
+    topo = topo_factory(rails=2, v4=v4, v6=v6)
+    pod_before, node_before = snapshot(topo.pod), snapshot(topo.node)
+    for k in (1, 2):
+        add(topo, k)
+    for k in (1, 2):
+        src = rail_ip(k, 6)
+        got = route_get(topo.pod, "2001:db8::1", src)
+        assert got["dev"] == f"net{k}" and got["gateway"] == f"fd00:16:1{k}::254"
+        assert route_get(topo.pod, "fd00:96::10", src)["dev"] == "eth0"
+        assert pings(topo.pod, f"fd00:100:{k}::1", src)
+        assert pings(topo.node, src, "fd00:1:20::4")
+        if v4:
+            assert pings(topo.pod, f"10.100.{k}.1", rail_ip(k))
+        ok(run(topo, "CHECK", f"net{k}", conf(topo, topo_prev(topo, k))))
+    for k in (2, 1):
+        ok(run(topo, "DEL", f"net{k}", conf(topo)))
+        nsx(topo.pod, "ip", "link", "del", f"net{k}")
+    assert snapshot(topo.pod) == pod_before and snapshot(topo.node) == node_before
+
+
+def test_failed_add_rolls_back_everything(topo):
+    """A fault at every apply step leaves pod, node and state exactly as before."""
+    from cniplugin.engine import faults as _faults
+    from cniplugin.kernel import netns as _netns
+    from cniplugin.protocol import dispatch as _protocol
+    add(topo, 1)
+    prev = topo.attach(2)
+    pod_before, node_before = snapshot(topo.pod), snapshot(topo.node)
+    points: list[str] = []
+    environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": CID, "CNI_IFNAME": "net2",
+               "CNI_NETNS": f"/var/run/netns/{topo.pod}", "CNI_PATH": "/usr/lib/cni",
+               "ROUTE_TUNE_DEFAULTS": os.path.join(topo.tmp, f"{topo.tag}-defaults.json")}
+    stdin = json.dumps(conf(topo, prev)).encode()
+    node_fd = _netns.open_netns(f"/var/run/netns/{topo.node}")
+    try:
+        _faults.hook = points.append
+        assert _protocol.run(environ, stdin, node_netns_fd=node_fd).exit_code == 0
+        ok(run(topo, "DEL", "net2", conf(topo)))
+        assert snapshot(topo.pod) == pod_before and snapshot(topo.node) == node_before
+        assert "state" in points and any(p.startswith("node:") for p in points)
+        for point in points:
+            def fail_at(here, point=point):
+                if here == point:
+                    raise RuntimeError(f"injected fault at {here}")
+            _faults.hook = fail_at
+            outcome = _protocol.run(environ, stdin, node_netns_fd=node_fd)
+            assert outcome.exit_code == 1, point
+            assert snapshot(topo.pod) == pod_before, point
+            assert snapshot(topo.node) == node_before, point
+            assert not os.path.exists(os.path.join(topo.tmp, "state", "attachments", CID,
+                                                   "net2.json")), point
+    finally:
+        _faults.hook = None
+        os.close(node_fd)
+    ok(run(topo, "CHECK", "net1", conf(topo, topo_prev(topo, 1))))

@@ -1,0 +1,45 @@
+"""The netlink adapter's `route get` reports the table the rules selected, for both families."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import require_root
+
+NS = f"rtT{os.getpid()}"
+
+
+@pytest.fixture
+def policy_netns():
+    require_root()
+    subprocess.run(["ip", "netns", "add", NS], check=True)
+    try:
+        batch = "\n".join([
+            "link set lo up",
+            "addr add 10.9.0.1/32 dev lo", "addr add fd00:9::1/128 dev lo nodad",
+            "route add default dev lo table 100", "route add ::/0 dev lo table 100",
+            "rule add from 10.9.0.1 lookup 100 pref 100",
+        ]) + "\n"
+        subprocess.run(["ip", "-n", NS, "-batch", "-"], input=batch, text=True, check=True)
+        # `ip rule` takes the family from -6, not from the address (batch mode has no -6).
+        subprocess.run(["ip", "-n", NS, "-6", "rule", "add", "from", "fd00:9::1", "lookup", "100",
+                        "pref", "100"], check=True)
+        yield f"/run/netns/{NS}"
+    finally:
+        subprocess.run(["ip", "netns", "del", NS], check=False)
+
+
+@pytest.mark.parametrize("dst, src", [("10.9.9.9", "10.9.0.1"), ("fd00:9::9", "fd00:9::1")])
+def test_route_get_reports_the_policy_table(policy_netns, dst, src):
+    from cniplugin.kernel import netlink as _netlink
+    from cniplugin.kernel import netns as _netns
+    fd = _netns.open_netns(policy_netns)
+    try:
+        with _netlink.session(fd) as nl:
+            got = nl.route_get(dst, src=src)
+    finally:
+        os.close(fd)
+    assert (got.table, got.dev) == (100, "lo")

@@ -1,0 +1,207 @@
+"""Pure planner tests: hand-built facts, no root. Property tests state the routing invariants."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
+from cniplugin.engine.facts import Addr, Facts, Link, NodeFacts, PodFacts
+from cniplugin.engine.objects import MAIN_TABLE, Desired, Neighbour, Route, Rule
+from cniplugin.engine.planner import Attachment, plan
+
+HOST_TABLE = 500
+
+
+@dataclass
+class Policy:
+    dst: str
+    gw: str
+
+
+@dataclass
+class Config:  # stand-in with PluginConfig's attribute names
+    mode: str = "auto"
+    pod_default_cni_nic: str = "eth0"
+    tune_pod_routes: bool = True
+    pod_default_route_nic: str = ""
+    host_rule_table: int = HOST_TABLE
+    host_rule_priority: int = 1000
+    pod_rp_filter: int = 0
+    overlay_pod_cidr: list = field(default_factory=lambda: ["10.233.64.0/18", "fd00:64::/64"])
+    service_cidr: list = field(default_factory=lambda: ["10.233.0.0/18"])
+    hijack_cidr: list = field(default_factory=lambda: ["169.254.0.0/16"])
+    policy_routes: list = field(default_factory=list)
+    tx_queue_len: int = 0
+    pod_mac_prefix: str = ""
+    veth_link_address: str = ""
+    veth_mtu: int = 1500
+
+
+def eth0_facts(nics: int, v6: bool = False, extra_tables=()) -> Facts:
+    links = [Link(1, "lo"), Link(2, "eth0", "veth", "aa:00:00:00:00:01", peer_index=9)]
+    addrs = [Addr("eth0", 4, "10.233.119.164", 32)]
+    main = [Route(4, MAIN_TABLE, "169.254.1.1/32", "eth0", scope="link", proto=3),
+            Route(4, MAIN_TABLE, "0.0.0.0/0", "eth0", gateway="169.254.1.1", proto=3)]
+    if v6:
+        addrs.append(Addr("eth0", 6, "fd00:233::164", 128))
+        main.append(Route(6, MAIN_TABLE, "::/0", "eth0", gateway="fe80::1", metric=1024, proto=3))
+    for k in range(1, nics + 1):
+        links.append(Link(2 + k, f"net{k}", "macvlan", f"aa:00:00:00:01:0{k}"))
+        addrs.append(Addr(f"net{k}", 4, f"172.16.1{k}.10", 24))
+        main.append(Route(4, MAIN_TABLE, f"172.16.1{k}.0/24", f"net{k}", scope="link",
+                          src=f"172.16.1{k}.10", proto=2))
+        if v6:
+            addrs.append(Addr(f"net{k}", 6, f"fd00:16:1{k}::10", 64))
+    node = NodeFacts(Link(9, "cali1", "veth", "ee:ee:ee:ee:ee:ee", peer_index=2),
+                     node_ips=("10.1.20.4", "fd00:1:20::4"),
+                     local_addrs=frozenset({"10.1.20.4", "fd00:1:20::4"}),
+                     gateways=frozenset({"10.1.20.1"}))
+    return Facts(PodFacts(links=tuple(links), addrs=tuple(addrs), main_routes=tuple(main),
+                          used_tables=frozenset({254, 255, *extra_tables})), node)
+
+
+def attachment(k: int, v6: bool = False) -> Attachment:
+    addrs = (f"172.16.1{k}.10/24",) + ((f"fd00:16:1{k}::10/64",) if v6 else ())
+    gws = (f"172.16.1{k}.254",) + ((f"fd00:16:1{k}::254",) if v6 else ())
+    return Attachment("c1", f"net{k}", "rail", addrs, gws)
+
+
+def test_seed_plan_renders_coordinator_outcome_without_its_leak():
+    desired = plan(Config(), attachment(1), eth0_facts(1))
+    lines = desired.render_lines()
+    assert desired.table == 101
+    assert "ip rule add from 172.16.11.10/32 lookup 101 pref 31000 proto 231" in lines
+    assert "ip rule add from 10.233.119.164/32 lookup 100 pref 31000 proto 231" in lines
+    assert ("ip route replace 10.233.0.0/18 via 10.1.20.4 dev eth0 src 10.233.119.164 "
+            "table 101 proto 231") in lines  # coordinator leaves this out of net1's table
+    assert "ip route replace default via 172.16.11.254 dev net1 table 101 proto 231" in lines
+    assert ("ip route replace 172.16.11.10 dev cali1 scope link table 500 proto 231") in lines
+    assert "ip rule add from all lookup 500 pref 1000 proto 231" in lines
+    assert lines.index("ip rule add from 172.16.11.10/32 lookup 101 pref 31000 proto 231") > \
+        lines.index("ip route replace default via 172.16.11.254 dev net1 table 101 proto 231")
+
+
+def test_table_skips_used_tables_and_reuses_prior():
+    facts = eth0_facts(2, extra_tables=(101, 102))
+    assert plan(Config(), attachment(2), facts).table == 103
+    prior = plan(Config(), attachment(2), eth0_facts(2))
+    assert plan(Config(), attachment(2), facts, prior).table == prior.table
+
+
+def test_validation_errors():
+    with pytest.raises(UnderlayNotReady, match="must run on eth0 .* first, in underlay mode"):
+        plan(Config(mode="underlay"), attachment(1), eth0_facts(1))
+    with pytest.raises(InterfaceNotFound):
+        plan(Config(), attachment(3), eth0_facts(1))
+    unsafe = Attachment("c1", "net1", "rail", ("10.1.20.4/24",), ())
+    with pytest.raises(UnsafeRequest, match="node itself"):
+        plan(Config(), unsafe, eth0_facts(1))
+    with pytest.raises(UnsafeRequest, match="gateway"):
+        plan(Config(), Attachment("c1", "net1", "rail", ("10.1.20.1/24",), ()), eth0_facts(1))
+    with pytest.raises(InvalidConfig, match="no usable IP"):
+        plan(Config(), Attachment("c1", "net1", "rail", (), ()), eth0_facts(1))
+
+
+def test_default_route_nic_moves_default_and_displaces_eth0():
+    desired = plan(Config(pod_default_route_nic="net1"), attachment(1), eth0_facts(1))
+    assert any(r.dev == "eth0" and r.is_default for r in desired.displaced)
+    assert Route(4, MAIN_TABLE, "0.0.0.0/0", "net1", gateway="172.16.11.254") in desired.pod_owned
+    later = plan(Config(pod_default_route_nic="net3"), attachment(1), eth0_facts(1))
+    assert not later.displaced and any("not in the pod yet" in w for w in later.warnings)
+
+
+def test_tune_pod_routes_false_keeps_node_side_only():
+    desired = plan(Config(tune_pod_routes=False), attachment(1), eth0_facts(1))
+    assert not any(isinstance(o, (Rule, Route)) for o in desired.pod_objects())
+    assert desired.node_owned and desired.node_shared
+
+
+# -- properties -------------------------------------------------------------------------------
+scenarios = st.fixed_dictionaries({
+    "nics": st.integers(1, 8), "v6": st.booleans(), "default_nic": st.sampled_from(
+        ["", "eth0", "net1", "net2", "net8", "nope"]), "used": st.sets(st.integers(100, 110)),
+    "tune": st.booleans(), "rp": st.sampled_from([-1, 0, 1, 2]),
+})
+
+
+def plans_for(s) -> list[Desired]:
+    """Plan every attachment in order, feeding each table into the next run's facts."""
+    config = Config(pod_default_route_nic=s["default_nic"], tune_pod_routes=s["tune"],
+                    pod_rp_filter=s["rp"])
+    facts = eth0_facts(s["nics"], s["v6"], s["used"])
+    out = []
+    for k in range(1, s["nics"] + 1):
+        desired = plan(config, attachment(k, s["v6"]), facts)
+        out.append(desired)
+        pod = facts.pod
+        facts = Facts(PodFacts(links=pod.links, addrs=pod.addrs, main_routes=pod.main_routes,
+                               used_tables=pod.used_tables | {desired.table}), facts.node)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenarios)
+def test_invariants(s):
+    plans = plans_for(s)
+    tables = [d.table for d in plans]
+    assert len(set(tables)) == len(tables), "no two attachments share a table"
+    assert all(t >= 101 and t not in s["used"] and t not in (253, 254, 255) for t in tables)
+    assert plans == plans_for(s), "planning is deterministic"
+    for desired in plans:
+        netk = desired.ifname
+        routes = [o for o in desired.pod_objects() if isinstance(o, Route)]
+        for route in routes:
+            assert route.dev in (netk, "eth0")
+        for rule in (o for o in desired.pod_objects() if isinstance(o, Rule)):
+            assert rule.priority == 31000
+            if rule.table == desired.table:
+                for family in desired.families:
+                    assert any(r.table == rule.table and r.is_default and r.family == family
+                               for r in routes), "a source rule's table has a default route"
+        if s["tune"]:
+            for family, cidr in ((4, "10.233.0.0/18"), (4, "169.254.0.0/16"),
+                                 (6, "fd00:64::/64")):
+                if family in desired.families:
+                    assert any(r.table == desired.table and r.dst == cidr for r in routes), \
+                        "cluster CIDRs are in every rail table"
+        for obj in desired.node_objects():
+            if isinstance(obj, Route):
+                assert obj.table == HOST_TABLE and obj.dev == "cali1"
+            elif isinstance(obj, Rule):
+                assert (obj.table, obj.priority, obj.src) == (HOST_TABLE, 1000, "")
+            else:
+                assert isinstance(obj, Neighbour) and obj.dev == "cali1"
+        for route in desired.displaced:
+            assert route.table == MAIN_TABLE and route.is_default
+        for route in routes:
+            if route.family == 6:
+                assert not route.src, "IPv6 routes never carry src"
+            ipaddress.ip_network(route.dst)
+        assert Desired.from_dict(desired.to_dict()) == desired
+
+
+@pytest.mark.parametrize("address,match", [
+    ("0.0.0.0/0", "not a unicast"), ("224.0.0.5/24", "not a unicast"),
+    ("255.255.255.255/32", "not a unicast"), ("10.233.119.164/24", "eth0's address"),
+    ("172.16.99.10/24", "does not have it"),
+])
+def test_prev_result_addresses_are_validated(address, match):
+    """Addresses that are not netK's own unicast addresses are refused (code 7) before any
+    change, instead of getting rules and node routes."""
+    with pytest.raises(InvalidConfig, match=match):
+        plan(Config(), Attachment("c1", "net1", "rail", (address,), ()), eth0_facts(1))
+
+
+def test_gateway_of_the_other_family_is_refused():
+    from types import SimpleNamespace as NS
+
+    from cniplugin.engine.attachment import attachment_from_result
+    result = NS(interfaces=[NS(name="net1")], routes=[],
+                ips=[NS(address="172.16.11.10/24", gateway="fd00:16:11::254", interface=0)])
+    with pytest.raises(InvalidConfig, match="other family"):
+        attachment_from_result(result, "net1", "c1", "rail", eth0_facts(1).pod)

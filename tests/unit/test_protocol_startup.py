@@ -1,0 +1,120 @@
+"""Start-up cost: the cheap paths import neither pydantic nor pyroute2 (checked with the
+interpreter's own import trace, PYTHONPROFILEIMPORTTIME), and bin/route-tune runs from a checkout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import CNI_ROUTE_TUNE, REPO, ROUTE_TUNE, run_plugin
+
+HEAVY = ("pydantic", "pyroute2", "netaddr")
+
+
+def imported_modules(proc) -> set[str]:
+    names = set()
+    for line in proc.stderr.decode().splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip())
+    assert names, "no import trace on stderr"
+    return names
+
+
+def assert_light(proc) -> None:
+    heavy = {name for name in imported_modules(proc) if name.split(".")[0] in HEAVY}
+    assert not heavy, f"heavy imports on a cheap path: {sorted(heavy)}"
+
+
+TRACE = {"PYTHONPROFILEIMPORTTIME": "1"}
+
+
+def test_version_command_is_light():
+    proc = run_plugin({"CNI_COMMAND": "VERSION", **TRACE}, b"")
+    assert proc.returncode == 0
+    assert_light(proc)
+
+
+def test_about_text_is_light():
+    proc = run_plugin(TRACE, b"")
+    assert proc.returncode == 0 and b"CNI route-tune plugin" in proc.stderr
+    assert_light(proc)
+
+
+def test_plugin_dash_dash_version_is_light():
+    proc = run_plugin(TRACE, args=("--version",))
+    assert proc.stdout == (b"route-tune 0.1.0\nCNI protocol versions supported: "
+                           b"0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0\n")
+    assert_light(proc)
+
+
+def test_cli_version_is_light():
+    proc = run_plugin(TRACE, executable=CNI_ROUTE_TUNE, args=("--version",))
+    assert proc.stdout == b"route-tune 0.1.0 (CNI 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0)\n"
+    assert_light(proc)
+
+
+def test_cli_help_lists_subcommands():
+    proc = run_plugin({}, executable=CNI_ROUTE_TUNE, args=("--help",))
+    assert proc.returncode == 0 and b"demo" in proc.stdout
+
+
+def _del_gone_netns_env(tmp_path) -> dict:
+    defaults = tmp_path / "defaults.json"
+    defaults.write_text(json.dumps({"logDir": str(tmp_path / "log"),
+                                    "stateDir": str(tmp_path / "state")}))
+    return {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "rtA-c1", "CNI_IFNAME": "net1",
+            "CNI_NETNS": "/run/netns/rtA-gone", "CNI_PATH": "/usr/lib/cni",
+            "ROUTE_TUNE_DEFAULTS": str(defaults), **TRACE}
+
+
+def test_disabled_del_with_gone_netns_is_light(tmp_path):
+    config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disabled"}
+    proc = run_plugin(_del_gone_netns_env(tmp_path), config)
+    assert (proc.returncode, proc.stdout) == (0, b"")
+    assert_light(proc)
+
+
+def test_del_with_gone_netns_and_no_state_is_light(tmp_path):
+    config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune"}
+    proc = subprocess.run(["unshare", "-n", str(ROUTE_TUNE)], input=json.dumps(config).encode(),
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                               **_del_gone_netns_env(tmp_path)},
+                          capture_output=True, check=False)
+    assert (proc.returncode, proc.stdout) == (0, b"")
+    assert_light(proc)
+
+
+#: Imported by nothing on the light paths: ``dataclasses`` pulls in inspect/ast/dis/tokenize and
+#: ``typing`` is as big; together they cost more than the rest of a light command.
+LIGHT_PATH_STDLIB = ("dataclasses", "typing", "inspect")
+
+
+def test_light_paths_skip_dataclasses_and_typing(tmp_path):
+    config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disabled"}
+    for proc in (run_plugin({"CNI_COMMAND": "VERSION", **TRACE}, b""),
+                 run_plugin(_del_gone_netns_env(tmp_path), config)):
+        assert proc.returncode == 0
+        assert not imported_modules(proc) & set(LIGHT_PATH_STDLIB)
+
+
+def test_add_skips_pydantic_plugin_discovery(tmp_path):
+    # pydantic's plugin loader imports importlib.metadata and scans every installed
+    # distribution; route-tune's models are built without it (cniplugin/_pydantic_setup.py, used by the executable).
+    env = {**_del_gone_netns_env(tmp_path), "CNI_COMMAND": "ADD"}
+    config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disabled",
+              "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}}
+    proc = run_plugin(env, config)
+    assert proc.returncode == 0, proc.stdout
+    modules = imported_modules(proc)
+    assert "pydantic" in modules
+    assert "importlib.metadata" not in modules
+
+
+def test_bin_route_tune_runs_from_the_checkout():
+    proc = run_plugin({"CNI_COMMAND": "VERSION"}, b"", executable=REPO / "bin" / "route-tune")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["supportedVersions"][-1] == "1.1.0"
+    proc = run_plugin({}, b"", executable=REPO / "bin" / "route-tune", args=("--version",))
+    assert proc.stdout.startswith(b"route-tune 0.1.0\n")
