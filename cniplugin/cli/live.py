@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
 from cniplugin.kernel import netlink as _netlink
-
 from cniplugin.kernel import netns as _netns
 from cniplugin.protocol.errors import CNIError, InterfaceNotFound
 from cniplugin.engine.facts import Addr, Facts, Link

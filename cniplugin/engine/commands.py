@@ -16,9 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from cniplugin.engine import faults as _faults
-
 from cniplugin.kernel import netlink as _netlink
-
 from cniplugin.kernel import netns as _netns
 from cniplugin.protocol.errors import (CheckFailed, InterfaceNotFound, IOFailure, NotChained, PluginError,
                       PluginNotAvailable, RouteConflict, UnknownContainer)

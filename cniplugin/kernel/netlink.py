@@ -21,9 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cniplugin.kernel import netns as _netns
-
 from cniplugin.kernel import rtnl as _rtnl
-
 from cniplugin.kernel import veth as _veth
 from cniplugin.protocol.errors import InterfaceNotFound, RouteConflict
 from cniplugin.engine.facts import Addr, Link, RuleInfo

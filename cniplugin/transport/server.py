@@ -29,9 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 from cniplugin.protocol import log as _logging
-
 from cniplugin.kernel import netns as _netns
-
 from cniplugin.transport import shim as _shim
 from cniplugin.protocol.env import read_node_defaults
 from cniplugin.protocol.errors import CNIError, InternalError, IOFailure, UnsafeRequest

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from cniplugin.engine import commands as _engine
-
 from cniplugin.kernel import netns as _netns
 from cniplugin.engine.facts import Facts
 from cniplugin.lab.runtime import PluginEnv, PyRuntime, RailPod

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from cniplugin.protocol import dispatch as _protocol
-
 from cniplugin.transport import shim as _shim
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = REPO / ".venv" / "bin" / "python"
