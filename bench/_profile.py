@@ -134,7 +134,7 @@ def warm(env: dict, stdin: bytes, n: int, title: str) -> None:
         cycle(profiler)
     stats = pstats.Stats(profiler)
     res_env = {**env, "ROUTE_TUNE_ENGINE": "resident"}
-    from cniplugin import _shim  # the shim's own client: the server's round trip without a process start
+    from cniplugin.transport import shim as _shim  # the shim's own client: the server's round trip without a process start
     rt_add, rt_del = [], []
     for _ in range(n):
         for e, acc in (({**res_env, "CNI_COMMAND": "ADD"}, rt_add), ({**res_env, "CNI_COMMAND": "DEL"}, rt_del)):

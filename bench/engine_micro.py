@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cniplugin import _engine, _netns  # noqa: E402  (imports done before timing)
+from cniplugin.engine import commands as _engine  # noqa: E402
+from cniplugin.kernel import netns as _netns  # noqa: E402  (imports done before timing)
 from cniplugin.protocol.env import parse_env, read_node_defaults  # noqa: E402
 from cniplugin.protocol.dispatch import Request  # noqa: E402
 

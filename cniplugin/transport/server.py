@@ -435,9 +435,9 @@ _WARM_STDIN = json.dumps({
 def warm_up(runner: Runner) -> None:
     """Load the engine (pyroute2 with it) and build the models now, so the first request is fast."""
     started = time.monotonic()
-    for name in ("_config", "_wire", "_engine", "_netlink"):
+    for name in ("protocol.config", "protocol.wire", "engine.commands", "kernel.netlink"):
         try:
-            importlib.import_module(f"{__package__}.{name}")
+            importlib.import_module(f"cniplugin.{name}")
         except ImportError as exc:  # serving still works; that module loads on first use
             log.warning("warm-up could not import %s: %s", name, exc)
     out = runner(dict(_WARM_ENV, **_node_env()), _WARM_STDIN)
