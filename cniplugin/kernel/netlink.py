@@ -6,8 +6,11 @@ that netns for the calling thread only while it runs. So the engine opens one se
 per request and uses both freely. Every read is a single request with kernel-side filters; no
 session caches anything beyond its request (the resident server is long-lived).
 
-It is still the only module that imports pyroute2: lazily, for ``Netlink.ipr``, which the CLI's
-inspection code uses to read everything (the engine itself never touches it).
+Every route message, the engine's and the CLI's, goes through one decoder (``_routes``); the
+CLI's full reads (``all_routes``, ``all_rules``, ``configured_neighbours``) return the same
+``_objects`` types as the engine's, with their live-only fields filled. It is still the only
+module that imports pyroute2: lazily, for the CLI's rule dump (``all_rules``; the engine never
+touches it). docs/design.md ("Netlink paths") says why each path exists.
 """
 
 from __future__ import annotations
@@ -24,16 +27,15 @@ from cniplugin.kernel import netns as _netns
 from cniplugin.kernel import rtnl as _rtnl
 from cniplugin.kernel import veth as _veth
 from cniplugin.protocol.errors import InterfaceNotFound, RouteConflict
-from cniplugin.engine.facts import Addr, Link, RuleInfo
-from cniplugin.engine.objects import (SCOPE_LINK, SCOPE_UNIVERSE, KernelObject, LinkAttr, Neighbour,
-                       NftTable, Route, Rule, Sysctl, Veth, default_dst)
+from cniplugin.engine.facts import Addr, Link
+from cniplugin.engine.objects import (ROUTE_TYPES, RULE_ACTIONS, SCOPE_NAMES, SCOPE_NUMBERS,
+                                      KernelObject, LinkAttr, Neighbour, NftTable, Route, Rule,
+                                      Sysctl, Veth, default_dst)
 from cniplugin.kernel.rtnl import NetlinkError
 from cniplugin._version import RTPROT_ROUTE_TUNE
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
-_SCOPES = {0: SCOPE_UNIVERSE, 253: SCOPE_LINK, 254: "host"}
-_SCOPE_NUMBERS = {v: k for k, v in _SCOPES.items()}
 _GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
 _FULL = {4: 32, 6: 128}
 #: Documentation addresses: a FIB-match lookup of one of them finds the default route in use.
@@ -169,7 +171,33 @@ class Netlink:
             out += _routes(msg, names)
         return out
 
-    def rules(self, family: int | None = None) -> list[RuleInfo]:
+    def all_routes(self, family: int, table: int | None = None) -> list[Route]:
+        """Every route of any type (a table's, or all tables'), multipath legs kept together:
+        what an operator looks at (the CLI)."""
+        body = _rtnl.rtmsg(_AF[family], table=table or 0)
+        if table:
+            body += _rtnl.attr_u32(_rtnl.RTA_TABLE, table)
+        try:
+            msgs = self.sock.dump(_rtnl.RTM_GETROUTE, body)
+        except NetlinkError as err:
+            if err.code == errno.ENOENT:
+                return []
+            raise
+        names = self._index_names()
+        return [r for msg in msgs for r in _routes(msg, names, whole=True)]
+
+    def all_rules(self, family: int) -> list[Rule]:
+        """Every rule with every selector and action (the CLI's view), through pyroute2: its
+        generic attribute decoding names the long tail of selectors (port and uid ranges,
+        ipproto, l3mdev) that the engine never needs."""
+        return [_full_rule(m, family) for m in self.ipr.rule("dump", family=_AF[family])]
+
+    def configured_neighbours(self, dev: str | None = None) -> list[Neighbour]:
+        """Neighbours someone configured: PERMANENT ones or any carrying a protocol (the CLI)."""
+        return self._neighbours(dev, lambda state, proto: state & _rtnl.NUD_PERMANENT or proto,
+                                live=True)
+
+    def rules(self, family: int | None = None) -> list[Rule]:
         """Every lookup rule (the kernel cannot filter rule dumps beyond the family)."""
         msgs = self.sock.dump(_rtnl.RTM_GETRULE, _rtnl.fib_rule_hdr(_AF.get(family, 0)))
         return [_rule(m) for m in msgs if m.fields[7] == _rtnl.FR_ACT_TO_TBL
@@ -180,6 +208,11 @@ class Netlink:
 
     def owned_neighbours(self, dev: str | None = None) -> list[Neighbour]:
         """Neighbours carrying our protocol (kernel-filtered to ``dev`` when given)."""
+        return self._neighbours(dev, lambda state, proto: proto == RTPROT_ROUTE_TUNE)
+
+    def _neighbours(self, dev: str | None, keep, live: bool = False) -> list[Neighbour]:
+        # ``live`` fills state and protocol; the engine's compare with planned neighbours
+        # leaves them at their defaults (an owned entry is ours whatever its NUD state).
         body = _rtnl.ndmsg()
         if dev is not None:
             index = self._index(dev)
@@ -192,12 +225,15 @@ class Netlink:
         out = []
         for msg in self.sock.dump(_rtnl.RTM_GETNEIGH, body):
             fam = _FAMILY.get(msg.fields[0])
-            if fam is None or msg.u8(_rtnl.NDA_PROTOCOL) != RTPROT_ROUTE_TUNE:
+            state, proto = msg.fields[2], msg.u8(_rtnl.NDA_PROTOCOL, 0)
+            if fam is None or not msg.attrs.get(_rtnl.NDA_DST) or not keep(state, proto):
                 continue
             if names is None:
                 names = self._index_names()
-            out.append(Neighbour(fam, names.get(msg.fields[1], ""), msg.ip(_rtnl.NDA_DST),
-                                 msg.mac(_rtnl.NDA_LLADDR)))
+            fields = (fam, names.get(msg.fields[1], ""), msg.ip(_rtnl.NDA_DST),
+                      msg.mac(_rtnl.NDA_LLADDR))
+            out.append(Neighbour(*fields, bool(state & _rtnl.NUD_PERMANENT), proto) if live
+                       else Neighbour(*fields))
         return out
 
     def route_get(self, dst: str, src: str | None = None, iif: str | None = None,
@@ -254,7 +290,7 @@ class Netlink:
             return []
         legs = msg.attrs.get(_rtnl.RTA_MULTIPATH)
         if legs:
-            return [_rtnl.ip_text(a[_rtnl.RTA_GATEWAY]) for _, a in _rtnl.multipath(legs)
+            return [_rtnl.ip_text(a[_rtnl.RTA_GATEWAY]) for _, _, a in _rtnl.multipath(legs)
                     if a.get(_rtnl.RTA_GATEWAY)]
         gateway = msg.ip(_rtnl.RTA_GATEWAY)
         return [gateway] if gateway else []
@@ -432,7 +468,7 @@ class Netlink:
     def _route_body(self, route: Route) -> bytes:
         family = _AF[route.family]
         net = ipaddress.ip_network(route.dst)
-        scope = _SCOPE_NUMBERS.get(route.scope, 0) if route.family == 4 else 0
+        scope = SCOPE_NUMBERS.get(route.scope, 0) if route.family == 4 else 0
         parts = [_rtnl.rtmsg(family, dst_len=net.prefixlen, table=route.table,
                              proto=route.proto, scope=scope, rtype=_rtnl.RTN_UNICAST),
                  _rtnl.attr_u32(_rtnl.RTA_TABLE, route.table),
@@ -527,11 +563,16 @@ def _link(msg: _rtnl.Msg) -> Link:
                 alias=msg.text(_rtnl.IFLA_IFALIAS))
 
 
-def _routes(msg: _rtnl.Msg, names: dict[int, str]) -> list[Route]:
-    """One route message as Routes (a multipath route becomes one per next hop)."""
-    rfamily, dst_len, _, _, table, proto, scope, rtype, _ = msg.fields
+def _routes(msg: _rtnl.Msg, names: dict[int, str], whole: bool = False) -> list[Route]:
+    """One route message as Routes: the only route decoder.
+
+    For the engine only unicast routes, a multipath route split into one Route per next hop
+    (each leg is what a planned route compares with); ``whole`` (the CLI): any type, the legs
+    kept together in ``nexthops``, ``dead`` set.
+    """
+    rfamily, dst_len, _, _, table, proto, scope, rtype, flags = msg.fields
     family = _FAMILY.get(rfamily)
-    if family is None or rtype != _rtnl.RTN_UNICAST:
+    if family is None or (rtype != _rtnl.RTN_UNICAST and not whole):
         return []
     dst = msg.ip(_rtnl.RTA_DST)
     if not dst:
@@ -541,29 +582,87 @@ def _routes(msg: _rtnl.Msg, names: dict[int, str]) -> list[Route]:
     else:
         dst = str(ipaddress.ip_network(f"{dst}/{dst_len}"))
     base = dict(family=family, table=msg.u32(_rtnl.RTA_TABLE) or table, dst=dst,
-                scope=_SCOPES.get(scope, str(scope)), src=msg.ip(_rtnl.RTA_PREFSRC),
+                scope=SCOPE_NAMES.get(scope, str(scope)), src=msg.ip(_rtnl.RTA_PREFSRC),
                 metric=msg.u32(_rtnl.RTA_PRIORITY, 0), proto=proto)
     legs = msg.attrs.get(_rtnl.RTA_MULTIPATH)
     if legs:
-        hops = [(oif, _rtnl.ip_text(a[_rtnl.RTA_GATEWAY]) if a.get(_rtnl.RTA_GATEWAY) else "")
-                for oif, a in _rtnl.multipath(legs)]
+        hops = [(oif, _rtnl.ip_text(a[_rtnl.RTA_GATEWAY]) if a.get(_rtnl.RTA_GATEWAY) else "",
+                 hflags) for oif, hflags, a in _rtnl.multipath(legs)]
     else:
-        hops = [(msg.u32(_rtnl.RTA_OIF), msg.ip(_rtnl.RTA_GATEWAY))]
-    return [Route(dev=names.get(oif, ""), gateway=gw, **base) for oif, gw in hops if oif]
+        hops = [(msg.u32(_rtnl.RTA_OIF), msg.ip(_rtnl.RTA_GATEWAY), 0)]
+    if not whole:
+        return [Route(dev=names.get(oif, ""), gateway=gw, **base) for oif, gw, _ in hops if oif]
+    dead = bool(flags & _rtnl.RTNH_F_DEAD) or bool(legs) and all(
+        f & _rtnl.RTNH_F_DEAD for _, _, f in hops)
+    oif = msg.u32(_rtnl.RTA_OIF)
+    return [Route(dev=names.get(oif, str(oif)) if oif else "", gateway=msg.ip(_rtnl.RTA_GATEWAY),
+                  type=ROUTE_TYPES.get(rtype, str(rtype)), dead=dead,
+                  nexthops=tuple((names.get(o, str(o)), gw) for o, gw, _ in hops) if legs
+                  else (), **base)]
 
 
-def _rule(msg: _rtnl.Msg) -> RuleInfo:
+def _rule(msg: _rtnl.Msg) -> Rule:
     rfamily, dst_len, src_len, tos, table, _, _, _, _ = msg.fields
     src = msg.ip(_rtnl.FRA_SRC)
     others = dst_len or tos or bool(msg.attrs.keys() - _KNOWN_FRA)
-    return RuleInfo(family=_FAMILY[rfamily], priority=msg.u32(_rtnl.FRA_PRIORITY, 0),
-                    table=msg.u32(_rtnl.FRA_TABLE) or table,
-                    src=f"{src}/{src_len}" if src else "", proto=msg.u8(_rtnl.FRA_PROTOCOL, 0),
-                    fwmark=msg.u32(_rtnl.FRA_FWMARK, 0), fwmask=msg.u32(_rtnl.FRA_FWMASK, 0),
-                    selectors=bool(others))
+    return Rule(family=_FAMILY[rfamily], priority=msg.u32(_rtnl.FRA_PRIORITY, 0),
+                table=msg.u32(_rtnl.FRA_TABLE) or table,
+                src=f"{src}/{src_len}" if src else "", proto=msg.u8(_rtnl.FRA_PROTOCOL, 0),
+                fwmark=msg.u32(_rtnl.FRA_FWMARK, 0), fwmask=msg.u32(_rtnl.FRA_FWMASK, 0),
+                selectors=bool(others))
 
 
-#: Rule attributes that do not select traffic beyond what RuleInfo records.
+_FIB_RULE_INVERT, _FIB_RULE_UNRESOLVED = 0x2, 0x4
+_NO_SUPPRESS = 0xFFFFFFFF
+
+
+def _range(value) -> tuple[int, int] | None:
+    # pyroute2 0.9 gives port and uid ranges as "start:end" text (older ones as a dict)
+    if not value:
+        return None
+    if isinstance(value, str):
+        start, _, end = value.partition(":")
+        return int(start), int(end or start)
+    return int(value.get("start")), int(value.get("end"))
+
+
+def _full_rule(msg, family: int) -> Rule:
+    """A pyroute2 rule message as a Rule with every selector (``all_rules``)."""
+    attr = msg.get_attr
+    src, dst = attr("FRA_SRC"), attr("FRA_DST")
+    other = []
+    if msg["tos"]:
+        other.append(f"tos {msg['tos']:#x}")
+    if attr("FRA_IP_PROTO"):
+        other.append(f"ipproto {attr('FRA_IP_PROTO')}")
+    for name, word in (("FRA_SPORT_RANGE", "sport"), ("FRA_DPORT_RANGE", "dport")):
+        rng = _range(attr(name))
+        if rng:
+            other.append(f"{word} {rng[0]}-{rng[1]}")
+    uid = _range(attr("FRA_UID_RANGE"))
+    if uid and uid != (0, 0xFFFFFFFF):
+        other.append(f"uidrange {uid[0]}-{uid[1]}")
+    if attr("FRA_L3MDEV"):
+        other.append("l3mdev")
+    mark = attr("FRA_FWMARK") or 0
+    mask = attr("FRA_FWMASK")
+    suppress = attr("FRA_SUPPRESS_PREFIXLEN")
+    dst = f"{dst}/{msg['dst_len']}" if dst else ""
+    iif, oif = attr("FRA_IIFNAME") or "", attr("FRA_OIFNAME") or ""
+    return Rule(
+        family=family, priority=attr("FRA_PRIORITY") or 0,
+        action=RULE_ACTIONS.get(msg["action"], f"action{msg['action']}"),
+        table=attr("FRA_TABLE") or msg["table"], goto=attr("FRA_GOTO") or 0,
+        src=f"{src}/{msg['src_len']}" if src else "", dst=dst, iif=iif, oif=oif,
+        fwmark=mark, fwmask=mask if mask is not None else (0xFFFFFFFF if mark else 0),
+        invert=bool(msg["flags"] & _FIB_RULE_INVERT),
+        unresolved=bool(msg["flags"] & _FIB_RULE_UNRESOLVED),
+        suppress_prefixlen=None if suppress in (None, _NO_SUPPRESS, -1) else suppress,
+        proto=attr("FRA_PROTOCOL") or 0, other=tuple(other),
+        selectors=bool(dst or iif or oif or other))
+
+
+#: Rule attributes that do not select traffic beyond what ``_rule`` records.
 _KNOWN_FRA = frozenset({_rtnl.FRA_SRC, _rtnl.FRA_PRIORITY, _rtnl.FRA_TABLE, _rtnl.FRA_FWMARK,
                         _rtnl.FRA_FWMASK, _rtnl.FRA_PROTOCOL})
 
