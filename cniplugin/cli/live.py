@@ -34,11 +34,6 @@ def LiveRoute(family: int, table: int, type: str, dst: str, **fields) -> Route:
     return Route(family, table, dst, **{"dev": "", "proto": 0, **fields}, type=type)
 
 
-def LiveNeighbour(family: int, dev: str, ip: str, lladdr: str, permanent: bool,
-                  proto: int = 0) -> Neighbour:
-    return Neighbour(family, dev, ip, lladdr, permanent, proto)
-
-
 @dataclass
 class Snapshot:
     """Everything routing-related in one netns."""
