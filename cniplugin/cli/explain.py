@@ -13,14 +13,13 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import socket
 from dataclasses import dataclass, field
 
+from cniplugin.cli.iptext import short, text
+from cniplugin.cli.live import Snapshot, snapshot
+from cniplugin.engine.objects import Route, Rule, table_name
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.protocol.errors import InterfaceNotFound, RouteConflict
-from cniplugin.cli.live import LiveRoute, LiveRule, Snapshot, _short, snapshot, table_name
-
-_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
 @dataclass
@@ -34,7 +33,7 @@ class Flow:
 
 @dataclass
 class Step:
-    rule: LiveRule
+    rule: Rule
     verdict: str            # match | no match | skipped
     reason: str
     outcome: str = ""
@@ -45,7 +44,7 @@ class Explanation:
     flow: Flow
     steps: list[Step]
     table: int | None = None
-    route: LiveRoute | None = None
+    route: Route | None = None
     dev: str = ""
     devs: tuple[str, ...] = ()
     gateway: str = ""
@@ -62,16 +61,16 @@ def _in(addr: str, prefix: str) -> bool:
     return ipaddress.ip_address(addr) in ipaddress.ip_network(prefix, strict=False)
 
 
-def _match(rule: LiveRule, flow: Flow) -> tuple[bool, str]:
+def _match(rule: Rule, flow: Flow) -> tuple[bool, str]:
     """Does ``rule`` select ``flow``? (fib_rule_match + fib4/fib6_rule_match), and why."""
     checks: list[tuple[bool, str]] = []
     if rule.src:
         ok = bool(flow.src) and _in(flow.src, rule.src)
-        checks.append((ok, f"from {_short(rule.src)}" + ("" if ok else
+        checks.append((ok, f"from {short(rule.src)}" + ("" if ok else
                        f" ≠ {flow.src or 'no source (unspecified)'}")))
     if rule.dst:
         ok = _in(flow.dst, rule.dst)
-        checks.append((ok, f"to {_short(rule.dst)}" + ("" if ok else f" ≠ {flow.dst}")))
+        checks.append((ok, f"to {short(rule.dst)}" + ("" if ok else f" ≠ {flow.dst}")))
     if rule.iif:
         # Locally generated traffic (no --iif) is looked up with iif = lo.
         iif = flow.iif or "lo"
@@ -89,23 +88,23 @@ def _match(rule: LiveRule, flow: Flow) -> tuple[bool, str]:
     if not checks:
         ok, reason = True, "from all"
     else:
-        failed = [text for good, text in checks if not good]
+        failed = [why for good, why in checks if not good]
         ok = not failed
-        reason = ", ".join(failed) if failed else ", ".join(text for _, text in checks)
+        reason = ", ".join(failed) if failed else ", ".join(why for _, why in checks)
     if rule.invert:  # `not` negates the whole selector set
         return not ok, (f"selectors fail ({reason}), so `not` matches" if not ok
                         else f"selectors match ({reason}), so `not` does not")
     return ok, reason
 
 
-def lookup(snap: Snapshot, table: int, flow: Flow) -> LiveRoute | None:
+def lookup(snap: Snapshot, table: int, flow: Flow) -> Route | None:
     """Longest-prefix match in one table, lowest metric first; dead routes skipped."""
-    best: LiveRoute | None = None
+    best: Route | None = None
     for route in snap.routes_in(table, flow.family):
         if route.dead or not _in(flow.dst, route.dst):
             continue
-        if best is None or (route.network.prefixlen, -route.metric) > (
-                best.network.prefixlen, -best.metric):
+        if best is None or (route.prefixlen, -route.metric) > (
+                best.prefixlen, -best.metric):
             best = route
     return best
 
@@ -159,15 +158,15 @@ def walk(snap: Snapshot, flow: Flow) -> Explanation:
                 step.outcome = f"{name}: no route to {flow.dst}: next rule"
                 continue
             if route.type == "throw":
-                step.outcome = f"{name}: `{route.text()}` is a throw route: next rule"
+                step.outcome = f"{name}: `{text(route)}` is a throw route: next rule"
                 continue
             if rule.suppress_prefixlen is not None \
-                    and route.network.prefixlen <= rule.suppress_prefixlen:
-                step.outcome = (f"{name}: `{route.text()}` suppressed (prefix length "
-                                f"{route.network.prefixlen} <= {rule.suppress_prefixlen}): "
+                    and route.prefixlen <= rule.suppress_prefixlen:
+                step.outcome = (f"{name}: `{text(route)}` suppressed (prefix length "
+                                f"{route.prefixlen} <= {rule.suppress_prefixlen}): "
                                 f"next rule")
                 continue
-            step.outcome = f"{name}: {route.text()}"
+            step.outcome = f"{name}: {text(route)}"
             _answer(out, rule, route)
             return out
         else:
@@ -177,9 +176,9 @@ def walk(snap: Snapshot, flow: Flow) -> Explanation:
     return out
 
 
-def _answer(out: Explanation, rule: LiveRule, route: LiveRoute) -> None:
+def _answer(out: Explanation, rule: Rule, route: Route) -> None:
     out.table, out.route = rule.table, route
-    reason = f"rule {rule.priority} ({rule.text().split(': ', 1)[1]}) selected table " \
+    reason = f"rule {rule.priority} ({text(rule).split(': ', 1)[1]}) selected table " \
              f"{table_name(rule.table)}, whose longest match for {out.flow.dst} is {route.dst}"
     if route.type in _ROUTE_ERRNO:
         out.errno = _ROUTE_ERRNO[route.type]
@@ -203,37 +202,11 @@ def explain(pod_fd: int, flow: Flow) -> Explanation:
     out = walk(snap, flow)
     with _netlink.session(pod_fd) as nl:
         try:
-            out.kernel = _route_get(nl, flow)
+            out.kernel = nl.route_get(flow.dst, flow.src or None, flow.iif or None, flow.mark)
         except RouteConflict as err:
             out.kernel_error = err.msg
     _compare(out)
     return out
-
-
-def _route_get(nl, flow: Flow) -> _netlink.RouteGet:
-    if flow.family == 4:
-        return nl.route_get(flow.dst, flow.src or None, flow.iif or None, flow.mark)
-    # The engine's route_get sends RTM_F_LOOKUP_TABLE, which the kernel's strict IPv6
-    # getroute check refuses (EINVAL); IPv6 reports the table it used without the flag. Same
-    # request here without it (to be dropped once the engine's route_get handles IPv6).
-    kwargs = {"dst": flow.dst, "family": _AF[6]}
-    if flow.mark:
-        kwargs["mark"] = flow.mark
-    if flow.src:
-        kwargs["src"] = flow.src
-    if flow.iif:
-        kwargs["iif"] = nl._index(flow.iif)
-    try:
-        msg = nl.ipr.route("get", **kwargs)[0]
-    except Exception as err:  # pyroute2's NetlinkError: same message as _netlink.route_get
-        code = getattr(err, "code", 0)
-        raise RouteConflict(f"no route to {flow.dst}" + (f" from {flow.src}" if flow.src else "")
-                            + f": {os.strerror(code)}") from None
-    names = {link.index: link.name for link in nl.links()}
-    return _netlink.RouteGet(table=msg.get_attr("RTA_TABLE") or msg["table"],
-                             dev=names.get(msg.get_attr("RTA_OIF"), ""),
-                             gateway=msg.get_attr("RTA_GATEWAY") or "",
-                             prefsrc=msg.get_attr("RTA_PREFSRC") or "")
 
 
 def _compare(out: Explanation) -> None:

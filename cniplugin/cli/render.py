@@ -12,8 +12,10 @@ import json
 import os
 
 from cniplugin.cli.explain import Explanation
-from cniplugin.cli.live import (InterfaceView, LiveRule, NodeView, Orphans, PodView, Problem,
-                       table_name)
+from cniplugin.cli.iptext import text, to_json
+from cniplugin.cli.orphans import Orphans
+from cniplugin.cli.show import InterfaceView, NodeView, PodView, Problem
+from cniplugin.engine.objects import Rule, table_name
 
 _TAG_COLUMN = 70
 
@@ -27,12 +29,12 @@ def _tag(obj) -> str:
 
 
 def _line(indent: str, obj) -> str:
-    text = f"{indent}{obj.text()}"
-    if isinstance(obj, LiveRule) and not (obj.src or obj.dst):
-        text += f"  (IPv{obj.family})"  # `from all` says nothing about the family
-    if len(text) < _TAG_COLUMN:
-        return f"{text:<{_TAG_COLUMN}} {_tag(obj)}"
-    return f"{text}  {_tag(obj)}"
+    line = f"{indent}{text(obj)}"
+    if isinstance(obj, Rule) and not (obj.src or obj.dst):
+        line += f"  (IPv{obj.family})"  # `from all` says nothing about the family
+    if len(line) < _TAG_COLUMN:
+        return f"{line:<{_TAG_COLUMN}} {_tag(obj)}"
+    return f"{line}  {_tag(obj)}"
 
 
 def _problems(problems: list[Problem]) -> list[str]:
@@ -104,19 +106,19 @@ def show_json(view: PodView) -> dict:
     def iface(v: InterfaceView) -> dict:
         return {"name": v.link.name, "kind": v.link.kind, "mac": v.link.mac, "up": v.link.up,
                 "addresses": [a.cidr for a in v.addrs if not a.link_local],
-                "rules": [r.to_json() for r in v.rules],
-                "tables": [{"table": t, "routes": [r.to_json() for r in routes]}
+                "rules": [to_json(r) for r in v.rules],
+                "tables": [{"table": t, "routes": [to_json(r) for r in routes]}
                            for t, routes in sorted(v.tables.items())],
-                "main_routes": [r.to_json() for r in v.main_routes],
-                "neighbours": [n.to_json() for n in v.neighbours]}
+                "main_routes": [to_json(r) for r in v.main_routes],
+                "neighbours": [to_json(n) for n in v.neighbours]}
     out = {
         "netns": view.netns, "inode": view.snap.inode, "state_dir": view.state_dir,
         "attachments": [{"container_id": s.container_id, "ifname": s.ifname,
                          "network": s.network, "table": s.desired.table, "phase": s.phase}
                         for s in view.attachments],
         "interfaces": [iface(v) for v in view.interfaces],
-        "other_rules": [r.to_json() for r in view.other_rules],
-        "other_tables": [{"table": t, "routes": [r.to_json() for r in routes]}
+        "other_rules": [to_json(r) for r in view.other_rules],
+        "other_tables": [{"table": t, "routes": [to_json(r) for r in routes]}
                          for t, routes in sorted(view.other_tables.items())],
         "problems": [p.to_json() for p in view.problems],
         "facts": view.facts.to_dict() if view.facts is not None else None,
@@ -125,9 +127,9 @@ def show_json(view: PodView) -> dict:
         n = view.node
         out["node"] = {"inode": n.inode, "host_peer": n.host_peer,
                        "host_rule_tables": n.host_rule_tables, "note": n.note,
-                       "rules": [r.to_json() for r in n.rules],
-                       "routes": [r.to_json() for r in n.routes],
-                       "neighbours": [x.to_json() for x in n.neighbours]}
+                       "rules": [to_json(r) for r in n.rules],
+                       "routes": [to_json(r) for r in n.routes],
+                       "neighbours": [to_json(x) for x in n.neighbours]}
     return out
 
 
@@ -180,7 +182,7 @@ def _flow_text(e: Explanation) -> str:
 def _walk_answer(e: Explanation) -> str:
     if e.errno:
         return f"lookup fails: {os.strerror(e.errno)}"
-    route = e.route.text() if e.route else "?"
+    route = text(e.route) if e.route else "?"
     via = f" via {e.gateway}" if e.gateway else ""
     return (f"table {table_name(e.table or 0)}, route `{route}` {_tag(e.route)}, "
             f"out {'|'.join(e.devs)}{via}")
@@ -200,7 +202,7 @@ def explain_text(netns: str, e: Explanation) -> str:
     lines = [f"explain {_flow_text(e)} in {netns}", "rules, in priority order:"]
     for step in e.steps:
         mark = "->" if step.verdict == "match" else "  "
-        lines.append(f"  {mark} {step.rule.text():<58} {step.verdict}: {step.reason}")
+        lines.append(f"  {mark} {text(step.rule):<58} {step.verdict}: {step.reason}")
         if step.outcome:
             lines.append(f"       {step.outcome}")
     if e.why:
@@ -224,9 +226,9 @@ def explain_json(netns: str, e: Explanation) -> dict:
         "netns": netns,
         "flow": {"family": e.flow.family, "dst": e.flow.dst, "src": e.flow.src,
                  "iif": e.flow.iif, "mark": e.flow.mark},
-        "steps": [{"rule": s.rule.to_json(), "verdict": s.verdict, "reason": s.reason,
+        "steps": [{"rule": to_json(s.rule), "verdict": s.verdict, "reason": s.reason,
                    "outcome": s.outcome} for s in e.steps],
-        "walk": {"table": e.table, "route": e.route.to_json() if e.route else None,
+        "walk": {"table": e.table, "route": to_json(e.route) if e.route else None,
                  "dev": e.dev, "devs": list(e.devs), "gateway": e.gateway,
                  "error": os.strerror(e.errno) if e.errno else "", "why": e.why},
         "kernel": ({"table": k.table, "dev": k.dev, "gateway": k.gateway, "prefsrc": k.prefsrc,
@@ -260,7 +262,7 @@ def orphans_text(o: Orphans, removing: bool) -> str:
 
 def orphans_json(o: Orphans) -> dict:
     return {"node_inode": o.node_inode, "state_dir": o.state_dir, "tables": o.tables,
-            "objects": [obj.to_json() for obj in o.objects],
+            "objects": [to_json(obj) for obj in o.objects],
             "stale_states": [{"container_id": s.container_id, "ifname": s.ifname,
                               "network": s.network, "netns": s.netns, "why": why}
                              for s, why in o.stale_states],

@@ -45,18 +45,9 @@ class Addr:
         return f"{self.address}/{self.prefixlen}"
 
 
-@dataclass(frozen=True)
-class RuleInfo:
-    """Any rule in the pod (foreign or ours), reduced to what table choice needs."""
-
-    family: int
-    priority: int
-    table: int
-    src: str = ""
-    proto: int = 0
-    fwmark: int = 0
-    fwmask: int = 0
-    selectors: bool = False      # other selectors (iif, oif, dst, tos, ...): never "identical"
+#: The facts' form of a rule (foreign or ours): what table choice needs, plus ``selectors``.
+_RULE_FACT_FIELDS = ("family", "priority", "table", "src", "proto", "fwmark", "fwmask",
+                     "selectors")
 
 
 @dataclass(frozen=True)
@@ -65,7 +56,7 @@ class PodFacts:
     addrs: tuple[Addr, ...] = ()
     main_routes: tuple[Route, ...] = ()       # every unicast main-table route (proto kept)
     used_tables: frozenset[int] = frozenset()  # tables referenced by rules or holding routes
-    rules: tuple[RuleInfo, ...] = ()
+    rules: tuple[Rule, ...] = ()                # every lookup rule, foreign or ours
     owned_routes: tuple[Route, ...] = ()       # proto 231, any table
     owned_rules: tuple[Rule, ...] = ()
     owned_neighbours: tuple[Neighbour, ...] = ()
@@ -101,11 +92,14 @@ class Facts:
 
     def to_dict(self) -> dict:
         """JSON form, so the CLI can plan from a saved snapshot without root."""
-        def plain(value):
+        def plain(value, name=""):
+            if name == "rules":  # PodFacts.rules keeps its own (kind-less) form
+                return [{f: getattr(r, f) for f in _RULE_FACT_FIELDS} for r in value]
             if isinstance(value, (Route, Rule, Neighbour)):
                 return to_dict(value)
             if dataclasses.is_dataclass(value):
-                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+                return {f.name: plain(getattr(value, f.name), f.name)
+                        for f in dataclasses.fields(value)}
             if isinstance(value, (tuple, list)):
                 return [plain(v) for v in value]
             if isinstance(value, frozenset):
@@ -121,7 +115,7 @@ class Facts:
             addrs=tuple(Addr(**a) for a in pod.get("addrs", ())),
             main_routes=tuple(object_from_dict(r) for r in pod.get("main_routes", ())),
             used_tables=frozenset(pod.get("used_tables", ())),
-            rules=tuple(RuleInfo(**r) for r in pod.get("rules", ())),
+            rules=tuple(Rule(**{"proto": 0, **r}) for r in pod.get("rules", ())),
             owned_routes=tuple(object_from_dict(r) for r in pod.get("owned_routes", ())),
             owned_rules=tuple(object_from_dict(r) for r in pod.get("owned_rules", ())),
             owned_neighbours=tuple(object_from_dict(n) for n in pod.get("owned_neighbours", ())),

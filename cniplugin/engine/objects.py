@@ -9,6 +9,11 @@ Every object is a small frozen, ordered, hashable dataclass with:
 * ``to_dict()`` / ``object_from_dict()`` - the JSON form stored in the per-attachment state file.
 
 Families are the integers 4 and 6. Addresses are strings; prefixes are always "ip/len".
+
+Rule, Route and Neighbour are also what the CLI reads back from the kernel: their ``LIVE``
+fields (rule actions and selectors, route types and multipath legs, neighbour state) describe
+anything a netns may hold. The planner never sets them, state files store them only when they
+differ from their defaults, and the kernel's number -> name tables below are the only ones.
 """
 
 from __future__ import annotations
@@ -19,9 +24,30 @@ from typing import Union
 
 from cniplugin._version import RTPROT_ROUTE_TUNE
 
-MAIN_TABLE = 254
+LOCAL_TABLE, MAIN_TABLE, DEFAULT_TABLE = 255, 254, 253
+RESERVED_TABLES = frozenset({0, DEFAULT_TABLE, MAIN_TABLE, LOCAL_TABLE})
 SCOPE_UNIVERSE = "universe"
 SCOPE_LINK = "link"
+
+# The kernel's numbers, named as iproute2 names them (rtnetlink.h, fib_rules.h).
+TABLE_NAMES = {LOCAL_TABLE: "local", MAIN_TABLE: "main", DEFAULT_TABLE: "default"}
+PROTO_NAMES = {0: "unspec", 1: "redirect", 2: "kernel", 3: "boot", 4: "static", 16: "dhcp",
+               RTPROT_ROUTE_TUNE: "route-tune"}
+SCOPE_NAMES = {0: SCOPE_UNIVERSE, 200: "site", 253: SCOPE_LINK, 254: "host", 255: "nowhere"}
+SCOPE_NUMBERS = {v: k for k, v in SCOPE_NAMES.items()}
+ROUTE_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast",
+               6: "blackhole", 7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
+RULE_ACTIONS = {1: "lookup", 2: "goto", 3: "nop", 6: "blackhole", 7: "unreachable",
+                8: "prohibit"}
+
+
+def table_name(table: int) -> str:
+    return TABLE_NAMES.get(table, str(table))
+
+
+def _live(default):
+    """A field only read back from the kernel (the CLI's view); never set by the planner."""
+    return field(default=default, metadata={"live": True})
 
 
 def _ip_cmd(family: int) -> str:
@@ -51,8 +77,22 @@ class Rule:
     proto: int = RTPROT_ROUTE_TUNE
     fwmark: int = 0
     fwmask: int = 0
+    action: str = _live("lookup")    # lookup | goto | nop | blackhole | unreachable | prohibit
+    goto: int = _live(0)
+    dst: str = _live("")
+    iif: str = _live("")
+    oif: str = _live("")
+    invert: bool = _live(False)
+    unresolved: bool = _live(False)  # a goto whose target rule does not exist
+    suppress_prefixlen: int | None = _live(None)
+    other: tuple[str, ...] = _live(())   # selectors explain cannot feed (tos, ipproto, ports)
+    selectors: bool = _live(False)   # selectors beyond src/fwmark: never "identical" to ours
 
     kind = "rule"
+
+    @property
+    def owned(self) -> bool:
+        return self.proto == RTPROT_ROUTE_TUNE
 
     def key(self) -> tuple:
         key = ("rule", self.family, self.priority, self.src or "all", self.table)
@@ -77,8 +117,19 @@ class Route:
     src: str = ""
     metric: int = 0
     proto: int = RTPROT_ROUTE_TUNE
+    type: str = _live("unicast")
+    nexthops: tuple[tuple[str, str], ...] = _live(())   # multipath legs kept together: (dev, gw)
+    dead: bool = _live(False)
 
     kind = "route"
+
+    @property
+    def owned(self) -> bool:
+        return self.proto == RTPROT_ROUTE_TUNE
+
+    @property
+    def prefixlen(self) -> int:
+        return int(self.dst.rpartition("/")[2])
 
     def key(self) -> tuple:
         # The kernel identifies a route by table, prefix and metric; device and gateway are
@@ -117,8 +168,14 @@ class Neighbour:
     dev: str
     ip: str
     lladdr: str
+    permanent: bool = _live(True)
+    proto: int = _live(RTPROT_ROUTE_TUNE)
 
     kind = "neigh"
+
+    @property
+    def owned(self) -> bool:
+        return self.proto == RTPROT_ROUTE_TUNE
 
     def key(self) -> tuple:
         return ("neigh", self.dev, self.ip)
@@ -224,17 +281,31 @@ KernelObject = Union[Rule, Route, Neighbour, Sysctl, LinkAttr, Veth, NftTable]
 _KINDS = {cls.kind: cls for cls in (Rule, Route, Neighbour, Sysctl, LinkAttr, Veth, NftTable)}
 
 
-_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _KINDS.values()}
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls) if not f.metadata)
+           for cls in _KINDS.values()}
+_LIVE_FIELDS = {cls: tuple((f.name, f.default) for f in dataclasses.fields(cls) if f.metadata)
+                for cls in _KINDS.values()}
 
 
 def to_dict(obj: KernelObject) -> dict:
-    # Every field is a plain str/int/bool: no need for dataclasses.asdict's deep copy.
-    return {"kind": obj.kind, **{name: getattr(obj, name) for name in _FIELDS[type(obj)]}}
+    # Every field is a plain str/int/bool: no need for dataclasses.asdict's deep copy. Live
+    # fields only when set, so planned objects keep the state-file form they always had.
+    out = {"kind": obj.kind, **{name: getattr(obj, name) for name in _FIELDS[type(obj)]}}
+    for name, default in _LIVE_FIELDS[type(obj)]:
+        value = getattr(obj, name)
+        if value != default:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def object_from_dict(data: dict) -> KernelObject:
     fields = dict(data)
-    return _KINDS[fields.pop("kind")](**fields)
+    cls = _KINDS[fields.pop("kind")]
+    if "nexthops" in fields:
+        fields["nexthops"] = tuple(tuple(leg) for leg in fields["nexthops"])
+    if "other" in fields:
+        fields["other"] = tuple(fields["other"])
+    return cls(**fields)
 
 
 def _rank(obj: KernelObject) -> int:

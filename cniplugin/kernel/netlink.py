@@ -6,8 +6,11 @@ that netns for the calling thread only while it runs. So the engine opens one se
 per request and uses both freely. Every read is a single request with kernel-side filters; no
 session caches anything beyond its request (the resident server is long-lived).
 
-It is still the only module that imports pyroute2: lazily, for ``Netlink.ipr``, which the CLI's
-inspection code uses to read everything (the engine itself never touches it).
+Every route message, the engine's and the CLI's, goes through one decoder (``decode.routes``); the
+CLI's full reads (``all_routes``, ``all_rules``, ``configured_neighbours``) return the same
+``_objects`` types as the engine's, with their live-only fields filled. It is still the only
+module that imports pyroute2: lazily, for the CLI's rule dump (``all_rules``; the engine never
+touches it). docs/design.md ("Netlink paths") says why each path exists.
 """
 
 from __future__ import annotations
@@ -24,16 +27,18 @@ from cniplugin.kernel import netns as _netns
 from cniplugin.kernel import rtnl as _rtnl
 from cniplugin.kernel import veth as _veth
 from cniplugin.protocol.errors import InterfaceNotFound, RouteConflict
-from cniplugin.engine.facts import Addr, Link, RuleInfo
-from cniplugin.engine.objects import (SCOPE_LINK, SCOPE_UNIVERSE, KernelObject, LinkAttr, Neighbour,
-                       NftTable, Route, Rule, Sysctl, Veth, default_dst)
+from cniplugin.engine.facts import Addr, Link
+from cniplugin.engine.objects import (SCOPE_NUMBERS, KernelObject, LinkAttr, Neighbour, NftTable,
+                                      Route, Rule, Sysctl, Veth)
+from cniplugin.kernel.decode import full_rule as _full_rule
+from cniplugin.kernel.decode import link as _link
+from cniplugin.kernel.decode import routes as _routes
+from cniplugin.kernel.decode import rule as _rule
 from cniplugin.kernel.rtnl import NetlinkError
 from cniplugin._version import RTPROT_ROUTE_TUNE
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
-_SCOPES = {0: SCOPE_UNIVERSE, 253: SCOPE_LINK, 254: "host"}
-_SCOPE_NUMBERS = {v: k for k, v in _SCOPES.items()}
 _GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
 _FULL = {4: 32, 6: 128}
 #: Documentation addresses: a FIB-match lookup of one of them finds the default route in use.
@@ -169,7 +174,33 @@ class Netlink:
             out += _routes(msg, names)
         return out
 
-    def rules(self, family: int | None = None) -> list[RuleInfo]:
+    def all_routes(self, family: int, table: int | None = None) -> list[Route]:
+        """Every route of any type (a table's, or all tables'), multipath legs kept together:
+        what an operator looks at (the CLI)."""
+        body = _rtnl.rtmsg(_AF[family], table=table or 0)
+        if table:
+            body += _rtnl.attr_u32(_rtnl.RTA_TABLE, table)
+        try:
+            msgs = self.sock.dump(_rtnl.RTM_GETROUTE, body)
+        except NetlinkError as err:
+            if err.code == errno.ENOENT:
+                return []
+            raise
+        names = self._index_names()
+        return [r for msg in msgs for r in _routes(msg, names, whole=True)]
+
+    def all_rules(self, family: int) -> list[Rule]:
+        """Every rule with every selector and action (the CLI's view), through pyroute2: its
+        generic attribute decoding names the long tail of selectors (port and uid ranges,
+        ipproto, l3mdev) that the engine never needs."""
+        return [_full_rule(m, family) for m in self.ipr.rule("dump", family=_AF[family])]
+
+    def configured_neighbours(self, dev: str | None = None) -> list[Neighbour]:
+        """Neighbours someone configured: PERMANENT ones or any carrying a protocol (the CLI)."""
+        return self._neighbours(dev, lambda state, proto: state & _rtnl.NUD_PERMANENT or proto,
+                                live=True)
+
+    def rules(self, family: int | None = None) -> list[Rule]:
         """Every lookup rule (the kernel cannot filter rule dumps beyond the family)."""
         msgs = self.sock.dump(_rtnl.RTM_GETRULE, _rtnl.fib_rule_hdr(_AF.get(family, 0)))
         return [_rule(m) for m in msgs if m.fields[7] == _rtnl.FR_ACT_TO_TBL
@@ -180,6 +211,11 @@ class Netlink:
 
     def owned_neighbours(self, dev: str | None = None) -> list[Neighbour]:
         """Neighbours carrying our protocol (kernel-filtered to ``dev`` when given)."""
+        return self._neighbours(dev, lambda state, proto: proto == RTPROT_ROUTE_TUNE)
+
+    def _neighbours(self, dev: str | None, keep, live: bool = False) -> list[Neighbour]:
+        # ``live`` fills state and protocol; the engine's compare with planned neighbours
+        # leaves them at their defaults (an owned entry is ours whatever its NUD state).
         body = _rtnl.ndmsg()
         if dev is not None:
             index = self._index(dev)
@@ -192,12 +228,15 @@ class Netlink:
         out = []
         for msg in self.sock.dump(_rtnl.RTM_GETNEIGH, body):
             fam = _FAMILY.get(msg.fields[0])
-            if fam is None or msg.u8(_rtnl.NDA_PROTOCOL) != RTPROT_ROUTE_TUNE:
+            state, proto = msg.fields[2], msg.u8(_rtnl.NDA_PROTOCOL, 0)
+            if fam is None or not msg.attrs.get(_rtnl.NDA_DST) or not keep(state, proto):
                 continue
             if names is None:
                 names = self._index_names()
-            out.append(Neighbour(fam, names.get(msg.fields[1], ""), msg.ip(_rtnl.NDA_DST),
-                                 msg.mac(_rtnl.NDA_LLADDR)))
+            fields = (fam, names.get(msg.fields[1], ""), msg.ip(_rtnl.NDA_DST),
+                      msg.mac(_rtnl.NDA_LLADDR))
+            out.append(Neighbour(*fields, bool(state & _rtnl.NUD_PERMANENT), proto) if live
+                       else Neighbour(*fields))
         return out
 
     def route_get(self, dst: str, src: str | None = None, iif: str | None = None,
@@ -254,7 +293,7 @@ class Netlink:
             return []
         legs = msg.attrs.get(_rtnl.RTA_MULTIPATH)
         if legs:
-            return [_rtnl.ip_text(a[_rtnl.RTA_GATEWAY]) for _, a in _rtnl.multipath(legs)
+            return [_rtnl.ip_text(a[_rtnl.RTA_GATEWAY]) for _, _, a in _rtnl.multipath(legs)
                     if a.get(_rtnl.RTA_GATEWAY)]
         gateway = msg.ip(_rtnl.RTA_GATEWAY)
         return [gateway] if gateway else []
@@ -432,7 +471,7 @@ class Netlink:
     def _route_body(self, route: Route) -> bytes:
         family = _AF[route.family]
         net = ipaddress.ip_network(route.dst)
-        scope = _SCOPE_NUMBERS.get(route.scope, 0) if route.family == 4 else 0
+        scope = SCOPE_NUMBERS.get(route.scope, 0) if route.family == 4 else 0
         parts = [_rtnl.rtmsg(family, dst_len=net.prefixlen, table=route.table,
                              proto=route.proto, scope=scope, rtype=_rtnl.RTN_UNICAST),
                  _rtnl.attr_u32(_rtnl.RTA_TABLE, route.table),
@@ -514,58 +553,6 @@ def _rule_body(rule: Rule) -> bytes:
         parts += [_rtnl.attr_u32(_rtnl.FRA_FWMARK, rule.fwmark),
                   _rtnl.attr_u32(_rtnl.FRA_FWMASK, rule.fwmask)]
     return b"".join(parts)
-
-
-def _link(msg: _rtnl.Msg) -> Link:
-    info = msg.nested(_rtnl.IFLA_LINKINFO)
-    kind = info.get(_rtnl.IFLA_INFO_KIND, b"").split(b"\0", 1)[0].decode()
-    nsid = msg.i32(_rtnl.IFLA_LINK_NETNSID)
-    return Link(index=msg.fields[2], name=msg.text(_rtnl.IFLA_IFNAME), kind=kind,
-                mac=msg.mac(_rtnl.IFLA_ADDRESS), up=bool(msg.fields[3] & _rtnl.IFF_UP),
-                txqlen=msg.u32(_rtnl.IFLA_TXQLEN, 0), peer_index=msg.u32(_rtnl.IFLA_LINK, 0),
-                peer_nsid=-1 if nsid is None else nsid, mtu=msg.u32(_rtnl.IFLA_MTU, 0),
-                alias=msg.text(_rtnl.IFLA_IFALIAS))
-
-
-def _routes(msg: _rtnl.Msg, names: dict[int, str]) -> list[Route]:
-    """One route message as Routes (a multipath route becomes one per next hop)."""
-    rfamily, dst_len, _, _, table, proto, scope, rtype, _ = msg.fields
-    family = _FAMILY.get(rfamily)
-    if family is None or rtype != _rtnl.RTN_UNICAST:
-        return []
-    dst = msg.ip(_rtnl.RTA_DST)
-    if not dst:
-        dst = default_dst(family)
-    elif family == 4:  # inet_ntop's IPv4 text is canonical, and ipaddress is slow (pod dumps)
-        dst = f"{dst}/{dst_len}"
-    else:
-        dst = str(ipaddress.ip_network(f"{dst}/{dst_len}"))
-    base = dict(family=family, table=msg.u32(_rtnl.RTA_TABLE) or table, dst=dst,
-                scope=_SCOPES.get(scope, str(scope)), src=msg.ip(_rtnl.RTA_PREFSRC),
-                metric=msg.u32(_rtnl.RTA_PRIORITY, 0), proto=proto)
-    legs = msg.attrs.get(_rtnl.RTA_MULTIPATH)
-    if legs:
-        hops = [(oif, _rtnl.ip_text(a[_rtnl.RTA_GATEWAY]) if a.get(_rtnl.RTA_GATEWAY) else "")
-                for oif, a in _rtnl.multipath(legs)]
-    else:
-        hops = [(msg.u32(_rtnl.RTA_OIF), msg.ip(_rtnl.RTA_GATEWAY))]
-    return [Route(dev=names.get(oif, ""), gateway=gw, **base) for oif, gw in hops if oif]
-
-
-def _rule(msg: _rtnl.Msg) -> RuleInfo:
-    rfamily, dst_len, src_len, tos, table, _, _, _, _ = msg.fields
-    src = msg.ip(_rtnl.FRA_SRC)
-    others = dst_len or tos or bool(msg.attrs.keys() - _KNOWN_FRA)
-    return RuleInfo(family=_FAMILY[rfamily], priority=msg.u32(_rtnl.FRA_PRIORITY, 0),
-                    table=msg.u32(_rtnl.FRA_TABLE) or table,
-                    src=f"{src}/{src_len}" if src else "", proto=msg.u8(_rtnl.FRA_PROTOCOL, 0),
-                    fwmark=msg.u32(_rtnl.FRA_FWMARK, 0), fwmask=msg.u32(_rtnl.FRA_FWMASK, 0),
-                    selectors=bool(others))
-
-
-#: Rule attributes that do not select traffic beyond what RuleInfo records.
-_KNOWN_FRA = frozenset({_rtnl.FRA_SRC, _rtnl.FRA_PRIORITY, _rtnl.FRA_TABLE, _rtnl.FRA_FWMARK,
-                        _rtnl.FRA_FWMASK, _rtnl.FRA_PROTOCOL})
 
 
 # The fact readers live in _gather; the CLI imports them from here.

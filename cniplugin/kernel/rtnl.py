@@ -5,7 +5,8 @@ call, every attribute of every message decoded, dump filters applied in user spa
 kernel sent everything). Here a request costs tens of microseconds, only the attributes asked
 for are decoded, and dumps carry kernel-side filters (``NETLINK_GET_STRICT_CHK``: table,
 protocol, output device, ifindex), so 5,000 foreign routes in a node table are skipped by the
-kernel. ``_netlink`` is the only user; it maps these raw messages to ``_facts``/``_objects``.
+kernel. ``_netlink`` is the only user; ``decode`` maps these raw messages to ``_facts``/
+``_objects``.
 
 A ``Socket`` is bound to the netns the calling thread is in when it is created and stays there.
 """
@@ -52,6 +53,7 @@ RTA_DST, RTA_SRC, RTA_IIF, RTA_OIF, RTA_GATEWAY = 1, 2, 3, 4, 5
 RTA_PRIORITY, RTA_PREFSRC, RTA_MULTIPATH, RTA_TABLE, RTA_MARK = 6, 7, 9, 15, 16
 RTM_F_LOOKUP_TABLE = 0x1000
 RTN_UNICAST, RTN_LOCAL = 1, 2
+RTNH_F_DEAD = 0x1
 
 FRA_SRC, FRA_IIFNAME, FRA_PRIORITY, FRA_FWMARK = 2, 3, 6, 10
 FRA_TABLE, FRA_FWMASK, FRA_OIFNAME, FRA_PROTOCOL = 15, 16, 17, 21
@@ -179,14 +181,15 @@ def parse_attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
     return attrs
 
 
-def multipath(raw: bytes) -> list[tuple[int, dict[int, bytes]]]:
-    """RTA_MULTIPATH legs as (ifindex, attributes)."""
+def multipath(raw: bytes) -> list[tuple[int, int, dict[int, bytes]]]:
+    """RTA_MULTIPATH legs as (ifindex, RTNH_F_* flags, attributes)."""
     legs, offset = [], 0
     while offset + _RTNEXTHOP.size <= len(raw):
-        length, _, _, ifindex = _RTNEXTHOP.unpack_from(raw, offset)
+        length, flags, _, ifindex = _RTNEXTHOP.unpack_from(raw, offset)
         if length < _RTNEXTHOP.size:
             break
-        legs.append((ifindex, parse_attrs(raw, offset + _RTNEXTHOP.size, offset + length)))
+        legs.append((ifindex, flags,
+                     parse_attrs(raw, offset + _RTNEXTHOP.size, offset + length)))
         offset += (length + 3) & ~3
     return legs
 
