@@ -14,11 +14,10 @@ import ipaddress
 import os
 import socket
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.kernel import netns as _netns
-from cniplugin.protocol.errors import CNIError, InterfaceNotFound
+from cniplugin.protocol.errors import CNIError
 from cniplugin.engine.facts import Addr, Facts, Link
 from cniplugin.engine.objects import Neighbour
 from cniplugin.engine.store import AttachmentState, Store
@@ -383,33 +382,12 @@ def state_drift(state: AttachmentState, pod_fd: int, node_fd: int | None):
 
 # -- facts (what the planner sees) -------------------------------------------------------
 def gather_facts(pod_fd: int, node_fd: int | None, eth0: str = "eth0") -> Facts:
-    """The planner's facts, gathered by the engine's own readers.
-
-    Node facts are best effort: outside the pod's node netns they are None and the reason is
-    a warning (the plan then has no node side and says so).
-    """
-    if node_fd is None:  # this process's netns, taken before a session moves the thread
-        home = _netns.current_netns()
-        try:
-            return gather_facts(pod_fd, home, eth0)
-        finally:
-            os.close(home)
-    with _netlink.session(pod_fd) as nl:
-        pod = _netlink.gather_pod(nl)
-        nsid = nl.node_ns_id(node_fd)
-    warnings: list[str] = []
-    node = None
-    eth0_link = pod.link(eth0)
-    if eth0_link is None:
-        warnings.append(f"no {eth0} in the pod: no node facts")
-    else:
-        try:
-            with _netlink.session(node_fd) as nl:
-                node = _netlink.gather_node(nl, eth0_link,
-                                            [a.address for a in pod.addrs_of(eth0)], nsid)
-        except InterfaceNotFound as err:
-            warnings.append(f"no node facts: {err.msg}")
-    return Facts(pod=pod, node=node, warnings=tuple(warnings))
+    """The planner's facts, from the engine's one gatherer (``engine.gather``), as a next ADD
+    would see them. Node facts are best effort: outside the pod's node netns they are None and
+    the reason is a warning (the plan then has no node side and says so)."""
+    from cniplugin.engine.gather import gather_facts as gather
+    from cniplugin.protocol.config import PluginConfig
+    return gather(pod_fd, node_fd, PluginConfig.model_validate({"podDefaultCniNic": eth0}))
 
 
 # -- show --------------------------------------------------------------------------------
@@ -663,14 +641,14 @@ def remove_orphans(found: Orphans, store: Store, node_fd: int | None) -> None:
     """Clean up what ``find_orphans`` found: stale states through the engine's DEL (node side
     only: their pod is gone), then unreferenced objects, re-checked under the node lock."""
     from cniplugin.engine import commands as _engine
+    from cniplugin.engine.invocation import Invocation
     from cniplugin.engine.objects import Route, Rule
 
     for state, _why in found.stale_states:
-        env = SimpleNamespace(container_id=state.container_id, ifname=state.ifname, netns="")
-        req = SimpleNamespace(env=env, config=SimpleNamespace(state_dir=found.state_dir),
-                              netns_gone=False, pod_netns_fd=None, node_netns_fd=node_fd)
+        inv = Invocation("DEL", state.container_id, state.ifname, "", state.network, "",
+                         found.state_dir, node_netns_fd=node_fd)
         try:
-            _engine.cmd_del(req)
+            _engine.cmd_del(inv)
             found.removed.append(f"state {state_file(store, state)} (and its node entries)")
         except CNIError as err:
             found.errors.append(f"{state.container_id}/{state.ifname}: {err.msg}")
