@@ -45,15 +45,25 @@ cmd_show = subcommand(
 
 
 # -- facts ---------------------------------------------------------------------------------
+def _ifname_option(p) -> None:
+    p.add_argument("--ifname", metavar="IF",
+                   help="gather as the ADD of this interface would (its mode decides which "
+                        "host peer the node facts follow); default: as for a next secondary "
+                        "interface")
+
+
 def _facts(args) -> int:
     from cniplugin.cli import live as _live
     from cniplugin.cli import render as _render
+    from cniplugin.engine.gather import gather_facts
+    from cniplugin.protocol.config import PluginConfig
+    config = PluginConfig.model_validate({"podDefaultCniNic": pod_default_nic(args)})
     path = _live.resolve_netns(args.netns)
     pod_fd = _live.open_netns(path)
     node_fd = None
     try:
         node_fd = open_node(args)
-        facts = _live.gather_facts(pod_fd, node_fd, pod_default_nic(args))  # the engine's gather
+        facts = gather_facts(pod_fd, node_fd, config, args.ifname or "")
     finally:
         close(pod_fd, node_fd)
     print(_render.dump_json(facts.to_dict()))
@@ -65,7 +75,7 @@ cmd_facts = subcommand(
              "for `plan --facts`. Node facts need the node netns (run on the node, or give "
              "--node-netns). Needs root.",
     # --json is accepted for symmetry: the output is always JSON
-    _facts, "netns", "pod-default-nic", "node-netns", "json")
+    _facts, "netns", "pod-default-nic", _ifname_option, "node-netns", "json")
 
 
 # -- orphans -------------------------------------------------------------------------------

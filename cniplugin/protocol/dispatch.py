@@ -173,8 +173,8 @@ def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = 
             _logging.set_request_options(_log_options(raw, node_defaults))
             if via:
                 logger.info("served %s", via)
-            return _dispatch(command, env, raw, reply_version, node_defaults, pod_netns_fd,
-                             node_netns_fd, logger)
+            return _dispatch(_Parsed(command, env, raw, reply_version, node_defaults,
+                                     pod_netns_fd, node_netns_fd), logger)
         except CNIError as error:
             logger.warning("%s failed: code %d: %s%s", command, error.code, error.msg,
                            f" ({error.details})" if error.details else "")
@@ -199,10 +199,24 @@ def _log_options(raw: dict, node_defaults: NodeDefaults):
     return resolve_log_options(merged, defaults.get("logDir", DEFAULT_LOG_DIR))
 
 
-def _dispatch(command: str, env: CniEnv, raw: dict, cni_version: str,
-              node_defaults: NodeDefaults, pod_netns_fd: int | None,
-              node_netns_fd: int | None, logger) -> Outcome:
+class _Parsed:
+    """A request as ``run`` has checked it so far (the engine gets an ``Invocation``)."""
+
+    __slots__ = ("command", "env", "raw", "cni_version", "node_defaults", "pod_netns_fd",
+                 "node_netns_fd")
+
+    def __init__(self, command: str, env: CniEnv, raw: dict, cni_version: str,
+                 node_defaults: NodeDefaults, pod_netns_fd: int | None,
+                 node_netns_fd: int | None) -> None:
+        self.command, self.env, self.raw, self.cni_version = command, env, raw, cni_version
+        self.node_defaults = node_defaults
+        self.pod_netns_fd, self.node_netns_fd = pod_netns_fd, node_netns_fd
+
+
+def _dispatch(parsed: _Parsed, logger) -> Outcome:
     from cniplugin.engine import defaults as _defaults
+    command, env, raw, cni_version = parsed.command, parsed.env, parsed.raw, parsed.cni_version
+    node_defaults, pod_netns_fd = parsed.node_defaults, parsed.pod_netns_fd
     config = prev_result = None
     if command == "DEL" and _netns_gone(env, pod_netns_fd):
         # The light DEL: no config model (no pydantic); the engine works from the state store.
@@ -227,7 +241,7 @@ def _dispatch(command: str, env: CniEnv, raw: dict, cni_version: str,
     from cniplugin.engine.invocation import Invocation
     inv = Invocation(command, env.container_id, env.ifname, env.netns, str(raw.get("name", "")),
                      cni_version, state_dir, config, prev_result, raw, pod_netns_fd,
-                     node_netns_fd)
+                     parsed.node_netns_fd)
     from cniplugin.engine import commands as _engine
     if command == "ADD":
         return _result_outcome(_engine.cmd_add(inv), cni_version)
