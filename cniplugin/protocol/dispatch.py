@@ -27,8 +27,6 @@ import re
 from cniplugin._version import PLUGIN_NAME, SUPPORTED_VERSIONS, __version__
 from cniplugin.protocol.errors import CNIError, DecodeFailure, IncompatibleVersion, InternalError, \
     InvalidConfig
-# Re-exported: the version helpers are part of this module's interface.
-from cniplugin.protocol.versions import negotiate, parse_version, version_at_least
 
 # Neither ``typing`` nor ``dataclasses`` is imported at run time: together they cost more than
 # the whole VERSION command (dataclasses pulls in ``inspect``). Hence plain classes below.
@@ -39,8 +37,7 @@ if TYPE_CHECKING:
     from cniplugin.protocol.env import CniEnv, NodeDefaults
     from cniplugin.protocol.wire import Result
 
-__all__ = ["Outcome", "run", "error_outcome", "negotiate", "parse_version",
-           "version_at_least", "about_text", "version_reply"]
+__all__ = ["Outcome", "run", "error_outcome", "about_text", "version_reply"]
 
 _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*\Z")
 _FALLBACK_VERSION = SUPPORTED_VERSIONS[-1]
@@ -153,6 +150,7 @@ def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = 
 
     from cniplugin.protocol import log as _logging
     from cniplugin.protocol.env import parse_env, read_node_defaults
+    from cniplugin.protocol.versions import negotiate, version_at_least
 
     logger = _logging.setup(environ)
     reply_version: str | None = None  # known once stdin is decoded and negotiated
