@@ -27,10 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cniplugin.engine import commands as _engine  # noqa: E402
-from cniplugin.kernel import netns as _netns  # noqa: E402  (imports done before timing)
-from cniplugin.protocol.env import parse_env, read_node_defaults  # noqa: E402
-from cniplugin.protocol.dispatch import Request  # noqa: E402
+from cniplugin.engine import commands as _engine  # noqa: E402  (imports done before timing)
+from cniplugin.engine.invocation import Invocation  # noqa: E402
+from cniplugin.kernel import netns as _netns  # noqa: E402
+from cniplugin.protocol import config as _config  # noqa: E402
+from cniplugin.protocol import wire as _wire  # noqa: E402
+from cniplugin.protocol.env import read_node_defaults  # noqa: E402
 
 CID = "b3nchb3nchb3nchb3nch"
 
@@ -129,7 +131,7 @@ class Counter:
 
 
 def request(lab: Lab, scratch: str, command: str, ifname: str, prev: dict | None,
-            node_fd: int, pod_fd: int, **keys) -> Request:
+            node_fd: int, pod_fd: int, **keys) -> Invocation:
     raw = {"cniVersion": "1.0.0", "name": "bench", "type": "route-tune",
            "overlayPodCIDR": ["10.233.64.0/18"], "serviceCIDR": ["10.233.0.0/18"],
            "hijackCIDR": ["169.254.0.0/16"], **keys}
@@ -138,10 +140,12 @@ def request(lab: Lab, scratch: str, command: str, ifname: str, prev: dict | None
     environ = {"CNI_COMMAND": command, "CNI_CONTAINERID": CID, "CNI_IFNAME": ifname,
                "CNI_NETNS": f"/var/run/netns/{lab.pod}", "CNI_PATH": "/usr/lib/cni",
                "ROUTE_TUNE_DEFAULTS": os.path.join(scratch, "defaults.json")}
-    req = Request(command, parse_env(environ), raw, "1.0.0", read_node_defaults(environ),
-                  pod_fd, node_fd)
-    req.config, req.prev_result  # parsed before timing: the engine's work is what we measure
-    return req
+    # Parsed before timing: the engine's work is what we measure.
+    config = _config.build(raw, read_node_defaults(environ))
+    return Invocation(command, CID, ifname, environ["CNI_NETNS"], "bench", "1.0.0",
+                      config.state_dir, config,
+                      _wire.parse_result(prev, "1.0.0") if prev is not None else None, raw,
+                      pod_fd, node_fd)
 
 
 def measure(lab: Lab, scratch: str, cycles: int, counter: Counter, node_fd: int,

@@ -11,7 +11,7 @@ from cniplugin._version import SUPPORTED_VERSIONS, __version__
 __all__ = [
     "__version__", "SUPPORTED_VERSIONS",
     # protocol layer
-    "run", "Outcome", "Request",
+    "run", "Outcome", "Invocation",
     # wire models
     "Result", "Interface", "IPConfig", "Route", "DNS", "parse_result", "dump_result",
     # configuration
@@ -25,7 +25,7 @@ __all__ = [
 #: public name -> (module under cniplugin, attribute there)
 _LAZY = {
     "run": ("protocol.dispatch", "run"), "Outcome": ("protocol.dispatch", "Outcome"),
-    "Request": ("protocol.dispatch", "Request"),
+    "Invocation": ("engine.invocation", "Invocation"),
     "Result": ("protocol.wire", "Result"), "Interface": ("protocol.wire", "Interface"),
     "IPConfig": ("protocol.wire", "IPConfig"), "Route": ("protocol.wire", "Route"), "DNS": ("protocol.wire", "DNS"),
     "parse_result": ("protocol.wire", "parse_result"), "dump_result": ("protocol.wire", "dump_result"),

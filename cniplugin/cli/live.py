@@ -21,7 +21,6 @@ from cniplugin.engine.objects import Neighbour, Route, Rule
 from cniplugin.engine.store import AttachmentState, Store
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.kernel import netns as _netns
-from cniplugin.protocol.errors import InterfaceNotFound
 
 
 def LiveRule(family: int, priority: int, action: str = "lookup", **fields) -> Rule:
@@ -145,44 +144,9 @@ def state_drift(state: AttachmentState, pod_fd: int, node_fd: int | None):
 
 # -- facts (what the planner sees) -------------------------------------------------------
 def gather_facts(pod_fd: int, node_fd: int | None, eth0: str = "eth0") -> Facts:
-    """The planner's facts, gathered by the engine's own readers.
-
-    Node facts are best effort: outside the pod's node netns they are None and the reason is
-    a warning (the plan then has no node side and says so).
-    """
-    if node_fd is None:  # this process's netns, taken before a session moves the thread
-        home = _netns.current_netns()
-        try:
-            return gather_facts(pod_fd, home, eth0)
-        finally:
-            os.close(home)
-    with _netlink.session(pod_fd) as nl:
-        pod = _netlink.gather_pod(nl)
-        nsid = nl.node_ns_id(node_fd)
-    warnings: list[str] = []
-    node = None
-    eth0_link = pod.link(eth0)
-    if eth0_link is None:
-        warnings.append(f"no {eth0} in the pod: no node facts")
-    else:
-        try:
-            with _netlink.session(node_fd) as nl:
-                node = _netlink.gather_node(nl, eth0_link,
-                                            [a.address for a in pod.addrs_of(eth0)], nsid)
-        except InterfaceNotFound as err:
-            warnings.append(f"no node facts: {err.msg}")
-    return Facts(pod=pod, node=node, warnings=tuple(warnings))
-
-
-# show and orphans moved to their own modules; callers that still reach them here get them.
-_MOVED = {"Problem": "show", "InterfaceView": "show", "NodeView": "show", "PodView": "show",
-          "build_pod_view": "show", "routing_problems": "show", "host_peer_name": "show",
-          "build_node_view": "show", "Orphans": "orphans", "stale_reason": "orphans",
-          "find_orphans": "orphans", "remove_orphans": "orphans"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    """The planner's facts, from the engine's one gatherer (``engine.gather``), as a next ADD
+    would see them. Node facts are best effort: outside the pod's node netns they are None and
+    the reason is a warning (the plan then has no node side and says so)."""
+    from cniplugin.engine.gather import gather_facts as gather
+    from cniplugin.protocol.config import PluginConfig
+    return gather(pod_fd, node_fd, PluginConfig.model_validate({"podDefaultCniNic": eth0}))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 from cniplugin.cli.iptext import text
 from cniplugin.cli.live import netns_inode, read_neighbours, read_routes, read_rules, state_file
@@ -67,13 +66,13 @@ def remove_orphans(found: Orphans, store: Store, node_fd: int | None) -> None:
     """Clean up what ``find_orphans`` found: stale states through the engine's DEL (node side
     only: their pod is gone), then unreferenced objects, re-checked under the node lock."""
     from cniplugin.engine import commands as _engine
+    from cniplugin.engine.invocation import Invocation
 
     for state, _why in found.stale_states:
-        env = SimpleNamespace(container_id=state.container_id, ifname=state.ifname, netns="")
-        req = SimpleNamespace(env=env, config=SimpleNamespace(state_dir=found.state_dir),
-                              netns_gone=False, pod_netns_fd=None, node_netns_fd=node_fd)
+        inv = Invocation("DEL", state.container_id, state.ifname, "", state.network, "",
+                         found.state_dir, node_netns_fd=node_fd)
         try:
-            _engine.cmd_del(req)
+            _engine.cmd_del(inv)
             found.removed.append(f"state {state_file(store, state)} (and its node entries)")
         except CNIError as err:
             found.errors.append(f"{state.container_id}/{state.ifname}: {err.msg}")

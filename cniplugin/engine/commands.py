@@ -13,20 +13,22 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from cniplugin.engine import faults as _faults
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.kernel import netns as _netns
-from cniplugin.protocol.errors import (CheckFailed, InterfaceNotFound, IOFailure, NotChained, PluginError,
-                      PluginNotAvailable, RouteConflict, UnknownContainer)
+from cniplugin.protocol.errors import (CheckFailed, IOFailure, PluginError, PluginNotAvailable,
+                                       UnknownContainer)
 from cniplugin.engine.facts import Facts
 from cniplugin.engine.journal import READ_KINDS, Applier, Step, undo
 from cniplugin.engine.objects import Desired, KernelObject, LinkAttr, Route, Sysctl, Veth, apply_order
-from cniplugin.engine.planner import UNDERLAY_VETH, Attachment, attachment_from_result, plan, resolve_mode
+from cniplugin.engine.gather import (Gathered, gather_invocation, owned_node_objects,
+                                     owned_pod_objects, sessions)
+from cniplugin.engine.invocation import Invocation
+from cniplugin.engine.planner import plan
 from cniplugin.engine.store import PHASE_APPLIED, AttachmentState, Store, key_text
 
-DEFAULT_STATE_DIR = "/run/route-tune"
 _fault = _faults.point  # test-only fault points (see _faults and docs/routing.md)
 
 
@@ -46,23 +48,12 @@ class Drift:
         return text
 
 
-# -- request helpers ---------------------------------------------------------------------
-def _state_dir(req) -> str:
-    defaults = getattr(req, "node_defaults", None)
-    if getattr(req, "netns_gone", False) and defaults is not None:
-        return defaults.values.get("stateDir", DEFAULT_STATE_DIR)  # no config model needed
-    return req.config.state_dir
-
-
-def _network(req) -> str:
-    return str(req.raw.get("name", ""))
-
-
+# -- invocation helpers ------------------------------------------------------------------
 @contextlib.contextmanager
-def _node_fd(req) -> Iterator[int]:
+def _node_fd(inv: Invocation) -> Iterator[int]:
     """The node netns as an fd we can return to from inside the pod."""
-    if req.node_netns_fd is not None:
-        yield req.node_netns_fd
+    if inv.node_netns_fd is not None:
+        yield inv.node_netns_fd
         return
     fd = _netns.current_netns()
     try:
@@ -72,18 +63,18 @@ def _node_fd(req) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _pod_fd(req, required: bool) -> Iterator[int | None]:
+def _pod_fd(inv: Invocation, required: bool) -> Iterator[int | None]:
     """The pod netns fd (None when gone and not ``required``)."""
-    if req.pod_netns_fd is not None:
-        yield req.pod_netns_fd
+    if inv.pod_netns_fd is not None:
+        yield inv.pod_netns_fd
         return
     why = "is empty"
     try:
-        fd = _netns.open_netns(req.env.netns) if req.env.netns else None
+        fd = _netns.open_netns(inv.netns) if inv.netns else None
     except OSError as err:  # ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG, EACCES: no usable netns
         fd, why = None, f"cannot be opened ({err.strerror or err})"
     if fd is None and required:
-        raise UnknownContainer(f"pod netns {req.env.netns!r} {why}")
+        raise UnknownContainer(f"pod netns {inv.netns!r} {why}")
     try:
         yield fd
     finally:
@@ -91,89 +82,41 @@ def _pod_fd(req, required: bool) -> Iterator[int | None]:
             os.close(fd)
 
 
-# -- sessions, facts and plan ------------------------------------------------------------
-@contextlib.contextmanager
-def _sessions(pod_fd: int, node_fd: int) -> Iterator[tuple[_netlink.Netlink, _netlink.Netlink]]:
-    """One netlink session per netns for the whole request; the pod's knows the node's (the
-    underlay veth pair has an end on each side)."""
-    with _netlink.open_session(node_fd) as node_nl, _netlink.open_session(pod_fd) as pod_nl:
-        pod_nl.node = node_nl
-        yield pod_nl, node_nl
+# -- facts and plan ----------------------------------------------------------------------
+def _plan(inv: Invocation, gathered: Gathered, prior: Desired | None) -> Desired:
+    return plan(inv.config, gathered.attachment, gathered.facts, prior, mode=gathered.mode)
 
 
-def _attachment(req, pod) -> Attachment:
-    return attachment_from_result(req.prev_result, req.env.ifname, req.env.container_id,
-                                  _network(req), pod)
+def gather_for(inv: Invocation, *, strict: bool = True) -> Gathered:
+    """What ADD would gather for ``inv``, changing nothing (the CLI's live ``plan``)."""
+    with _pod_fd(inv, required=True) as pod_fd, _node_fd(inv) as node_fd, \
+            sessions(pod_fd, node_fd) as (pod_nl, node_nl):
+        return gather_invocation(inv, pod_nl, node_nl, node_fd, strict=strict)
 
 
-def _gather(req, pod_nl, node_nl, node_fd: int) -> Facts:
-    config, ifname = req.config, req.env.ifname
-    eth0 = config.pod_default_cni_nic
-    pod = _netlink.gather_pod(pod_nl)
-    mode = resolve_mode(config, ifname, [link.name for link in pod.links])
-    eth0_link = pod.link(eth0)
-    if eth0_link is None:
-        raise InterfaceNotFound(f"podDefaultCniNic: interface {eth0!r} is not in the pod netns")
-    nsid = pod_nl.node_ns_id(node_fd)
-    eth0_addrs = [a.address for a in pod.addrs_of(eth0)]
-    if mode == "underlay":
-        veth = pod.link(UNDERLAY_VETH)
-        node = _netlink.gather_node(node_nl, veth, eth0_addrs, nsid, peer_required=False)
-        if veth is not None and node.host_peer is None:
-            raise RouteConflict(
-                f"{UNDERLAY_VETH} exists in the pod but is not a veth whose peer is on this "
-                f"node; underlay mode needs that name for its veth pair")
-    else:
-        node = _netlink.gather_node(node_nl, eth0_link, eth0_addrs, nsid)
-    if req.prev_result is not None and node.host_peer is not None:
-        node = replace(node, claims=_netlink.node_claims(node_nl, _attachment(req, pod).addresses,
-                                                          node.host_peer.name))
-    return Facts(pod=pod, node=node)
-
-
-def _plan(req, facts: Facts, prior: Desired | None) -> Desired:
-    config = req.config
-    if req.prev_result is None:
-        raise NotChained("route-tune must be chained: it needs a prevResult")
-    attachment = _attachment(req, facts.pod)
-    if config.pod_mac_prefix and attachment.addresses:
-        from cniplugin.kernel import probe as _probe
-        mac = _probe.mac_from_prefix(config.pod_mac_prefix, attachment.addresses[0])
-        attachment = replace(attachment, mac=mac)
-    return plan(config, attachment, facts, prior)
-
-
-def plan_for(req, facts: Facts | None = None) -> Desired:
-    """The plan ADD would install, changing nothing (no root needed when ``facts`` is given)."""
-    store = Store(req.config.state_dir)
-    prior = store.load(req.env.container_id, req.env.ifname)
-    if facts is None:
-        with _pod_fd(req, required=True) as pod_fd, _node_fd(req) as node_fd, \
-                _sessions(pod_fd, node_fd) as (pod_nl, node_nl):
-            facts = _gather(req, pod_nl, node_nl, node_fd)
-    return _plan(req, facts, prior.desired if prior else None)
+def plan_for(inv: Invocation, gathered: Gathered) -> Desired:
+    """The plan ADD would install for ``inv`` from ``gathered`` (no root needed: the state
+    store is read only for a retried ADD's prior plan)."""
+    prior = Store(inv.state_dir).load(inv.container_id, inv.ifname)
+    return _plan(inv, gathered, prior.desired if prior else None)
 
 
 # -- ADD ---------------------------------------------------------------------------------
-def cmd_add(req):
+def cmd_add(inv: Invocation):
     """Install the attachment's routing; returns prevResult (MAC updated with podMACPrefix)."""
-    if req.prev_result is None:
-        raise NotChained("route-tune must be chained: it needs a prevResult")
-    config, env = req.config, req.env
-    if str(config.mode) in ("disabled", "disable"):
-        return req.prev_result
     _faults.begin()
-    store = Store(config.state_dir)
-    with _pod_fd(req, required=True) as pod_fd, _node_fd(req) as node_fd, \
-            _netns.pod_lock(pod_fd), _sessions(pod_fd, node_fd) as (pod_nl, node_nl):
-        prior = store.load(env.container_id, env.ifname)
+    store = Store(inv.state_dir)
+    with _pod_fd(inv, required=True) as pod_fd, _node_fd(inv) as node_fd, \
+            _netns.pod_lock(pod_fd), sessions(pod_fd, node_fd) as (pod_nl, node_nl):
+        prior = store.load(inv.container_id, inv.ifname)
         if prior is not None and prior.netns_inode != _netns.inode(pod_fd):
             prior = None  # a record of another sandbox with this id: never reuse its plan
-        facts = _gather(req, pod_nl, node_nl, node_fd)
-        desired = _plan(req, facts, prior.desired if prior else None)
+        gathered = gather_invocation(inv, pod_nl, node_nl, node_fd)
+        facts = gathered.facts
+        desired = _plan(inv, gathered, prior.desired if prior else None)
         state = AttachmentState(
-            container_id=env.container_id, ifname=env.ifname, network=_network(req),
-            netns=env.netns, netns_inode=_netns.inode(pod_fd), node_inode=_netns.inode(node_fd),
+            container_id=inv.container_id, ifname=inv.ifname, network=inv.network,
+            netns=inv.netns, netns_inode=_netns.inode(pod_fd), node_inode=_netns.inode(node_fd),
             desired=desired)
         state.originals = _originals(pod_nl, desired, prior, store.pod_siblings(state))
         _fault("state")
@@ -181,7 +124,7 @@ def cmd_add(req):
         journal: list[Step] = []
         try:
             _fault("state:written")
-            _apply_pod(req, pod_nl, pod_fd, desired, facts, journal)
+            _apply_pod(inv, pod_nl, pod_fd, desired, facts, journal)
             _apply_node(store, state, node_nl, node_fd, journal)
             _fault("state:before-applied")
             state.phase = PHASE_APPLIED
@@ -192,10 +135,10 @@ def cmd_add(req):
             if prior is not None:
                 store.write(prior)
             else:
-                store.remove(env.container_id, env.ifname)
+                store.remove(inv.container_id, inv.ifname)
             raise
-        _announce(config, pod_fd, env.ifname, facts)
-    return _result_with_mac(req.prev_result, env.ifname, desired)
+        _announce(inv.config, pod_fd, inv.ifname, facts)
+    return _result_with_mac(inv.prev_result, inv.ifname, desired)
 
 
 def _originals(nl, desired: Desired, prior: AttachmentState | None,
@@ -211,7 +154,7 @@ def _originals(nl, desired: Desired, prior: AttachmentState | None,
     return out
 
 
-def _apply_pod(req, nl, pod_fd: int, desired: Desired, facts: Facts,
+def _apply_pod(inv: Invocation, nl, pod_fd: int, desired: Desired, facts: Facts,
                journal: list[Step]) -> None:
     shared = {o.key() for o in desired.pod_shared}
     live = [*facts.pod.owned_rules, *facts.pod.owned_routes, *facts.pod.owned_neighbours]
@@ -220,7 +163,7 @@ def _apply_pod(req, nl, pod_fd: int, desired: Desired, facts: Facts,
     for obj in ordered:
         if isinstance(obj, LinkAttr):  # the MAC must be final before anyone is probed
             applier.apply(obj, shared=False)
-    _probe_addresses(req.config, req.env.ifname, pod_fd, desired, facts)
+    _probe_addresses(inv.config, inv.ifname, pod_fd, desired, facts)
     for route in desired.displaced:
         if route in facts.pod.main_routes:
             applier.displace(route)
@@ -237,7 +180,7 @@ def _apply_node(store: Store, state: AttachmentState, nl, node_fd: int,
     shared = {o.key() for o in desired.node_shared}
     table = next((o.table for o in desired.node_shared), None)
     with _netns.node_lock(node_fd):
-        live = _netlink.owned_node_objects(nl, table, desired.host_peer)
+        live = owned_node_objects(nl, table, desired.host_peer)
         applier = Applier(nl, "node", live, journal)
         start = len(journal)
         try:
@@ -316,18 +259,17 @@ def _result_with_mac(result, ifname: str, desired: Desired):
 
 
 # -- DEL ---------------------------------------------------------------------------------
-def cmd_del(req) -> None:
+def cmd_del(inv: Invocation) -> None:
     """Remove exactly this attachment's objects (and shared ones nobody else lists)."""
-    store = Store(_state_dir(req))
-    env = req.env
-    state = store.load(env.container_id, env.ifname)
+    store = Store(inv.state_dir)
+    state = store.load(inv.container_id, inv.ifname)
     if state is None:
         return  # write-ahead: no record means ADD changed nothing
     _faults.begin()
-    with _pod_fd(req, required=False) as pod_fd, _node_fd(req) as node_fd:
+    with _pod_fd(inv, required=False) as pod_fd, _node_fd(inv) as node_fd:
         errors = _teardown(store, state, pod_fd, node_fd)
     if errors:
-        raise PluginError(f"DEL of {env.ifname} could not remove everything; retry DEL",
+        raise PluginError(f"DEL of {inv.ifname} could not remove everything; retry DEL",
                           "; ".join(errors))
 
 
@@ -390,16 +332,15 @@ def _attempt(action, *args) -> list[str]:
 
 
 # -- CHECK -------------------------------------------------------------------------------
-def diff(req) -> list[Drift]:
+def diff(inv: Invocation) -> list[Drift]:
     """Recorded intent vs the kernel, for this attachment (empty list: no drift)."""
-    env = req.env
-    state = Store(req.config.state_dir).load(env.container_id, env.ifname)
+    state = Store(inv.state_dir).load(inv.container_id, inv.ifname)
     if state is None:
-        raise CheckFailed(f"no route-tune state for {env.container_id}/{env.ifname}: "
+        raise CheckFailed(f"no route-tune state for {inv.container_id}/{inv.ifname}: "
                           f"was ADD run for this attachment?")
-    with _pod_fd(req, required=True) as pod_fd, _node_fd(req) as node_fd:
+    with _pod_fd(inv, required=True) as pod_fd, _node_fd(inv) as node_fd:
         if _netns.inode(pod_fd) != state.netns_inode:
-            raise CheckFailed(f"netns {env.netns} is not the sandbox ADD configured")
+            raise CheckFailed(f"netns {inv.netns} is not the sandbox ADD configured")
         return diff_state(state, pod_fd, node_fd)
 
 
@@ -407,12 +348,12 @@ def diff_state(state: AttachmentState, pod_fd: int, node_fd: int) -> list[Drift]
     """Recorded intent of one attachment vs the kernel (the CLI's verify uses this too)."""
     desired = state.desired
     drifts: list[Drift] = []
-    with _sessions(pod_fd, node_fd) as (pod_nl, node_nl):
+    with sessions(pod_fd, node_fd) as (pod_nl, node_nl):
         drifts += _compare(pod_nl, "pod", desired.pod_objects(),
-                           _netlink.owned_pod_objects(pod_nl))
+                           owned_pod_objects(pod_nl))
         if desired.node_objects():
             table = next((o.table for o in desired.node_shared), None)
-            live = _netlink.owned_node_objects(node_nl, table, desired.host_peer, by_peer=False)
+            live = owned_node_objects(node_nl, table, desired.host_peer, by_peer=False)
             drifts += _compare(node_nl, "node", desired.node_objects(), live)
     return drifts
 
@@ -434,22 +375,21 @@ def _compare(nl, side: str, expected: list[KernelObject], live: list[KernelObjec
     return out
 
 
-def cmd_check(req) -> None:
-    env = req.env
-    if req.prev_result is not None:
-        for interface in req.prev_result.interfaces:
-            if interface.name == env.ifname and interface.sandbox and \
-                    interface.sandbox != env.netns:
-                raise CheckFailed(f"{env.ifname} belongs to sandbox {interface.sandbox}, "
-                                  f"not CNI_NETNS {env.netns}")
-    drifts = diff(req)
+def cmd_check(inv: Invocation) -> None:
+    if inv.prev_result is not None:
+        for interface in inv.prev_result.interfaces:
+            if interface.name == inv.ifname and interface.sandbox and \
+                    interface.sandbox != inv.netns:
+                raise CheckFailed(f"{inv.ifname} belongs to sandbox {interface.sandbox}, "
+                                  f"not CNI_NETNS {inv.netns}")
+    drifts = diff(inv)
     if drifts:
-        raise CheckFailed(f"{len(drifts)} route-tune object(s) of {env.ifname} drifted: "
+        raise CheckFailed(f"{len(drifts)} route-tune object(s) of {inv.ifname} drifted: "
                           + drifts[0].describe(), "; ".join(d.describe() for d in drifts))
 
 
 # -- GC / STATUS / read-only -------------------------------------------------------------
-def _valid_attachments(raw: dict) -> set[tuple[str, str]]:
+def _valid_attachments(raw) -> set[tuple[str, str]]:
     entries = raw.get("cni.dev/valid-attachments")
     if entries is None:
         entries = raw.get("cni.dev/attachments") or []
@@ -457,12 +397,12 @@ def _valid_attachments(raw: dict) -> set[tuple[str, str]]:
             if isinstance(e, dict)}
 
 
-def cmd_gc(req) -> None:
+def cmd_gc(inv: Invocation) -> None:
     """Tear down every attachment of this network that the runtime no longer knows."""
-    store = Store(req.config.state_dir)
-    valid, network = _valid_attachments(req.raw), _network(req)
+    store = Store(inv.state_dir)
+    valid, network = _valid_attachments(inv.raw), inv.network
     errors: list[str] = []
-    with _node_fd(req) as node_fd:
+    with _node_fd(inv) as node_fd:
         for state in list(store.all()):
             if state.network != network or (state.container_id, state.ifname) in valid:
                 continue
@@ -481,9 +421,9 @@ def cmd_gc(req) -> None:
         raise PluginError(f"GC left {len(errors)} object(s) behind", "; ".join(errors))
 
 
-def cmd_status(req) -> None:
+def cmd_status(inv: Invocation) -> None:
     try:
-        Store(_state_dir(req)).ensure_usable()
+        Store(inv.state_dir).ensure_usable()
     except IOFailure as err:
         raise PluginNotAvailable(err.msg) from None
 
@@ -491,4 +431,4 @@ def cmd_status(req) -> None:
 def owned_objects(netns_fd: int | None) -> list[KernelObject]:
     """Every rule/route/neighbour route-tune owns in a netns (protocol 231)."""
     with _netlink.session(netns_fd) as nl:
-        return _netlink.owned_pod_objects(nl)
+        return owned_pod_objects(nl)

@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 
 from cniplugin.engine.attachment import Attachment, attachment_from_result
+from cniplugin.engine.defaults import RESERVED_TABLES, normalise_mode
 from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
 from cniplugin.engine.facts import Facts, NodeFacts, PodFacts
 from cniplugin.engine.objects import (MAIN_TABLE, SCOPE_LINK, SCOPE_UNIVERSE, Desired, KernelObject,
@@ -25,7 +26,6 @@ FIRST_SECONDARY_TABLE = 101
 SOURCE_RULE_PRIORITY = 31000
 FWMARK_RULE_PRIORITY = 30000
 REPLY_MARK = REPLY_MASK = 0x1   # docs/nft.md: only bit 0 is ours
-RESERVED_TABLES = frozenset({0, 253, 254, 255})
 IPV6_DEFAULT_METRIC = 1024
 UNDERLAY_VETH = "veth0"
 NODE_VETH_PREFIX = "rt"         # node end: "rt" + the first 11 characters of the container id
@@ -40,9 +40,9 @@ def resolve_mode(config, ifname: str, pod_links: list[str] | None = None) -> str
     the pod's link names; None (unknown, e.g. the CLI's disabled check) skips the checks that
     need them.
     """
-    mode = str(config.mode)
+    mode = normalise_mode(str(config.mode))
     eth0 = config.pod_default_cni_nic
-    if mode in ("disabled", "disable"):
+    if mode == "disabled":
         return "disabled"
     has_veth = pod_links is not None and UNDERLAY_VETH in pod_links
     if mode == "auto":
@@ -84,10 +84,16 @@ def planned_mac(container_id: str, role: str) -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-def plan(config, attachment: Attachment, facts: Facts, prior: Desired | None = None) -> Desired:
-    """Everything ``attachment`` needs, in the pod and on the node. Raises on unsafe input."""
+def plan(config, attachment: Attachment, facts: Facts, prior: Desired | None = None, *,
+         mode: str | None = None) -> Desired:
+    """Everything ``attachment`` needs, in the pod and on the node. Raises on unsafe input.
+
+    ``mode`` is the one the engine resolved while gathering (``resolve_mode``); None resolves it
+    here from the facts (callers holding only a config and facts, such as the planner tests).
+    """
     netk = attachment.ifname
-    mode = resolve_mode(config, netk, [link.name for link in facts.pod.links])
+    if mode is None:
+        mode = resolve_mode(config, netk, [link.name for link in facts.pod.links])
     _validate(config, attachment, facts, mode)
     plan_ = _Plan(config, attachment, facts, prior, mode)
     plan_.build()

@@ -19,7 +19,6 @@ import contextlib
 import errno
 import ipaddress
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -37,8 +36,7 @@ from cniplugin.kernel.decode import rule as _rule
 from cniplugin.kernel.rtnl import NetlinkError
 from cniplugin._version import RTPROT_ROUTE_TUNE
 
-_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
-_FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
+_AF, _FAMILY = _rtnl.AF_OF_FAMILY, _rtnl.FAMILY_OF_AF
 _GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
 _FULL = {4: 32, 6: 128}
 #: Documentation addresses: a FIB-match lookup of one of them finds the default route in use.
@@ -207,7 +205,7 @@ class Netlink:
                 and m.fields[0] in _FAMILY]
 
     def owned_rules(self) -> list[Rule]:
-        return [_owned_rule(r) for r in self.rules() if r.proto == RTPROT_ROUTE_TUNE]
+        return [owned_rule(r) for r in self.rules() if r.proto == RTPROT_ROUTE_TUNE]
 
     def owned_neighbours(self, dev: str | None = None) -> list[Neighbour]:
         """Neighbours carrying our protocol (kernel-filtered to ``dev`` when given)."""
@@ -260,7 +258,7 @@ class Netlink:
                                 + f": {os.strerror(err.code)}") from None
         oif = msg.u32(_rtnl.RTA_OIF)
         return RouteGet(table=msg.u32(_rtnl.RTA_TABLE) or msg.fields[4],
-                        dev=self._name_of(oif) if oif else "",
+                        dev=self.name_of(oif) if oif else "",
                         gateway=msg.ip(_rtnl.RTA_GATEWAY), prefsrc=msg.ip(_rtnl.RTA_PREFSRC),
                         local=msg.fields[7] == _rtnl.RTN_LOCAL)
 
@@ -276,7 +274,7 @@ class Netlink:
         except NetlinkError:
             return None
         oif = msg.u32(_rtnl.RTA_OIF)
-        return msg.fields[1], self._name_of(oif) if oif else ""
+        return msg.fields[1], self.name_of(oif) if oif else ""
 
     def default_gateways(self, family: int) -> list[str]:
         """Gateways of the default route this netns uses (a FIB-match lookup: one message,
@@ -363,7 +361,7 @@ class Netlink:
                 with _netns.entered(self.fd):
                     _nft.ensure_reply_steering(obj.ifname, obj.mark, obj.mask)
         except NetlinkError as err:
-            raise _refused(obj, err) from None
+            raise _rtnl.refused(obj, err) from None
 
     def create_route(self, route: Route) -> Route | None:
         """Add ``route`` where the request saw nothing with its key (table, prefix, metric).
@@ -378,7 +376,7 @@ class Netlink:
             return None
         except NetlinkError as err:
             if err.code != errno.EEXIST:
-                raise _refused(route, err) from None
+                raise _rtnl.refused(route, err) from None
         holder = next((r for r in self.routes(route.family, route.table)
                        if r.key() == route.key()), None)
         if holder is not None and holder.proto != RTPROT_ROUTE_TUNE:
@@ -412,7 +410,7 @@ class Netlink:
                     _nft.remove_reply_steering()
         except NetlinkError as err:
             if err.code not in _GONE:
-                raise _refused(obj, err, "remove") from None
+                raise _rtnl.refused(obj, err, "remove") from None
 
     def remove_veth_peer(self, veth: Veth) -> bool:
         """Delete the node end of ``veth`` (a node session), only if its alias names the same
@@ -437,7 +435,7 @@ class Netlink:
             pass  # the interface (and its sysctls) went away: nothing to restore
         except NetlinkError as err:
             if err.code not in (*_GONE, errno.EEXIST, errno.ENETUNREACH):
-                raise _refused(obj, err, "restore") from None
+                raise _rtnl.refused(obj, err, "restore") from None
 
     # -- helpers ------------------------------------------------------------------------
     def _index_names(self) -> dict[int, str]:
@@ -445,7 +443,7 @@ class Netlink:
             self.links()
         return self._names
 
-    def _name_of(self, index: int) -> str:
+    def name_of(self, index: int) -> str:
         if self._names is not None and index in self._names:
             return self._names[index]
         link = self.link_by_index(index)
@@ -502,7 +500,7 @@ class Netlink:
         except NetlinkError as err:
             if err.code != errno.EEXIST:
                 raise
-            live = [_owned_rule(r) for r in self.rules(rule.family) if not r.selectors]
+            live = [owned_rule(r) for r in self.rules(rule.family) if not r.selectors]
             if rule not in live:
                 raise RouteConflict(
                     f"`{rule.render()}` collides with an existing rule that is not "
@@ -516,7 +514,7 @@ class Netlink:
             payload = _rtnl.attr(_rtnl.IFLA_ADDRESS, _rtnl.mac_bytes(value))
         self.sock.change(_rtnl.RTM_NEWLINK, 0, _rtnl.ifinfomsg(index=index) + payload)
 
-    def _set_link(self, index: int, up: bool = False, *attrs: bytes) -> None:
+    def set_link(self, index: int, up: bool = False, *attrs: bytes) -> None:
         flags = _rtnl.IFF_UP if up else 0
         self.sock.change(_rtnl.RTM_NEWLINK, 0,
                          _rtnl.ifinfomsg(index=index, flags=flags, change=flags) + b"".join(attrs))
@@ -525,10 +523,11 @@ _RTM_F_FIB_MATCH = 0x2000
 _EXT_MASK = _rtnl.attr_u32(_rtnl.IFLA_EXT_MASK, _rtnl.RTEXT_FILTER_SKIP_STATS)
 
 
-def _refused(obj: KernelObject, err: NetlinkError, action: str = "install") -> RouteConflict:
-    reason = f"; {err.reason}" if err.reason else ""
-    return RouteConflict(f"the kernel refused to {action} `{obj.render()}`: "
-                         f"{os.strerror(err.code)} (errno {err.code}{reason})")
+def owned_rule(r: Rule) -> Rule:
+    """A dumped rule as the ``Rule`` object route-tune plans."""
+    # fwmask 0xffffffff is what the kernel reports for a plain ``fwmark X`` rule
+    return Rule(r.family, r.priority, r.table, r.src, r.proto, r.fwmark,
+                r.fwmask if r.fwmark else 0)
 
 
 def _route_dump_body(family: int | None, table: int | None, proto: int | None) -> bytes:
@@ -555,13 +554,7 @@ def _rule_body(rule: Rule) -> bytes:
     return b"".join(parts)
 
 
-# The fact readers live in _gather; the CLI imports them from here.
-from cniplugin.engine.gather import (_owned_rule, gather_node, gather_pod, node_claims,  # noqa: E402
-                      owned_node_objects, owned_pod_objects, verified_peer)
-
-__all__ = ["Netlink", "RouteGet", "session", "open_session", "gather_pod", "gather_node",
-           "node_claims",
-           "verified_peer", "owned_node_objects", "owned_pod_objects"]
+__all__ = ["Netlink", "RouteGet", "session", "open_session"]
 
 
 def _lookup_flags(family: int) -> int:

@@ -65,6 +65,9 @@ NUD_PERMANENT = 0x80
 NETNSA_NSID, NETNSA_FD = 1, 3
 
 AF_UNSPEC, AF_INET, AF_INET6 = 0, socket.AF_INET, socket.AF_INET6
+#: IP version (4, 6) <-> address family, for every module speaking rtnetlink.
+AF_OF_FAMILY = {4: AF_INET, 6: AF_INET6}
+FAMILY_OF_AF = {AF_INET: 4, AF_INET6: 6}
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NLA = struct.Struct("=HH")
@@ -94,6 +97,14 @@ class NetlinkError(OSError):
         super().__init__(code, os.strerror(code) + (f" ({reason})" if reason else ""))
         self.code = code
         self.reason = reason
+
+
+def refused(obj, err: NetlinkError, action: str = "install") -> Exception:
+    """The error for a request about ``obj`` (a kernel object: ``render()``) the kernel refused."""
+    from cniplugin.protocol.errors import RouteConflict
+    reason = f"; {err.reason}" if err.reason else ""
+    return RouteConflict(f"the kernel refused to {action} `{obj.render()}`: "
+                         f"{os.strerror(err.code)} (errno {err.code}{reason})")
 
 
 class _Interrupted(Exception):

@@ -65,7 +65,7 @@ def apply(nl: Netlink, veth: Veth) -> None:
         node._write_sysctl(f"net/ipv6/conf/{veth.peer}/accept_ra", "0")
     except FileNotFoundError:
         pass  # IPv6 is disabled on the node: no router advertisement to refuse
-    node._set_link(peer.index, True,
+    node.set_link(peer.index, True,
                    _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu),
                    _rtnl.attr(_rtnl.IFLA_IFALIAS, veth.alias.encode()))  # no NUL: as ip(8)
     if veth.address:
@@ -74,7 +74,7 @@ def apply(nl: Netlink, veth: Veth) -> None:
                        _rtnl.ifaddrmsg(socket.AF_INET, int(length), live.index)
                        + _rtnl.attr(_rtnl.IFA_LOCAL, _rtnl.ip_bytes(ip))
                        + _rtnl.attr(_rtnl.IFA_ADDRESS, _rtnl.ip_bytes(ip)))
-    nl._set_link(live.index, True, _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu))
+    nl.set_link(live.index, True, _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu))
 
 
 def _create(nl: Netlink, veth: Veth) -> None:
@@ -109,7 +109,5 @@ def remove_peer(node: Netlink, veth: Veth) -> bool:
         node.sock.change(_rtnl.RTM_DELLINK, 0, _rtnl.ifinfomsg(index=link.index))
     except NetlinkError as err:
         if err.code not in GONE:
-            from cniplugin.kernel.netlink import _refused  # (_netlink imports this module)
-
-            raise _refused(veth, err, "remove") from None
+            raise _rtnl.refused(veth, err, "remove") from None
     return True

@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal, Mapping, Union
 from cniplugin.protocol.pydantic_base import BaseModel, Before, ConfigDict, Dump, Field, ValidationError, \
     ValidationInfo, field_validator, model_validator
 
+from cniplugin.engine.defaults import HOST_RULE_PRIORITY, HOST_RULE_TABLE, RESERVED_TABLES, SOCKET_PATH, \
+    STATE_DIR, normalise_mode
 from cniplugin.protocol.env import NodeDefaults, read_node_defaults, validate_ifname
 from cniplugin.protocol.errors import InvalidConfig, InvalidEnvironment
 from cniplugin.protocol.log import DEFAULT_LOG_DIR, LogOptions, resolve_log_options
@@ -38,7 +40,6 @@ RUNTIME_KEYS = frozenset({"cniVersion", "cniVersions", "name", "type", "prevResu
 #: Keys only the node defaults file may set.
 NODE_ONLY_KEYS = ("logDir", "stateDir", "hostRulePriority", "socketPath", "allowedHostRuleTables")
 _NESTED = ("logOptions", "detectOptions")
-_RESERVED_TABLES = (0, 253, 254, 255)  # unspec, default, main, local
 _U32_MAX = 2**32 - 1
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -111,10 +112,6 @@ def _to_ifname(value: Any) -> str:
     return value
 
 
-def _to_mode(value: Any) -> Any:
-    return "disabled" if value == "disable" else value
-
-
 def _to_mac_prefix(value: Any) -> str:
     if value == "":
         return ""
@@ -137,7 +134,7 @@ def _to_veth_address(value: Any) -> ipaddress.IPv4Address | None:
 def _to_table(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError("expected an integer routing table id")
-    if not 1 <= value <= _U32_MAX or value in _RESERVED_TABLES:
+    if not 1 <= value <= _U32_MAX or value in RESERVED_TABLES:
         raise ValueError(f"expected a table id in 1..{_U32_MAX} other than 253, 254, 255")
     return value
 
@@ -188,18 +185,18 @@ class PluginConfig(_Model):
     """The validated route-tune configuration (see docs/design.md "Configuration keys")."""
 
     mode: Annotated[Literal["auto", "overlay", "underlay", "disabled"],
-                    Before(_to_mode)] = "auto"
+                    Before(normalise_mode)] = "auto"
     pod_default_cni_nic: IfName = Field("eth0", alias="podDefaultCniNic")
     tune_pod_routes: bool = Field(True, alias="tunePodRoutes")
     pod_default_route_nic: Annotated[str, Before(
         lambda v: v if v == "" else _to_ifname(v))] = Field("", alias="podDefaultRouteNic")
     # Node-only keys come first so the table check below can see the allowed list.
     log_dir: AbsPath = Field(DEFAULT_LOG_DIR, alias="logDir")
-    state_dir: AbsPath = Field("/run/route-tune", alias="stateDir")
-    socket_path: AbsPath = Field("/run/route-tune/engine.sock", alias="socketPath")
+    state_dir: AbsPath = Field(STATE_DIR, alias="stateDir")
+    socket_path: AbsPath = Field(SOCKET_PATH, alias="socketPath")
     allowed_host_rule_tables: list[Table] | None = Field(None, alias="allowedHostRuleTables")
-    host_rule_priority: int = Field(1000, ge=1, le=32765, alias="hostRulePriority")
-    host_rule_table: Table = Field(500, alias="hostRuleTable")
+    host_rule_priority: int = Field(HOST_RULE_PRIORITY, ge=1, le=32765, alias="hostRulePriority")
+    host_rule_table: Table = Field(HOST_RULE_TABLE, alias="hostRuleTable")
     pod_rp_filter: int = Field(0, ge=-1, le=2, alias="podRPFilter")
     host_rp_filter: Any = Field(None, alias="hostRPFilter")
     overlay_pod_cidr: list[ClusterNetwork] = Field([], alias="overlayPodCIDR")
@@ -329,7 +326,7 @@ def build(raw_config: Mapping, defaults: NodeDefaults) -> PluginConfig:
         config = PluginConfig.model_validate(merged)
     except ValidationError as exc:
         raise _translate(exc, raw_config, defaults) from None
-    node_table = defaults.values.get("hostRuleTable", 500)
+    node_table = defaults.values.get("hostRuleTable", HOST_RULE_TABLE)
     if config.allowed_host_rule_tables is None and config.host_rule_table != node_table:
         # A tenant's NetworkAttachmentDefinition may not pick the node's table: the node rule
         # `from all lookup <hostRuleTable>` precedes main, so naming a table the node uses for

@@ -11,8 +11,8 @@ code 6 for every command (Go gives 6 only on CHECK and 1 elsewhere).
 Import cost is part of the contract: this module imports only the stdlib at load time. pydantic
 arrives with ``_wire``/``_config`` when a result or config must be validated, pyroute2 only with
 the engine. VERSION and the about text need neither; a DEL whose netns is gone builds its
-``Request`` with the config and prevResult loaded lazily, so the engine decides whether it needs
-them (the node-side cleanup works from the state store).
+``Invocation`` without a config model (no pydantic): its node-side cleanup works from the state
+store.
 
 Every failure is one JSON object on stdout (``cniVersion``, ``code``, ``msg``, ``details``) and
 exit 1; an unexpected exception is code 999 with its traceback only in the log.
@@ -23,24 +23,21 @@ from __future__ import annotations
 import json
 import os
 import re
-from functools import cached_property
 
-from cniplugin.protocol.errors import CNIError, DecodeFailure, IncompatibleVersion, InternalError, \
-    InvalidConfig, NotChained
 from cniplugin._version import PLUGIN_NAME, SUPPORTED_VERSIONS, __version__
+from cniplugin.protocol.errors import CNIError, DecodeFailure, IncompatibleVersion, InternalError, \
+    InvalidConfig
 
 # Neither ``typing`` nor ``dataclasses`` is imported at run time: together they cost more than
 # the whole VERSION command (dataclasses pulls in ``inspect``). Hence plain classes below.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Mapping
+    from typing import Mapping
 
-    from cniplugin.protocol.config import PluginConfig
     from cniplugin.protocol.env import CniEnv, NodeDefaults
     from cniplugin.protocol.wire import Result
 
-__all__ = ["Outcome", "Request", "run", "error_outcome", "negotiate", "parse_version",
-           "version_at_least", "about_text", "version_reply"]
+__all__ = ["Outcome", "run", "error_outcome", "about_text", "version_reply"]
 
 _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*\Z")
 _FALLBACK_VERSION = SUPPORTED_VERSIONS[-1]
@@ -72,45 +69,6 @@ class Outcome:
 
 # ---------------------------------------------------------------- versions (stdlib only)
 
-def parse_version(text: Any) -> tuple[int, int, int]:
-    """Go's ``version.ParseVersion``: 1 to 3 dot-separated integers; else ``DecodeFailure`` (6)."""
-    if not isinstance(text, str) or not text:
-        raise DecodeFailure(f"invalid version {json.dumps(text)}: the version is empty"
-                            if text == "" else f"invalid version {json.dumps(text)}")
-    parts = text.split(".")
-    if len(parts) > 3 or not all(p.isdigit() and p.isascii() for p in parts):
-        raise DecodeFailure(f'invalid version "{text}"')
-    numbers = [int(p) for p in parts] + [0] * (3 - len(parts))
-    return numbers[0], numbers[1], numbers[2]
-
-
-def version_at_least(version: str, minimum: str) -> bool:
-    """True when ``version`` >= ``minimum`` (both well-formed)."""
-    return parse_version(version) >= parse_version(minimum)
-
-
-def negotiate(config: Mapping[str, Any]) -> str:
-    """The version to speak: the highest of ``cniVersion`` and the 1.1.0 ``cniVersions`` list
-    that route-tune supports (libcni picks the same way). A missing ``cniVersion`` means 0.1.0.
-
-    Malformed version strings are code 6; nothing supported is code 1 ``incompatible CNI
-    versions`` with Go's details ``config is "X", plugin supports ["0.3.0" ...]``.
-    """
-    declared = config.get("cniVersion") or "0.1.0"
-    parse_version(declared)
-    offered = config.get("cniVersions", [])
-    if not isinstance(offered, list):
-        raise DecodeFailure("cniVersions must be a list of version strings")
-    for version in offered:
-        parse_version(version)
-    usable = [v for v in [declared, *offered] if v in SUPPORTED_VERSIONS]
-    if not usable:
-        supported = " ".join(f'"{v}"' for v in SUPPORTED_VERSIONS)
-        raise IncompatibleVersion("incompatible CNI versions",
-                                  f'config is "{declared}", plugin supports [{supported}]')
-    return max(usable, key=parse_version)
-
-
 def about_text() -> str:
     """What skel prints on stderr when CNI_COMMAND is unset (plus route-tune's version)."""
     return (f"CNI {PLUGIN_NAME} plugin v{__version__}\n"
@@ -122,61 +80,6 @@ def version_reply() -> bytes:
     return json.dumps({"cniVersion": SUPPORTED_VERSIONS[-1],
                        "supportedVersions": list(SUPPORTED_VERSIONS)},
                       separators=(",", ":")).encode() + b"\n"
-
-
-# ---------------------------------------------------------------- the request
-
-class Request:
-    """One CNI invocation, as the engine sees it.
-
-    - ``command``: ADD | DEL | CHECK | GC | STATUS
-    - ``env``: the validated CNI_* variables (container_id, netns, ifname, args, path)
-    - ``raw``: the whole stdin config; ``cni_version``: the negotiated version of the reply
-    - ``node_defaults``: the node defaults file (already read)
-    - ``pod_netns_fd``: given by the resident server (SCM_RIGHTS); None = open ``env.netns``
-    - ``node_netns_fd``: the caller's netns (the node); None = this process's netns
-    - ``config`` (PluginConfig) and ``prev_result`` (canonical 1.x Result or None) are loaded on
-      first access and cached, so a DEL whose netns is gone imports pydantic only if the engine
-      asks for them. For every other command ``run`` touches both before calling the engine, so
-      validation errors come first.
-    """
-
-    def __init__(self, command: str, env: CniEnv, raw: dict, cni_version: str,
-                 node_defaults: NodeDefaults, pod_netns_fd: int | None = None,
-                 node_netns_fd: int | None = None) -> None:
-        self.command = command
-        self.env = env
-        self.raw = raw
-        self.cni_version = cni_version
-        self.node_defaults = node_defaults
-        self.pod_netns_fd = pod_netns_fd
-        self.node_netns_fd = node_netns_fd
-
-    def __repr__(self) -> str:
-        return (f"Request({self.command} {self.env.container_id}/{self.env.ifname} "
-                f"netns={self.env.netns!r} cniVersion={self.cni_version})")
-
-    @cached_property
-    def config(self) -> PluginConfig:
-        from cniplugin.protocol import config as _config
-        return _config.build(self.raw, self.node_defaults)
-
-    @cached_property
-    def prev_result(self) -> Result | None:
-        raw_prev = self.raw.get("prevResult")
-        if raw_prev is None:
-            return None
-        from cniplugin.protocol import wire as _wire
-        return _wire.parse_result(raw_prev, self.cni_version)
-
-    @property
-    def netns_gone(self) -> bool:
-        """True when CNI_NETNS is empty or names nothing (possible only on DEL)."""
-        # A netns fd handed over by the resident server means the pod netns exists, whatever
-        # the server's own mount namespace shows at that path.
-        if self.pod_netns_fd is not None:
-            return False
-        return not self.env.netns or not os.path.exists(self.env.netns)
 
 
 # ---------------------------------------------------------------- replies
@@ -225,10 +128,13 @@ def _log_fields(env: CniEnv) -> dict:
             "command": env.command}
 
 
-def _effective_mode(req: Request) -> str:
-    """``mode`` without validating the whole config (the light DEL path)."""
-    mode = req.raw.get("mode", req.node_defaults.values.get("mode", "auto"))
-    return "disabled" if mode == "disable" else mode
+def _netns_gone(env: CniEnv, pod_netns_fd: int | None) -> bool:
+    """True when CNI_NETNS is empty or names nothing (possible only on DEL)."""
+    # A netns fd handed over by the resident server means the pod netns exists, whatever
+    # the server's own mount namespace shows at that path.
+    if pod_netns_fd is not None:
+        return False
+    return not env.netns or not os.path.exists(env.netns)
 
 
 # ---------------------------------------------------------------- dispatch
@@ -244,6 +150,7 @@ def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = 
 
     from cniplugin.protocol import log as _logging
     from cniplugin.protocol.env import parse_env, read_node_defaults
+    from cniplugin.protocol.versions import negotiate, version_at_least
 
     logger = _logging.setup(environ)
     reply_version: str | None = None  # known once stdin is decoded and negotiated
@@ -260,12 +167,12 @@ def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = 
                 raise IncompatibleVersion(f"config version does not allow {command}",
                                           f'config is "{reply_version}", {command} needs '
                                           f'{since} or later')
-            req = Request(command, env, raw, reply_version, read_node_defaults(environ),
-                          pod_netns_fd, node_netns_fd)
-            _logging.set_request_options(_log_options(req))
+            node_defaults = read_node_defaults(environ)
+            _logging.set_request_options(_log_options(raw, node_defaults))
             if via:
                 logger.info("served %s", via)
-            return _dispatch(req, logger)
+            return _dispatch(_Parsed(command, env, raw, reply_version, node_defaults,
+                                     pod_netns_fd, node_netns_fd), logger)
         except CNIError as error:
             logger.warning("%s failed: code %d: %s%s", command, error.code, error.msg,
                            f" ({error.details})" if error.details else "")
@@ -277,12 +184,12 @@ def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = 
             return error_outcome(error, reply_version or _reply_version(stdin))
 
 
-def _log_options(req: Request):
+def _log_options(raw: dict, node_defaults: NodeDefaults):
     """``logOptions`` resolved without pydantic (the same function the config model uses), so the
     file log works from the first step, also for the light DEL path and for 999s."""
     from cniplugin.protocol.log import DEFAULT_LOG_DIR, resolve_log_options
-    defaults = req.node_defaults.values
-    options = req.raw.get("logOptions") or {}
+    defaults = node_defaults.values
+    options = raw.get("logOptions") or {}
     if not isinstance(options, dict):
         raise InvalidConfig(f"key `logOptions`: value `{options}` is not valid; expected an "
                             "object such as {\"logLevel\": \"info\"}")
@@ -290,31 +197,55 @@ def _log_options(req: Request):
     return resolve_log_options(merged, defaults.get("logDir", DEFAULT_LOG_DIR))
 
 
-def _dispatch(req: Request, logger) -> Outcome:
-    light = req.command == "DEL" and req.netns_gone
-    if not light:
-        req.config  # validate now: option errors are code 7 before anything else happens
-        req.prev_result
-    logger.debug("%s: config version %s", req.command, req.cni_version)
+class _Parsed:
+    """A request as ``run`` has checked it so far (the engine gets an ``Invocation``)."""
 
-    if req.command == "ADD" and req.raw.get("prevResult") is None:
-        raise NotChained(
-            "route-tune must be chained: it needs a prevResult",
-            "put route-tune last in a conflist's plugins, after an interface plugin such as "
-            "macvlan (with its IPAM)")
+    __slots__ = ("command", "env", "raw", "cni_version", "node_defaults", "pod_netns_fd",
+                 "node_netns_fd")
 
-    disabled = _effective_mode(req) == "disabled" if light else req.config.disabled
-    if disabled:  # pass-through without importing the engine
-        if req.command == "ADD":
-            return _result_outcome(req.prev_result, req.cni_version)
+    def __init__(self, command: str, env: CniEnv, raw: dict, cni_version: str,
+                 node_defaults: NodeDefaults, pod_netns_fd: int | None,
+                 node_netns_fd: int | None) -> None:
+        self.command, self.env, self.raw, self.cni_version = command, env, raw, cni_version
+        self.node_defaults = node_defaults
+        self.pod_netns_fd, self.node_netns_fd = pod_netns_fd, node_netns_fd
+
+
+def _dispatch(parsed: _Parsed, logger) -> Outcome:
+    from cniplugin.engine import defaults as _defaults
+    command, env, raw, cni_version = parsed.command, parsed.env, parsed.raw, parsed.cni_version
+    node_defaults, pod_netns_fd = parsed.node_defaults, parsed.pod_netns_fd
+    config = prev_result = None
+    if command == "DEL" and _netns_gone(env, pod_netns_fd):
+        # The light DEL: no config model (no pydantic); the engine works from the state store.
+        mode = _defaults.normalise_mode(raw.get("mode", node_defaults.values.get("mode", "auto")))
+        state_dir = node_defaults.values.get("stateDir", _defaults.STATE_DIR)
+    else:
+        from cniplugin.protocol import config as _config
+        config = _config.build(raw, node_defaults)  # option errors are code 7 before anything
+        raw_prev = raw.get("prevResult")
+        if raw_prev is not None:
+            from cniplugin.protocol import wire as _wire
+            prev_result = _wire.parse_result(raw_prev, cni_version)
+        mode, state_dir = config.mode, config.state_dir
+    logger.debug("%s: config version %s", command, cni_version)
+    if command == "ADD":
+        _defaults.require_chained(prev_result)
+    if mode == "disabled":  # pass-through without importing the engine
+        if command == "ADD":
+            return _result_outcome(prev_result, cni_version)
         return Outcome(b"", 0)
 
+    from cniplugin.engine.invocation import Invocation
+    inv = Invocation(command, env.container_id, env.ifname, env.netns, str(raw.get("name", "")),
+                     cni_version, state_dir, config, prev_result, raw, pod_netns_fd,
+                     parsed.node_netns_fd)
     from cniplugin.engine import commands as _engine
-    if req.command == "ADD":
-        return _result_outcome(_engine.cmd_add(req), req.cni_version)
+    if command == "ADD":
+        return _result_outcome(_engine.cmd_add(inv), cni_version)
     handler = {"DEL": _engine.cmd_del, "CHECK": _engine.cmd_check, "GC": _engine.cmd_gc,
-               "STATUS": _engine.cmd_status}[req.command]
-    handler(req)
+               "STATUS": _engine.cmd_status}[command]
+    handler(inv)
     return Outcome(b"", 0)
 
 

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Union
 
 from cniplugin.protocol.pydantic_base import BaseModel, Before, ConfigDict, Dump, Field, ValidationError
 from cniplugin.protocol.errors import IncompatibleVersion, InvalidConfig
-from cniplugin.protocol.dispatch import negotiate, parse_version, version_at_least
+from cniplugin.protocol.versions import negotiate, parse_version, version_at_least
 from cniplugin._version import SUPPORTED_VERSIONS
 
 __all__ = [

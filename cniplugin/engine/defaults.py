@@ -1,0 +1,30 @@
+"""Built-in defaults and spellings shared by the protocol layer, the engine and the CLI.
+
+Imports nothing on purpose: the light DEL path (netns gone) and the CLI's option help read these
+without importing pydantic, pyroute2 or even ``socket``. Every other module takes them from here.
+"""
+
+from __future__ import annotations
+
+STATE_DIR = "/run/route-tune"
+SOCKET_PATH = STATE_DIR + "/engine.sock"
+HOST_RULE_TABLE = 500
+HOST_RULE_PRIORITY = 1000
+#: unspec, default, main, local: never a hostRuleTable and never a pod table.
+RESERVED_TABLES = frozenset({0, 253, 254, 255})
+
+
+def normalise_mode(value):
+    """``disable`` is accepted for ``disabled`` (coordinator spells it both ways)."""
+    return "disabled" if value == "disable" else value
+
+
+def require_chained(prev_result: object) -> None:
+    """The must-be-chained check (ADD, and the CLI's ``plan``): route-tune tunes what a previous
+    plugin attached, so it needs that plugin's result."""
+    if prev_result is None:
+        from cniplugin.protocol.errors import NotChained
+        raise NotChained(
+            "route-tune must be chained: it needs a prevResult",
+            "put route-tune last in a conflist's plugins, after an interface plugin such as "
+            "macvlan (with its IPAM)")
