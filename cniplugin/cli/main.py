@@ -130,7 +130,7 @@ def _guarded(name: str, run, argv: list[str], build) -> int:
         code, text = EXIT_PROBLEM, f"{err} (this command needs root)"
     except Exception as err:
         from cniplugin.protocol.errors import CNIError
-        inspect = sys.modules.get(f"{__package__}._inspect")  # only it raises NotFound
+        inspect = sys.modules.get(f"{__package__}.live")  # only it raises NotFound
         if inspect is not None and isinstance(err, inspect.NotFound):
             code, text = EXIT_NOT_FOUND, str(err)
         elif isinstance(err, CNIError):
