@@ -292,7 +292,8 @@ class OverlayLab:
         expires, cache, metrics, flags such as linkdown), links (name, type, MAC, MTU,
         txqlen, master, admin flags), addresses, neighbours that someone configured
         (PERMANENT, or carrying a routing protocol tag such as route-tune's 231), and the
-        sysctls route-tune may write (rp_filter, disable_ipv6, arp_ignore, arp_announce).  Dropped: kernel-learned
+        sysctls route-tune may write (rp_filter, disable_ipv6, arp_ignore, arp_announce).
+        Dropped: kernel-learned
         neighbours (REACHABLE/STALE/DELAY/PROBE/FAILED/INCOMPLETE) and NOARP entries the
         kernel makes for multicast/broadcast, which come and go with traffic.
         """
