@@ -293,9 +293,9 @@ class OverlayLab:
         txqlen, master, admin flags), addresses, neighbours that someone configured
         (PERMANENT, or carrying a routing protocol tag such as route-tune's 231), and the
         sysctls route-tune may write (rp_filter, disable_ipv6, arp_ignore, arp_announce).
-        Dropped: kernel-learned
-        neighbours (REACHABLE/STALE/DELAY/PROBE/FAILED/INCOMPLETE) and NOARP entries the
-        kernel makes for multicast/broadcast, which come and go with traffic.
+        Dropped: kernel-learned neighbours (REACHABLE/STALE/DELAY/PROBE/FAILED/INCOMPLETE)
+        and NOARP entries the kernel makes for multicast/broadcast, which come and go with
+        traffic.
         """
         # Without a family, `route show table all` lists both families; `rule show` only IPv4.
         rules4, routes, neigh, links, addrs = _decode_many(ip_batch(
