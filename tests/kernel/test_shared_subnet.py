@@ -22,6 +22,7 @@ address on every segment and record who answers with which MAC.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -232,7 +233,7 @@ def ns_answers(ns: str, targets: list[str], all_nodes: bool = False) -> dict[str
                                                  socket.inet_pton(socket.AF_INET6, target)))
                     body += struct.pack("!BB6s", 1, 1, mac)  # source link-layer address option
                     frame = pk._ipv6_frame(mac, pk.multicast_mac(pk.ALL_NODES),
-                                           pk.ipaddress.IPv6Address(GW[6]), pk.ALL_NODES, body)
+                                           ipaddress.IPv6Address(GW[6]), pk.ALL_NODES, body)
                 else:
                     frame = pk.build_ns(mac, GW[6], target)
                 s.send(frame)
