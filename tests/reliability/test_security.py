@@ -229,7 +229,7 @@ def nobody_forward(node_ns: str, env: dict, stdin: bytes) -> dict:
     """Run the shim's ``forward`` as uid/gid 65534 inside ``node_ns``; its outcome as a dict."""
     script = (
         "import json, sys, os\n"
-        "from cniplugin import _shim\n"
+        "from cniplugin.transport import shim as _shim\n"
         "env = json.loads(sys.argv[1]); stdin = sys.stdin.buffer.read()\n"
         "try:\n"
         "    sock = _shim.socket_path(env)\n"
