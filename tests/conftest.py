@@ -81,3 +81,12 @@ def in_netns(name: str, fn):
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]
+
+
+def details_repeat(msg: str, details: str) -> str:
+    """What a CNI error's ``details`` repeats of its ``msg`` ("" if nothing). libcni prints
+    ``msg; details``, so details must only add: no "; "-separated part may already be in msg."""
+    for part in (p.strip() for p in details.split("; ")):
+        if len(part) >= 8 and part in msg:
+            return part
+    return ""

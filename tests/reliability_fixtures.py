@@ -46,7 +46,7 @@ from cniplugin.lab.runtime import PluginEnv, PyRuntime, RailPod, rail_conflist
 from cniplugin.lab.sessions import LabNames
 from cniplugin.lab.topology import (CALI_MAC, OverlayLab, _decode_many, cleanup, ip_batch,
                                     netns_names, run, state_diff)
-from conftest import CNI_ROUTE_TUNE, REPO, ROUTE_TUNE, require_root
+from conftest import CNI_ROUTE_TUNE, REPO, ROUTE_TUNE, details_repeat, require_root
 
 PREFIX = "rtR"
 ENGINES = ("inprocess", "resident")
@@ -100,6 +100,8 @@ def assert_cni_error(reply: Reply, code: int | tuple[int, ...]) -> dict:
     assert isinstance(err.get("details", ""), str), str(reply)
     codes = code if isinstance(code, tuple) else (code,)
     assert err["code"] in codes, f"want code {codes}, got:\n{reply}"
+    repeated = details_repeat(err["msg"], err.get("details", ""))
+    assert not repeated, f"details repeats msg ({repeated!r}):\n{reply}"
     return err
 
 

@@ -234,11 +234,10 @@ def _probe_addresses(config, ifname: str, pod_fd: int, desired: Desired, facts: 
 
 
 def _announce(config, pod_fd: int, ifname: str, facts: Facts) -> None:
-    """GARP for IPv4 always (stale caches after IP reuse, #4650); IPv6 only when probing or
-    rewriting the MAC, because an NA must wait for DAD to finish."""
+    """After every successful ADD: a GARP per IPv4 and an unsolicited NA per IPv6 address, so a
+    peer holding a stale entry for a reused address learns the new MAC (#4650). An NA waits
+    (bounded) for the address to leave DAD, else is skipped with a log line (probe.announce)."""
     addresses = [a.address for a in facts.pod.addrs_of(ifname)]
-    if not (config.detect_ip_conflict or config.detect_gateway or config.pod_mac_prefix):
-        addresses = [a for a in addresses if ":" not in a]
     if not addresses:
         return
     from cniplugin.kernel import probe as _probe
@@ -384,8 +383,9 @@ def cmd_check(inv: Invocation) -> None:
                                   f"not CNI_NETNS {inv.netns}")
     drifts = diff(inv)
     if drifts:
+        # libcni prints "msg; details": details lists only the drifts msg does not name.
         raise CheckFailed(f"{len(drifts)} route-tune object(s) of {inv.ifname} drifted: "
-                          + drifts[0].describe(), "; ".join(d.describe() for d in drifts))
+                          + drifts[0].describe(), "; ".join(d.describe() for d in drifts[1:]))
 
 
 # -- GC / STATUS / read-only -------------------------------------------------------------

@@ -290,6 +290,13 @@ class _Plan:
         if value != -1:
             self.pod_shared.append(Sysctl("net/ipv4/conf/all/rp_filter", str(value)))
             self.pod_owned.append(Sysctl(f"net/ipv4/conf/{self.netk}/rp_filter", str(value)))
+        if self.config.pod_arp_isolation:
+            # No ARP flux between rails sharing a subnet: netK answers ARP only for its own
+            # addresses and asks with its own source. The kernel uses max(all, netK) for both,
+            # so netK's values suffice and eth0 keeps its own. Set even on IPv6-only rails:
+            # they would otherwise answer for their siblings' IPv4 addresses.
+            self.pod_owned += [Sysctl(f"net/ipv4/conf/{self.netk}/arp_ignore", "1"),
+                               Sysctl(f"net/ipv4/conf/{self.netk}/arp_announce", "2")]
         if 6 in self.att.families:
             self.pod_shared.append(Sysctl("net/ipv6/conf/all/disable_ipv6", "0"))
 

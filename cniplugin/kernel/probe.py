@@ -440,8 +440,10 @@ def announce(ifname: str, addrs: Sequence[str]) -> None:
     """Tell the segment that ``addrs`` now live at ``ifname``'s MAC, so stale caches are replaced.
 
     IPv4: one gratuitous ARP request (sender = target = the address) to broadcast. IPv6: one
-    unsolicited NA (override flag, target LL option) to ff02::1, after the address left DAD.
-    Never raises: failures are logged, an announcement is best effort.
+    unsolicited NA (override flag, target LL option) to ff02::1, once the address left DAD: a
+    tentative one is waited for (``wait_dad``'s bound) and skipped, with a log line, if it is
+    still tentative then or DAD failed. Never raises: failures are logged, an announcement is
+    best effort.
     """
     try:
         ips = _unique(_address(a) for a in addrs)
@@ -459,15 +461,22 @@ def announce(ifname: str, addrs: Sequence[str]) -> None:
 
 def _announce_family(ifname: str, ethertype: int, ips: list[IPAddress]) -> None:
     sock, mac = _open(ifname, ethertype, [(0x06, 0, 0, 0)])  # send-only: a drop-all filter
+    sent: list[IPAddress] = []
     try:
         for ip in ips:
             if ip.version == 4:
                 frame = pk.build_arp(pk.ARP_REQUEST, mac, ip, ip)
             else:
-                wait_dad(ifname, ip)  # RFC 4862 §5.4: a tentative address must not be advertised
+                try:  # RFC 4862 §5.4: a tentative address must not be advertised
+                    wait_dad(ifname, ip)
+                except (IPConflict, TryAgainLater) as exc:
+                    log.warning("no unsolicited NA for %s on %s: %s", ip, ifname, exc.msg)
+                    continue
                 frame = pk.build_na(mac, ip, ip)
             sock.send(frame)
-        log.debug("announced %s on %s as %s", ", ".join(map(str, ips)), ifname, pk.mac_to_str(mac))
+            sent.append(ip)
+        log.debug("announced %s on %s as %s", ", ".join(map(str, sent)), ifname,
+                  pk.mac_to_str(mac))
     finally:
         _close(sock)
 

@@ -292,9 +292,10 @@ class OverlayLab:
         expires, cache, metrics, flags such as linkdown), links (name, type, MAC, MTU,
         txqlen, master, admin flags), addresses, neighbours that someone configured
         (PERMANENT, or carrying a routing protocol tag such as route-tune's 231), and the
-        sysctls route-tune may write (rp_filter, disable_ipv6).  Dropped: kernel-learned
-        neighbours (REACHABLE/STALE/DELAY/PROBE/FAILED/INCOMPLETE) and NOARP entries the
-        kernel makes for multicast/broadcast, which come and go with traffic.
+        sysctls route-tune may write (rp_filter, disable_ipv6, arp_ignore, arp_announce).
+        Dropped: kernel-learned neighbours (REACHABLE/STALE/DELAY/PROBE/FAILED/INCOMPLETE)
+        and NOARP entries the kernel makes for multicast/broadcast, which come and go with
+        traffic.
         """
         # Without a family, `route show table all` lists both families; `rule show` only IPv4.
         rules4, routes, neigh, links, addrs = _decode_many(ip_batch(
@@ -302,7 +303,8 @@ class OverlayLab:
         (rules6,) = _decode_many(ip_batch(["rule show"], ns, "-j", "-6"))
         routes4 = [r for r in routes if ":" not in r.get("dst", "") + r.get("gateway", "")]
         routes6 = [r for r in routes if r not in routes4]
-        sysctl = self.exec(ns, "sysctl", "-a", "-r", r"\.(rp_filter|disable_ipv6)$").stdout
+        sysctl = self.exec(ns, "sysctl", "-a", "-r",
+                           r"\.(rp_filter|disable_ipv6|arp_ignore|arp_announce)$").stdout
         return {
             "rules4": rules4,
             "rules6": rules6,

@@ -198,6 +198,9 @@ class PluginConfig(_Model):
     host_rule_priority: int = Field(HOST_RULE_PRIORITY, ge=1, le=32765, alias="hostRulePriority")
     host_rule_table: Table = Field(HOST_RULE_TABLE, alias="hostRuleTable")
     pod_rp_filter: int = Field(0, ge=-1, le=2, alias="podRPFilter")
+    # A bool, not a sysctl map: a tenant's NetworkAttachmentDefinition can switch the fixed
+    # arp_ignore/arp_announce pair on netK off, never name another sysctl or value.
+    pod_arp_isolation: bool = Field(True, alias="podARPIsolation")
     host_rp_filter: Any = Field(None, alias="hostRPFilter")
     overlay_pod_cidr: list[ClusterNetwork] = Field([], alias="overlayPodCIDR")
     service_cidr: list[ClusterNetwork] = Field([], alias="serviceCIDR")

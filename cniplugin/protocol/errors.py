@@ -38,7 +38,11 @@ __all__ = [
 
 
 class CNIError(Exception):
-    """Base of every error route-tune reports to the runtime."""
+    """Base of every error route-tune reports to the runtime.
+
+    ``details`` only adds to ``msg`` (libcni prints ``msg; details``): never repeat in it what
+    ``msg`` already says.
+    """
 
     code = 999
 

@@ -57,6 +57,11 @@ def test_eight_rail_pod(rail_pod, family):
         sysctl = lab.state(lab.pod)["sysctl"]
         for dev in ["all"] + [f"net{k}" for k in pod.rails]:
             assert sysctl[f"net.ipv4.conf.{dev}.rp_filter"] == "0"
+    sysctl = lab.state(lab.pod)["sysctl"]  # ARP isolation on every rail, whatever its families
+    for k in pod.rails:
+        assert (sysctl[f"net.ipv4.conf.net{k}.arp_ignore"],
+                sysctl[f"net.ipv4.conf.net{k}.arp_announce"]) == ("1", "2")
+    assert sysctl["net.ipv4.conf.all.arp_ignore"] == sysctl["net.ipv4.conf.eth0.arp_ignore"] == "0"
     for k in pod.rails:
         pod.check(k)
     pod.delete_all()

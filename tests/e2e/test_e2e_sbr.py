@@ -32,12 +32,19 @@ def rules(lab):
     return {(r["src"], str(r["table"])) for r in pod_rules(lab)}
 
 
+def node_state(lab):
+    """The node's rules and routes of every table (both families), order-free."""
+    return ({json.dumps(r, sort_keys=True) for r in json.loads(lab.ip(lab.node, "-j", "route", "show", "table", "all"))},
+            lab.ip(lab.node, "rule"), lab.ip(lab.node, "-6", "rule"))
+
+
 def test_route_tune_vs_sbr(overlay_lab, plugin_env, libcni):
-    pods = {}
+    pods, node_before = {}, {}
     for chained in ("sbr", "route-tune"):
         lab = overlay_lab("4", rails=1)
         penv = plugin_env("4", name=lab.prefix)
         pods[chained] = RailPod(lab, penv, Libcni(lab.node, penv, libcni), chained=chained)
+        node_before[chained] = node_state(lab)
         pods[chained].add(1)
     sbr, rt = pods["sbr"].lab, pods["route-tune"].lab
     ip, gw, eth0 = rt.rail_ip(1, "4"), rt.gw_ip(1, "4"), rt.pod_ip("4")
@@ -58,18 +65,21 @@ def test_route_tune_vs_sbr(overlay_lab, plugin_env, libcni):
     src_hinted = {(d, g, dev, scope, eth0) for d, g, dev, scope, _ in cluster | node_ip}
     sbr_t, rt_t = table(sbr, "100"), table(rt, "101")
     assert sbr_t - rt_t == {("fe80::/64", "", "net1", "", "")}
-    assert rt_t - sbr_t in (cluster | node_ip, src_hinted)
+    assert rt_t - sbr_t == src_hinted  # eth0's address as prefsrc: replies leave from it
     # Difference 3: sbr empties net1's main-table routes (connected + fe80::/64); route-tune
     # keeps them and adds the cluster/node routes via eth0 to main.
     sbr_main, rt_main = table(sbr, "main"), table(rt, "main")
     assert sbr_main < rt_main
     kept = {("172.16.11.0/24", "", "net1", "link", ip), ("fe80::/64", "", "net1", "", "")}
-    assert rt_main - sbr_main in (kept | cluster | node_ip, kept | src_hinted)
+    assert rt_main - sbr_main == kept | src_hinted
     # Difference 4: route-tune's eth0 reply table; sbr has none.
     assert table(rt, "100") == {("default", "169.254.1.1", "eth0", "", ""), ("169.254.1.1", "", "eth0", "link", "")}
     # Difference 5: only route-tune touches the node (rule 1000 → table 500, /32 via cali).
-    assert json.loads(sbr.ip(sbr.node, "-j", "route", "show", "table", "all")) == json.loads(
-        sbr.ip(sbr.node, "-j", "route", "show", "table", "all"))
-    assert "lookup 500" not in sbr.ip(sbr.node, "rule") and "lookup 500" in rt.ip(rt.node, "rule")
+    assert node_state(sbr) == node_before["sbr"]
+    (rt_routes, rt_rules, rt_rules6), (routes0, rules0, rules6_0) = node_state(rt), node_before["route-tune"]
+    assert {json.loads(r)["dst"] for r in rt_routes - routes0} == {ip} and not routes0 - rt_routes
+    assert [line for line in rt_rules.splitlines() if line not in rules0.splitlines()] == [
+        "1000:\tfrom all lookup 500 proto 231"]
+    assert rt_rules6 == rules6_0  # an IPv4-only pod: no IPv6 node rule
     for pod in pods.values():
         pod.delete(1)

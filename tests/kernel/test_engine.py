@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import ROUTE_TUNE, require_root
+from conftest import ROUTE_TUNE, details_repeat, require_root
 
 pytestmark = pytest.mark.netns
 CALICO_MAC = "ee:ee:ee:ee:ee:ee"
@@ -371,6 +371,17 @@ def test_check_detects_drift_and_ignores_unrelated_main_routes(topo):
     assert failed.returncode == 1
     reply = json.loads(failed.stdout)
     assert reply["code"] == 104 and "table 102" in reply["msg"] and "missing" in reply["msg"]
+    assert "details" not in reply, "one drift: msg names it, details would only repeat it"
+    # Two more drifts: msg names the first, details the others, each drift exactly once.
+    nsx(topo.pod, "sysctl", "-qw", "net.ipv4.conf.net2.arp_ignore=0")
+    nsx(topo.pod, "ip", "rule", "del", "pref", "31000", "from", "172.16.12.10", "table", "102")
+    reply = json.loads(check(2).stdout)
+    assert reply["msg"].startswith("3 route-tune object(s) of net2 drifted: pod: changed: "
+                                   "sysctl -w net/ipv4/conf/net2/arp_ignore=1 (live: 0)"), reply
+    text = f"{reply['msg']}; {reply['details']}"  # what libcni prints
+    for drift in ("arp_ignore=1", "default via 172.16.12.254", "from 172.16.12.10/32"):
+        assert text.count(drift) == 1, (drift, text)
+    assert details_repeat(reply["msg"], reply["details"]) == ""
     ok(check(1))
     nsx(topo.node, "ip", "route", "replace", "172.16.11.10", "dev", "rtBup0", "table", "500",
         "proto", "231")

@@ -378,6 +378,47 @@ def test_unsolicited_na_creates_entry_with_accept_untracked_na(seg: Segment) -> 
     assert f"lladdr {seg.pod_mac}" in seg.gw_neigh(POD6)
 
 
+def test_unsolicited_na_waits_for_dad_of_a_tentative_address(seg: Segment) -> None:
+    """A fresh address (kernel DAD running) is announced once DAD is over, never while
+    tentative: the gateway's stale entry then holds the pod's MAC."""
+    fresh = "fd77::20"
+    sh("ip", "-n", seg.gw, "neigh", "replace", fresh, "lladdr", "02:00:00:00:00:99", "dev",
+       "rtDgw0", "nud", "stale")
+    cap = Capture(seg)
+    sh("ip", "-n", seg.pod, "addr", "add", f"{fresh}/64", "dev", "rtDpod0")  # with DAD
+    try:
+        assert "tentative" in sh("ip", "-n", seg.pod, "addr", "show", "dev", "rtDpod0")
+        elapsed, exc = seg.timed_in_pod(announce, "rtDpod0", [f"{fresh}/64"])
+        assert exc is None
+        assert "tentative" not in sh("ip", "-n", seg.pod, "addr", "show", "dev", "rtDpod0")
+        nas = [p for p in cap.nds() if p.type == pk.ND_NA and str(p.target) == fresh]
+        assert len(nas) == 1 and pk.mac_to_str(nas[0].lladdr) == seg.pod_mac
+        assert f"lladdr {seg.pod_mac}" in seg.gw_neigh(fresh)
+        assert 0.1 < elapsed < 3.0 + SLACK, elapsed  # waited for DAD, within its bound
+    finally:
+        sh("ip", "-n", seg.pod, "addr", "del", f"{fresh}/64", "dev", "rtDpod0", check=False)
+
+
+def test_still_tentative_address_is_skipped_with_a_log_line(seg: Segment, caplog) -> None:
+    """No carrier: DAD never finishes. The NA is skipped after the DAD bound and says so; the
+    IPv4 address on the same link is still announced."""
+    sh("ip", "-n", seg.pod, "link", "add", "rtDnc0", "type", "veth", "peer", "name", "rtDnc1")
+    try:
+        sh("ip", "-n", seg.pod, "link", "set", "rtDnc0", "up")  # rtDnc1 stays down
+        sh("ip", "-n", seg.pod, "addr", "add", "fd78::5/64", "dev", "rtDnc0")
+        sh("ip", "-n", seg.pod, "addr", "add", "10.78.0.5/24", "dev", "rtDnc0")
+        with caplog.at_level("DEBUG", logger="cniplugin.kernel.probe"):
+            elapsed, exc = seg.timed_in_pod(announce, "rtDnc0", ["fd78::5/64", "10.78.0.5/24"])
+        assert exc is None
+        skipped = [r.getMessage() for r in caplog.records if "no unsolicited NA" in r.getMessage()]
+        assert len(skipped) == 1 and "fd78::5 on rtDnc0" in skipped[0], skipped
+        assert "still tentative" in skipped[0]
+        assert any("announced 10.78.0.5 on rtDnc0" in r.getMessage() for r in caplog.records)
+        assert 2.5 < elapsed < 3.0 + SLACK, elapsed  # router_solicitation_delay + 1 x 1 s + 1 s
+    finally:
+        sh("ip", "-n", seg.pod, "link", "del", "rtDnc0", check=False)
+
+
 def test_announce_never_raises(seg: Segment) -> None:
     seg.in_pod(announce, "rtDnothere", [POD4, POD6])
     seg.in_pod(announce, "rtDpod0", ["not-an-address"])

@@ -110,6 +110,8 @@ def test_modes(environ, mode, want):
     ("hostRuleTable", "500", "integer"),
     ("podRPFilter", 3, "less than or equal to 2"),
     ("podRPFilter", -2, "greater than or equal to -1"),
+    ("podARPIsolation", "false", "key `podARPIsolation`: value `false` is not valid"),
+    ("podARPIsolation", {"arp_ignore": 8}, "valid boolean"),
     ("vethMTU", 0, "greater than 0"),
     ("vethMTU", -5, "key `vethMTU`: value `-5`"),
     ("txQueueLen", -1, "greater than or equal to 0"),
@@ -137,6 +139,15 @@ def test_validation_errors_name_key_and_value(environ, key, value, needle):
     msg = bad(environ, **{key: value})
     assert needle in msg, msg
     assert msg.startswith("key `") or "logOptions" in msg
+
+
+def test_arp_isolation_defaults_on_and_is_a_plain_switch(environ):
+    """Safe for RDMA by default; a tenant can only turn it off (no sysctl names or values)."""
+    assert load({"name": "n"}, environ).pod_arp_isolation is True
+    assert load({"name": "n", "podARPIsolation": False}, environ).pod_arp_isolation is False
+    write_defaults(environ, {"podARPIsolation": False})
+    assert load({"name": "n"}, environ).pod_arp_isolation is False
+    assert load({"name": "n", "podARPIsolation": True}, environ).pod_arp_isolation is True
 
 
 def test_host_rule_table_is_the_nodes_unless_the_node_allows_more(environ):

@@ -51,12 +51,16 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     """(imported name, at module level?) for every import of route-tune or third-party code."""
     tree = ast.parse(path.read_text())
     top = {id(node) for node in tree.body}
-    # imports under `if TYPE_CHECKING:` or try/except at module level still run at import time
+    typing_only = set()  # `if TYPE_CHECKING:` imports never run
     for node in tree.body:
-        if isinstance(node, (ast.If, ast.Try)):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            typing_only |= {id(n) for n in ast.walk(node)}
+        elif isinstance(node, (ast.If, ast.Try)):  # these run at import time
             top |= {id(n) for n in ast.walk(node)}
     out = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

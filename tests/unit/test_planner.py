@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
 from cniplugin.engine.facts import Addr, Facts, Link, NodeFacts, PodFacts
-from cniplugin.engine.objects import MAIN_TABLE, Desired, Neighbour, Route, Rule
+from cniplugin.engine.objects import MAIN_TABLE, Desired, Neighbour, Route, Rule, Sysctl
 from cniplugin.engine.planner import Attachment, plan
 
 HOST_TABLE = 500
@@ -32,6 +32,7 @@ class Config:  # stand-in with PluginConfig's attribute names
     host_rule_table: int = HOST_TABLE
     host_rule_priority: int = 1000
     pod_rp_filter: int = 0
+    pod_arp_isolation: bool = True
     overlay_pod_cidr: list = field(default_factory=lambda: ["10.233.64.0/18", "fd00:64::/64"])
     service_cidr: list = field(default_factory=lambda: ["10.233.0.0/18"])
     hijack_cidr: list = field(default_factory=lambda: ["169.254.0.0/16"])
@@ -113,6 +114,61 @@ def test_default_route_nic_moves_default_and_displaces_eth0():
     assert Route(4, MAIN_TABLE, "0.0.0.0/0", "net1", gateway="172.16.11.254") in desired.pod_owned
     later = plan(Config(pod_default_route_nic="net3"), attachment(1), eth0_facts(1))
     assert not later.displaced and any("not in the pod yet" in w for w in later.warnings)
+
+
+def sysctls(desired: Desired) -> dict[str, tuple[str, str]]:
+    return {o.path: (o.value, "owned" if o in desired.pod_owned else "shared")
+            for o in desired.pod_objects() if isinstance(o, Sysctl)}
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_arp_isolation_sets_netk_only(v6):
+    """arp_ignore/arp_announce on netK alone (owned: its DEL restores them); never on `all`,
+    which would change eth0 too. IPv6-only rails get them as well."""
+    att = attachment(2, v6)
+    if v6:
+        att = Attachment("c1", "net2", "rail", ("fd00:16:12::10/64",), ("fd00:16:12::254",))
+    got = sysctls(plan(Config(), att, eth0_facts(2, v6=v6)))
+    want = {"net/ipv4/conf/net2/arp_ignore": ("1", "owned"),
+            "net/ipv4/conf/net2/arp_announce": ("2", "owned"),
+            "net/ipv4/conf/net2/rp_filter": ("0", "owned"),
+            "net/ipv4/conf/all/rp_filter": ("0", "shared")}
+    if v6:
+        want["net/ipv6/conf/all/disable_ipv6"] = ("0", "shared")
+    assert got == want
+    off = sysctls(plan(Config(pod_arp_isolation=False), att, eth0_facts(2, v6=v6)))
+    assert off == {k: v for k, v in want.items() if "/arp_" not in k}
+
+
+def test_shared_subnet_rails_each_route_the_subnet_via_themselves():
+    """Rails in one subnet (one main-table prefix route per rail): every rail's table holds the
+    subnet via its own rail with its own source, whatever order main lists them in."""
+    links = [Link(1, "lo"), Link(2, "eth0", "veth", "aa:00:00:00:00:01", peer_index=9)]
+    addrs = [Addr("eth0", 4, "10.233.119.164", 32)]
+    main = [Route(4, MAIN_TABLE, "0.0.0.0/0", "eth0", gateway="169.254.1.1", proto=3)]
+    for k in (1, 2, 3):
+        links.append(Link(2 + k, f"net{k}", "macvlan", f"aa:00:00:00:01:0{k}"))
+        addrs.append(Addr(f"net{k}", 4, f"172.16.0.1{k}", 16))
+        main.append(Route(4, MAIN_TABLE, "172.16.0.0/16", f"net{k}", scope="link",
+                          src=f"172.16.0.1{k}", proto=2))
+    base = eth0_facts(0)
+    facts = Facts(PodFacts(links=tuple(links), addrs=tuple(addrs), main_routes=tuple(main),
+                           used_tables=frozenset({254, 255})), base.node)
+    for k in (1, 2, 3):
+        att = Attachment("c1", f"net{k}", "rail", (f"172.16.0.1{k}/16",), ("172.16.0.1",))
+        desired = plan(Config(), att, facts)
+        table = desired.table
+        subnet = [o for o in desired.pod_objects()
+                  if isinstance(o, Route) and o.dst == "172.16.0.0/16"]
+        assert subnet == [Route(4, table, "172.16.0.0/16", f"net{k}", scope="link",
+                                src=f"172.16.0.1{k}")]
+        assert Route(4, table, "0.0.0.0/0", f"net{k}", gateway="172.16.0.1") in desired.pod_owned
+        assert Rule(4, 31000, table, f"172.16.0.1{k}/32") in desired.pod_owned
+        assert not any(isinstance(o, Route) and o.table == MAIN_TABLE and o.dev.startswith("net")
+                       for o in desired.pod_objects()), "main keeps the kernel's own routes"
+        facts = Facts(PodFacts(links=facts.pod.links, addrs=facts.pod.addrs,
+                               main_routes=facts.pod.main_routes,
+                               used_tables=facts.pod.used_tables | {table}), facts.node)
 
 
 def test_tune_pod_routes_false_keeps_node_side_only():

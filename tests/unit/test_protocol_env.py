@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 from cniplugin.protocol.env import parse_cni_args, parse_env
 from cniplugin.protocol.errors import InvalidEnvironment
-from conftest import run_plugin
+from conftest import details_repeat, run_plugin
 
 CONFIG = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disabled",
           "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}}
@@ -233,3 +233,23 @@ def test_env_validator_ifname_rule(ifname):
 def test_env_validator_accepts_every_valid_container_id(container_id):
     assert parse_env({"CNI_COMMAND": "DEL", **_GOOD,
                       "CNI_CONTAINERID": container_id}).container_id == container_id
+
+
+@pytest.mark.parametrize("env_change, config_change", [
+    ({"CNI_IFNAME": "x" * 16}, {}),
+    ({"CNI_CONTAINERID": "bad id!"}, {}),
+    ({}, {"name": "bad name!"}),
+    ({}, {"cniVersion": "0.2.0"}),
+    ({}, {"prevResult": {"cniVersion": "9.9.9"}}),
+    ({}, {"mode": "overlay", "podRPFilter": 9, "vethMTU": 0, "txQueueLen": -1}),
+    ({}, {"mode": "overlay", "prevResult": None}),
+    ({"CNI_COMMAND": "CHECK"}, {"cniVersion": "0.3.1"}),
+    ({"CNI_COMMAND": "GC"}, {}),
+])
+def test_error_details_add_to_msg_and_never_repeat_it(base_env, env_change, config_change):
+    """libcni prints ``msg; details``: what details says must not already be in msg."""
+    config = {k: v for k, v in {**CONFIG, **config_change}.items() if v is not None}
+    proc = run_plugin({**base_env, **env_change}, config)
+    reply = json.loads(proc.stdout)
+    assert proc.returncode == 1 and reply["msg"], reply
+    assert details_repeat(reply["msg"], reply.get("details", "")) == "", reply
