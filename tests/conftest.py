@@ -1,5 +1,5 @@
-"""Shared test plumbing, kept small: ``require_root()``, the ``--run-slow`` option, and where the
-installed executables live. Fixtures that belong to one area live in that area's test modules."""
+"""Shared test plumbing: ``require_root()`` (the one root check), the ``--run-slow`` option, where
+the installed executables live, and the registration of the harness's fixtures (``tests/harness``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 ROUTE_TUNE = VENV_BIN / "route-tune"  # the installed console script (shebang: venv python)
 CNI_ROUTE_TUNE = VENV_BIN / "cni-route-tune"
+PYTHON = VENV_BIN / "python"
 
 
 def require_root(*tools: str) -> None:
@@ -81,3 +82,8 @@ def in_netns(name: str, fn):
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]
+
+
+# The harness's fixtures, for every test folder (imported last: the harness imports this module).
+from harness.fixtures import (engine, lab_session, libcni, make_rig, overlay_lab,  # noqa: E402,F401
+                              plugin_env, rail_pod)

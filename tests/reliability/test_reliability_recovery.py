@@ -16,7 +16,8 @@ import subprocess
 import pytest
 
 from conftest import CNI_ROUTE_TUNE
-from reliability_fixtures import *  # noqa: F401,F403
+from harness.lab import delete_pod_netns
+from harness.snapshot import ns_state, snapshot_diff
 
 pytestmark = [pytest.mark.netns]
 

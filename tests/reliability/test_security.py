@@ -17,8 +17,9 @@ import os
 import pytest
 
 from cniplugin.lab.topology import run
-from reliability_fixtures import *  # noqa: F401,F403
-from reliability_fixtures import PYTHON
+from conftest import PYTHON
+from harness.plugin import assert_cni_error
+from harness.snapshot import ns_state, snapshot_diff
 
 pytestmark = [pytest.mark.netns]
 
