@@ -7,7 +7,7 @@ import pytest
 
 from cniplugin.lab.topology import run, state_diff
 from harness.routing import assert_rail_routing, pod_rules
-from harness.snapshot import assert_same, ns_state, snapshot
+from harness.snapshot import assert_same, ns_state, snapshot, without_dev
 
 pytestmark = [pytest.mark.netns, pytest.mark.libcni]
 
@@ -33,36 +33,23 @@ def test_del_twice_and_without_prev_result(rail_pod):
 def test_del_with_empty_netns_cleans_the_node(rail_pod):
     pod = rail_pod("4", rails=2)
     lab = pod.lab
-    node_before = ns_state(lab, lab.node)
+    node_before = ns_state(lab.node)
     pod.add_all()
     pod.delete_all(netns="")
-    assert state_diff(node_before, ns_state(lab, lab.node)) == ""
+    assert state_diff(node_before, ns_state(lab.node)) == ""
 
 
 def test_del_after_netns_is_gone_cleans_the_node(rail_pod):
     pod = rail_pod("dual", rails=2)
     lab = pod.lab
-    node_before = ns_state(lab, lab.node)
+    node_before = ns_state(lab.node)
     pod.add_all()
     run("ip", "netns", "del", lab.pod)
     pod.delete_all()
     pod.delete_all()
     # The pod's veth (and with it the node's cali end and its routes) died with the netns;
     # everything else on the node, rule 1000 included, must be as before ADD.
-    assert state_diff(without_dev(node_before, lab.cali), ns_state(lab, lab.node)) == ""
-
-
-def without_dev(state, dev):
-    """`state` minus every entry that belongs to interface `dev`."""
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, list):
-            out[key] = [e for e in value if dev not in (e.get("dev"), e.get("ifname"))]
-        elif isinstance(value, str):  # the nft ruleset
-            out[key] = value
-        else:
-            out[key] = {k: v for k, v in value.items() if f".{dev}." not in k}
-    return out
+    assert state_diff(without_dev(node_before, lab.cali), ns_state(lab.node)) == ""
 
 
 def test_del_after_interface_is_gone(rail_pod):

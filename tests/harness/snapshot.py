@@ -1,6 +1,6 @@
 """The whole-state snapshot for before/after comparisons, and its readable diff.
 
-One namespace: ``OverlayLab.state`` (rules of both families, every table's routes, links,
+One namespace: ``namespace_state`` (rules of both families, every table's routes, links,
 addresses, configured neighbours, the sysctls route-tune may write) plus its nft ruleset. A
 snapshot: the pod and the node (a namespace that is gone is left out) and, given a state dir,
 every file under it.
@@ -11,15 +11,30 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cniplugin.lab.topology import OverlayLab, netns_names, run, state_diff
+from cniplugin.lab.topology import OverlayLab, namespace_state, netns_names, run, state_diff
 
 
 def nft_ruleset(ns: str) -> str:
     return run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
 
 
-def ns_state(lab: OverlayLab, ns: str) -> dict:
-    return {**lab.state(ns), "nft": nft_ruleset(ns)}
+def ns_state(ns: str) -> dict:
+    """The whole state of one namespace, its nft ruleset included."""
+    return {**namespace_state(ns), "nft": nft_ruleset(ns)}
+
+
+def without_dev(state: dict, dev: str) -> dict:
+    """``ns_state`` minus every entry that belongs to interface ``dev`` (one that died with a
+    netns, say); the nft ruleset is kept whole."""
+    out: dict = {}
+    for key, value in state.items():
+        if isinstance(value, list):
+            out[key] = [e for e in value if dev not in (e.get("dev"), e.get("ifname"))]
+        elif isinstance(value, str):
+            out[key] = value
+        else:
+            out[key] = {k: v for k, v in value.items() if f".{dev}." not in k}
+    return out
 
 
 def state_files(state_dir: Path) -> list[str]:
@@ -38,7 +53,7 @@ def snapshot(lab: OverlayLab, state_dir: Path | None = None,
     present = netns_names(lab.prefix)
     wanted = [ns for ns in (namespaces or [lab.pod, lab.node]) if ns in present]
     with ThreadPoolExecutor(8) as pool:
-        states = dict(zip(wanted, pool.map(lambda ns: ns_state(lab, ns), wanted)))
+        states = dict(zip(wanted, pool.map(ns_state, wanted)))
     return {**states, **({"files": state_files(state_dir)} if state_dir is not None else {})}
 
 

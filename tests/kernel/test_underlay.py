@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from conftest import ROUTE_TUNE, require_root
-from test_engine import nsx, ok, pings, route_get, sh, table_of
+from harness.snapshot import ns_state
+from harness.kernel import nsx, ok, pings, route_get, sh, table_of
 
 import subprocess
 
@@ -65,6 +66,8 @@ class Underlay:
     def add_ns(self, name: str) -> None:
         sh("ip", "netns", "add", name)
         self.created.append(name)
+        # No DAD: link-locals turning valid between two snapshots would differ (see OverlayLab).
+        nsx(name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
         nsx(name, "ip", "link", "set", "lo", "up")
 
     def addr(self, ns: str, dev: str, v4: str, v6: str) -> None:
@@ -182,25 +185,6 @@ def underlay_factory(tmp_path):
 
 
 # -- observing ---------------------------------------------------------------------------------
-def whole_state(ns: str) -> dict:
-    """Rules, every table, PERMANENT neighbours, links, the nft ruleset and the sysctls
-    route-tune touches: the whole observable state of a namespace."""
-    out = {"links": sorted(link["ifname"] + "/" + str(link.get("txqlen")) for link in
-                           json.loads(nsx(ns, "ip", "-j", "link", "show"))),
-           "nft": nsx(ns, "nft", "list", "ruleset")}
-    for fam in ("-4", "-6"):
-        out[f"rule{fam}"] = nsx(ns, "ip", fam, "rule", "show")
-        out[f"route{fam}"] = sorted(
-            line for line in nsx(ns, "ip", fam, "route", "show", "table", "all").splitlines()
-            if " table local " not in line and not line.startswith(("local ", "multicast "))
-            and "fe80::/64" not in line)
-        out[f"neigh{fam}"] = sorted(nsx(ns, "ip", fam, "neigh", "show", "nud",
-                                        "permanent").splitlines())
-    out["sysctl"] = nsx(ns, "sh", "-c", "grep -r . /proc/sys/net/ipv4/conf/*/rp_filter "
-                        "/proc/sys/net/ipv6/conf/all/disable_ipv6")
-    return out
-
-
 def node_sysctls(ns: str) -> dict[str, str]:
     """Every per-interface IPv4/IPv6 sysctl of a namespace (path -> value)."""
     text = nsx(ns, "sh", "-c", "grep -r . /proc/sys/net/ipv4/conf /proc/sys/net/ipv6/conf "
@@ -267,7 +251,7 @@ def ip(family: int, v4: str, v6: str) -> str:
 def test_underlay_paths_and_clean_del(underlay_factory, v4, v6):
     topo = underlay_factory(v4=v4, v6=v6, rails=1)
     p, n, o = topo.pod, topo.node, topo.out
-    pod_before, node_before = whole_state(p), whole_state(n)
+    pod_before, node_before = ns_state(p), ns_state(n)
     node_sysctls_before = node_sysctls(n)
     for fam in families(topo):  # the underlay problem: the pod cannot reach its node
         assert not pings(p, ip(fam, NODE_V4, NODE_V6), ip(fam, POD_V4, POD_V6), timeout=0.5)
@@ -320,8 +304,8 @@ def test_underlay_paths_and_clean_del(underlay_factory, v4, v6):
         assert pings(p, ip(fam, SVC_V4, SVC_V6), pod_ip)
     ok(topo.run("CHECK", "eth0", topo.conf("eth0")))
     topo.delete("eth0")
-    assert whole_state(p) == pod_before
-    assert whole_state(n) == node_before
+    assert ns_state(p) == pod_before
+    assert ns_state(n) == node_before
     assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))
 
 
@@ -385,18 +369,18 @@ def test_node_link_name_collision_fails_loudly_and_rolls_back(underlay_factory):
     """coordinator swallowed this error; route-tune reports it (103) and leaves no trace."""
     topo = underlay_factory(rails=0)
     nsx(topo.node, "ip", "link", "add", NODE_VETH, "type", "veth", "peer", "name", "rtUother")
-    pod_before, node_before = whole_state(topo.pod), whole_state(topo.node)
+    pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
     done = topo.run("ADD", "eth0", topo.conf("eth0"))
     reply = json.loads(done.stdout)
     assert done.returncode == 1 and reply["code"] == 103 and NODE_VETH in reply["msg"]
-    assert whole_state(topo.pod) == pod_before and whole_state(topo.node) == node_before
+    assert ns_state(topo.pod) == pod_before and ns_state(topo.node) == node_before
     ok(topo.run("DEL", "eth0", topo.conf()))
     assert NODE_VETH in nsx(topo.node, "ip", "link"), "someone else's link is never deleted"
 
 
 def test_options_tx_queue_len_mtu_link_address_policy_routes(underlay_factory):
     topo = underlay_factory(rails=1)
-    pod_before, node_before = whole_state(topo.pod), whole_state(topo.node)
+    pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
     node_links = link_txqlens(topo.node)
     keys = dict(txQueueLen=2000, vethMTU=1400, vethLinkAddress="169.254.100.1",
                 policyRoutes=[{"dst": "10.100.1.1/32", "gw": "10.6.0.1"}])
@@ -417,18 +401,18 @@ def test_options_tx_queue_len_mtu_link_address_policy_routes(underlay_factory):
     topo.delete("net1", podDefaultRouteNic="net1")
     assert route_get(topo.pod, "8.8.8.8")["dev"] == "eth0"
     topo.delete("eth0", **keys)
-    assert whole_state(topo.pod) == pod_before and whole_state(topo.node) == node_before
+    assert ns_state(topo.pod) == pod_before and ns_state(topo.node) == node_before
 
 
 def test_del_without_pod_netns_removes_the_node_end(underlay_factory):
     topo = underlay_factory(rails=1)
-    node_before = whole_state(topo.node)
+    node_before = ns_state(topo.node)
     topo.add("eth0")
     topo.add("net1")
     ok(topo.run("DEL", "net1", topo.conf(), netns=""))
     ok(topo.run("DEL", "eth0", topo.conf(), netns=""))  # runtime lost the netns path
     assert NODE_VETH not in nsx(topo.node, "ip", "link")
-    assert whole_state(topo.node) == node_before
+    assert ns_state(topo.node) == node_before
     assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))
 
 
@@ -438,7 +422,7 @@ def test_fault_at_every_point(underlay_factory, action):
     raise: the rollback leaves pod, node and state exactly as before. kill (a crash, nothing
     rolls back): DEL from the write-ahead state restores exactly the state before ADD."""
     topo = underlay_factory(rails=0)
-    pod_before, node_before = whole_state(topo.pod), whole_state(topo.node)
+    pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
     log = os.path.join(topo.tmp, "points.log")
     ok(topo.run("ADD", "eth0", topo.conf("eth0"), extra_env={"ROUTE_TUNE_FAULT_LOG": log}))
     ok(topo.run("DEL", "eth0", topo.conf(), extra_env={"ROUTE_TUNE_FAULT_LOG": log + ".del"}))
@@ -458,14 +442,14 @@ def test_fault_at_every_point(underlay_factory, action):
             assert done.returncode in (-9, 137), (point, done.returncode, done.stdout)
             assert os.path.exists(state_file) or point == "state", point
             ok(topo.run("DEL", "eth0", topo.conf()))
-        assert whole_state(topo.pod) == pod_before, point
-        assert whole_state(topo.node) == node_before, point
+        assert ns_state(topo.pod) == pod_before, point
+        assert ns_state(topo.node) == node_before, point
 
 
 def test_del_matrix(underlay_factory):
     """DEL with no ADD, twice, without prevResult, and after the pod netns is gone."""
     topo = underlay_factory(v4=True, v6=True, rails=1)
-    node_before = whole_state(topo.node)
+    node_before = ns_state(topo.node)
     ok(topo.run("DEL", "eth0", topo.conf()))                     # never added
     topo.add("eth0")
     topo.add("net1")
@@ -475,5 +459,5 @@ def test_del_matrix(underlay_factory):
         ok(topo.run("DEL", ifname, topo.conf()))
         ok(topo.run("DEL", ifname, topo.conf()))
     # The pair died with the pod's netns; the node rule went with the last attachment.
-    assert whole_state(topo.node) == node_before
+    assert ns_state(topo.node) == node_before
     assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))

@@ -167,7 +167,7 @@ def engine_env(f: Farm, engine: str):
 
 def parallel_states(f, namespaces: list[str]) -> dict[str, dict]:
     with ThreadPoolExecutor(8) as pool:
-        return dict(zip(namespaces, pool.map(lambda ns: ns_state(f, ns), namespaces)))
+        return dict(zip(namespaces, pool.map(ns_state, namespaces)))
 
 
 def assert_pods_route(f, pods: int, rails: int) -> None:

@@ -51,7 +51,7 @@ def test_orphans_lists_and_removes_what_nobody_owns(make_rig):
     removed = cli(rig, "orphans", "--remove")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert rig.state_records() == []
-    node_after = ns_state(lab, lab.node)
+    node_after = ns_state(lab.node)
     assert snapshot_diff({"node": without_dev(node_before, lab.cali)}, {"node": node_after}) == ""
 
     again = cli(rig, "orphans")
