@@ -56,22 +56,6 @@ def assert_cni_error(reply: Reply, code: int | tuple[int, ...]) -> dict:
     return err
 
 
-def assert_cni_error(reply: Reply, code: int | tuple[int, ...]) -> dict:
-    """Exit 1 and exactly ONE well-formed CNI error object on stdout with ``code``."""
-    assert reply.code == 1, str(reply)
-    text = reply.stdout.decode()
-    err = json.loads(text)  # the whole stdout is one JSON document (raises otherwise)
-    assert isinstance(err, dict), str(reply)
-    assert set(err) <= {"cniVersion", "code", "msg", "details"}, str(reply)
-    assert err.get("cniVersion") in SUPPORTED_VERSIONS, str(reply)
-    assert isinstance(err.get("code"), int) and isinstance(err.get("msg"), str) and err["msg"], \
-        str(reply)
-    assert isinstance(err.get("details", ""), str), str(reply)
-    codes = code if isinstance(code, tuple) else (code,)
-    assert err["code"] in codes, f"want code {codes}, got:\n{reply}"
-    return err
-
-
 @dataclass
 class Rig:
     """A lab plus everything one engine mode needs; see the module docstring."""

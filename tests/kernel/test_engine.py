@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import ROUTE_TUNE, require_root
-from harness.kernel import nsx, ok, pings, route_get, sh, table_of
+from conftest import require_root
+from harness.kernel import NetnsGroup, nsx, ok, pings, route_get, sh, table_of
 from harness.snapshot import ns_state, without_dev
 
 pytestmark = pytest.mark.netns
@@ -32,7 +32,8 @@ CID = "c0ffee" * 4
 
 
 @dataclass
-class Topology:
+class Topology(NetnsGroup):
+    cid = CID
     tag: str
     rails: int
     v4: bool = True
@@ -40,23 +41,8 @@ class Topology:
     tmp: str = ""
     created: list[str] = field(default_factory=list)
 
-    @property
-    def node(self) -> str:
-        return f"{self.tag}n"
-
-    @property
-    def pod(self) -> str:
-        return f"{self.tag}p"
-
     def gw(self, k: int) -> str:
         return f"{self.tag}g{k}"
-
-    def add_ns(self, name: str) -> None:
-        sh("ip", "netns", "add", name)
-        self.created.append(name)
-        # No DAD: link-locals turning valid between two snapshots would differ (see OverlayLab).
-        nsx(name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
-        nsx(name, "ip", "link", "set", "lo", "up")
 
     def build(self) -> None:
         self.add_ns(self.node)
@@ -119,9 +105,6 @@ class Topology:
                 "interfaces": [{"name": ifname, "mac": mac,
                                 "sandbox": f"/var/run/netns/{p}"}]}
 
-    def cleanup(self) -> None:
-        for name in reversed(self.created):
-            sh("ip", "netns", "del", name, check=False)
 
 
 @pytest.fixture
@@ -158,17 +141,7 @@ def conf(topo: Topology, prev: dict | None = None, **keys) -> dict:
 
 def run(topo: Topology, command: str, ifname: str, config: dict,
         netns: str | None = None) -> subprocess.CompletedProcess:
-    defaults = os.path.join(topo.tmp, f"{topo.tag}-defaults.json")
-    with open(defaults, "w") as f:
-        json.dump({"stateDir": os.path.join(topo.tmp, "state"),
-                   "logDir": os.path.join(topo.tmp, "log")}, f)
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": CID, "CNI_IFNAME": ifname,
-           "CNI_NETNS": f"/var/run/netns/{topo.pod}" if netns is None else netns,
-           "CNI_PATH": "/usr/lib/cni", "ROUTE_TUNE_DEFAULTS": defaults,
-           "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    return subprocess.run(["ip", "netns", "exec", topo.node, str(ROUTE_TUNE)],
-                          input=json.dumps(config).encode(), env=env, capture_output=True,
-                          check=False)
+    return topo.run(command, ifname, config, netns)
 
 
 def add(topo: Topology, k: int, ifname: str = "", **keys) -> dict:

@@ -27,11 +27,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import ROUTE_TUNE, require_root
+from conftest import require_root
+from harness.kernel import NetnsGroup, nsx, ok, pings, route_get, sh, table_of
 from harness.snapshot import ns_state
-from harness.kernel import nsx, ok, pings, route_get, sh, table_of
-
-import subprocess
 
 pytestmark = pytest.mark.netns
 CID = "5ca1ab1e" * 8
@@ -43,7 +41,8 @@ NODE_VETH = "rt" + CID[:11]
 
 
 @dataclass
-class Underlay:
+class Underlay(NetnsGroup):
+    cid = CID
     tag: str
     v4: bool = True
     v6: bool = False
@@ -52,23 +51,8 @@ class Underlay:
     created: list[str] = field(default_factory=list)
 
     @property
-    def node(self) -> str:
-        return f"{self.tag}n"
-
-    @property
-    def pod(self) -> str:
-        return f"{self.tag}p"
-
-    @property
     def out(self) -> str:
         return f"{self.tag}o"
-
-    def add_ns(self, name: str) -> None:
-        sh("ip", "netns", "add", name)
-        self.created.append(name)
-        # No DAD: link-locals turning valid between two snapshots would differ (see OverlayLab).
-        nsx(name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
-        nsx(name, "ip", "link", "set", "lo", "up")
 
     def addr(self, ns: str, dev: str, v4: str, v6: str) -> None:
         if self.v4:
@@ -144,29 +128,12 @@ class Underlay:
             config["prevResult"] = self.prev(ifname)
         return config
 
-    def run(self, command: str, ifname: str, config: dict, netns: str | None = None,
-            extra_env: dict | None = None) -> subprocess.CompletedProcess:
-        defaults = os.path.join(self.tmp, f"{self.tag}-defaults.json")
-        with open(defaults, "w") as f:
-            json.dump({"stateDir": os.path.join(self.tmp, "state"),
-                       "logDir": os.path.join(self.tmp, "log")}, f)
-        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": CID, "CNI_IFNAME": ifname,
-               "CNI_NETNS": f"/var/run/netns/{self.pod}" if netns is None else netns,
-               "CNI_PATH": "/usr/lib/cni", "ROUTE_TUNE_DEFAULTS": defaults,
-               "PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(extra_env or {})}
-        return subprocess.run(["ip", "netns", "exec", self.node, str(ROUTE_TUNE)],
-                              input=json.dumps(config).encode(), env=env, capture_output=True,
-                              check=False)
-
     def add(self, ifname: str, **keys) -> dict:
         return ok(self.run("ADD", ifname, self.conf(ifname, **keys)))
 
     def delete(self, ifname: str, **keys) -> None:
         ok(self.run("DEL", ifname, self.conf(None, **keys)))
 
-    def cleanup(self) -> None:
-        for name in reversed(self.created):
-            sh("ip", "netns", "del", name, check=False)
 
 
 @pytest.fixture
