@@ -9,6 +9,8 @@
 - ``libcni``: the built Go runner binary (built once per session, offline).
 - ``rail_pod(family="4", rails=8, **RailPod kw)``: a fresh lab's ``RailPod`` through libcni.
 - ``make_rig(family="4", rails=2, lab_class=OverlayLab, **defaults)``: a ``harness.plugin.Rig``.
+- ``make_netns(role="ns", lines=(), lines6=())``: an empty throwaway netns (lo up, no DAD, then
+  ``ip -batch`` ``lines`` and ``ip -6 -batch`` ``lines6``), named by ``NAMES``; returns its name.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from cniplugin.lab.runtime import Libcni, PluginEnv, RailPod, build_cnirunner
-from cniplugin.lab.topology import OverlayLab
+from cniplugin.lab.topology import OverlayLab, ip_batch, netns_names, run
 from harness.lab import NAMES, lab_session
 from harness.plugin import Rig
 from harness.resident import Resident
 
 ENGINES = ("inprocess", "resident")
 
-__all__ = ["ENGINES", "engine", "lab_session", "libcni", "make_rig", "overlay_lab", "plugin_env",
-           "rail_pod"]
+__all__ = ["ENGINES", "engine", "lab_session", "libcni", "make_netns", "make_rig", "overlay_lab",
+           "plugin_env", "rail_pod"]
 
 
 @pytest.fixture(params=ENGINES)
@@ -115,3 +117,24 @@ def make_rig(lab_session: None, engine: str) -> Iterator[Callable[..., Rig]]:
             except AssertionError as exc:
                 errors.append(str(exc))
         assert not errors, "\n".join(errors)
+
+
+@pytest.fixture
+def make_netns(lab_session: None) -> Iterator[Callable[..., str]]:
+    made: list[str] = []
+
+    def make(role: str = "ns", lines: tuple[str, ...] | list[str] = (),
+             lines6: tuple[str, ...] | list[str] = ()) -> str:
+        name = f"{NAMES.next()}-{role}"
+        ip_batch([f"netns add {name}"])
+        made.append(name)
+        run("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0")
+        ip_batch(["link set lo up", *lines], name)
+        ip_batch(list(lines6), name, "-6")
+        return name
+
+    try:
+        yield make
+    finally:
+        ip_batch([f"netns del {n}" for n in made if n in netns_names(n)])

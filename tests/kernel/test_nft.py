@@ -1,4 +1,4 @@
-"""Reply steering (cniplugin.kernel.nft) against the real kernel, in namespaces tagged rtG.
+"""Reply steering (cniplugin.kernel.nft) against the real kernel, in the harness's throwaway namespaces.
 
 Topology of the behaviour test (addresses per family)::
 
@@ -22,8 +22,7 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -49,23 +48,9 @@ def root_has_our_table() -> bool:
 
 
 @pytest.fixture
-def netns() -> Iterator[Callable[[str], str]]:
-    """Factory of rtG-tagged namespaces, all deleted afterwards."""
-    require_root("ip", "nft")
-    made: list[str] = []
-
-    def make(role: str) -> str:
-        name = f"rtG-nft-{role}-{uuid.uuid4().hex[:6]}"
-        sh("ip", "netns", "add", name)
-        made.append(name)
-        sh("ip", "link", "set", "lo", "up", netns=name)
-        return name
-
-    try:
-        yield make
-    finally:
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+def netns(make_netns) -> Callable[[str], str]:
+    """Factory of throwaway namespaces (the harness's), all deleted afterwards."""
+    return make_netns
 
 
 @pytest.fixture(params=["libnftables", "nft-binary"])

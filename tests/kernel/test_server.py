@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -57,19 +56,9 @@ def server(workdir):
 
 
 @pytest.fixture
-def netns():
-    """Factory of fresh named netns (tag rtE); all deleted afterwards."""
-    names: list[str] = []
-
-    def make() -> str:
-        name = f"rtE-srv-{uuid.uuid4().hex[:8]}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        names.append(name)
-        return f"/var/run/netns/{name}"
-
-    yield make
-    for name in names:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def netns(make_netns):
+    """Factory of fresh named netns (the harness's); their paths; all deleted afterwards."""
+    return lambda: f"/var/run/netns/{make_netns('srv')}"
 
 
 def _inprocess(env: dict[str, str], stdin: bytes) -> tuple[int, bytes, bytes]:
