@@ -86,4 +86,4 @@ def in_netns(name: str, fn):
 
 # The harness's fixtures, for every test folder (imported last: the harness imports this module).
 from harness.fixtures import (engine, lab_session, libcni, make_netns, make_rig,  # noqa: E402,F401
-                              overlay_lab, plugin_env, rail_pod)
+                              netns_group, overlay_lab, plugin_env, rail_pod)

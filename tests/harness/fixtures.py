@@ -9,6 +9,8 @@
 - ``libcni``: the built Go runner binary (built once per session, offline).
 - ``rail_pod(family="4", rails=8, **RailPod kw)``: a fresh lab's ``RailPod`` through libcni.
 - ``make_rig(family="4", rails=2, lab_class=OverlayLab, **defaults)``: a ``harness.plugin.Rig``.
+- ``netns_group(cls, **fields)``: a built ``harness.kernel.NetnsGroup`` topology of the kernel
+  suites (tag from ``NAMES``, ``tmp`` the test's tmp_path), cleaned up at teardown.
 - ``make_netns(role="ns", lines=(), lines6=())``: an empty throwaway netns (lo up, no DAD, then
   ``ip -batch`` ``lines`` and ``ip -6 -batch`` ``lines6``), named by ``NAMES``; returns its name.
 """
@@ -24,14 +26,15 @@ import pytest
 
 from cniplugin.lab.runtime import Libcni, PluginEnv, RailPod, build_cnirunner
 from cniplugin.lab.topology import OverlayLab, ip_batch, netns_names, run
+from harness.kernel import NetnsGroup
 from harness.lab import NAMES, lab_session
 from harness.plugin import Rig
 from harness.resident import Resident
 
 ENGINES = ("inprocess", "resident")
 
-__all__ = ["ENGINES", "engine", "lab_session", "libcni", "make_netns", "make_rig", "overlay_lab",
-           "plugin_env", "rail_pod"]
+__all__ = ["ENGINES", "engine", "lab_session", "libcni", "make_netns", "make_rig", "netns_group",
+           "overlay_lab", "plugin_env", "rail_pod"]
 
 
 @pytest.fixture(params=ENGINES)
@@ -138,3 +141,20 @@ def make_netns(lab_session: None) -> Iterator[Callable[..., str]]:
         yield make
     finally:
         ip_batch([f"netns del {n}" for n in made if n in netns_names(n)])
+
+
+@pytest.fixture
+def netns_group(tmp_path, lab_session: None) -> Iterator[Callable[..., NetnsGroup]]:
+    made: list[NetnsGroup] = []
+
+    def make(cls: type[NetnsGroup], **fields: object) -> NetnsGroup:
+        group = cls(tag=NAMES.next(), tmp=str(tmp_path), **fields)  # type: ignore[call-arg]
+        made.append(group)
+        group.build()  # type: ignore[attr-defined]
+        return group
+
+    try:
+        yield make
+    finally:
+        for group in made:
+            group.cleanup()

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import require_root
 from harness.kernel import NetnsGroup, nsx, ok, pings, route_get, sh, table_of
 from harness.snapshot import ns_state, without_dev
 
@@ -106,20 +104,11 @@ class Topology(NetnsGroup):
                                 "sandbox": f"/var/run/netns/{p}"}]}
 
 
-
 @pytest.fixture
-def topo_factory(tmp_path):
-    require_root("ip")
-    made: list[Topology] = []
-
+def topo_factory(netns_group):
     def make(rails: int = 3, v4: bool = True, v6: bool = False) -> Topology:
-        topo = Topology(f"rtB{secrets.token_hex(3)}", rails, v4, v6, str(tmp_path))
-        made.append(topo)
-        topo.build()
-        return topo
-    yield make
-    for topo in made:
-        topo.cleanup()
+        return netns_group(Topology, rails=rails, v4=v4, v6=v6)
+    return make
 
 
 @pytest.fixture

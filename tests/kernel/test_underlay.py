@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import require_root
 from harness.kernel import NetnsGroup, nsx, ok, pings, route_get, sh, table_of
 from harness.snapshot import ns_state
 
@@ -135,20 +133,11 @@ class Underlay(NetnsGroup):
         ok(self.run("DEL", ifname, self.conf(None, **keys)))
 
 
-
 @pytest.fixture
-def underlay_factory(tmp_path):
-    require_root("ip", "nft")
-    made: list[Underlay] = []
-
+def underlay_factory(netns_group):
     def make(v4: bool = True, v6: bool = False, rails: int = 1) -> Underlay:
-        topo = Underlay(f"rtU{secrets.token_hex(3)}", v4, v6, rails, str(tmp_path))
-        made.append(topo)
-        topo.build()
-        return topo
-    yield make
-    for topo in made:
-        topo.cleanup()
+        return netns_group(Underlay, v4=v4, v6=v6, rails=rails)
+    return make
 
 
 # -- observing ---------------------------------------------------------------------------------
