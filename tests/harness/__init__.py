@@ -8,7 +8,9 @@
 - ``resident``: the resident-server starter (``cni-route-tune serve``).
 - ``plugin``: ``Reply``, ``assert_cni_error`` and ``Rig`` (a lab + one engine mode).
 - ``routing``: behaviour assertions of the end-to-end suites (``assert_rail_routing``).
+- ``kernel``: the kernel suites' helpers (``sh``, ``nsx``, ``ok``, ``route_get``, ``pings``) and
+  ``NetnsGroup``, the namespace bookkeeping and plugin runner of their small topologies.
 - ``fixtures``: ``engine`` (in-process vs resident), ``overlay_lab``, ``plugin_env``, ``libcni``,
-  ``rail_pod``, ``make_rig``.
+  ``rail_pod``, ``make_rig``, ``netns_group``, ``make_netns``.
 - ``plans``: planner tests' real ``PluginConfig`` and golden plans.
 """
