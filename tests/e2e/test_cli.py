@@ -1,8 +1,8 @@
 """``cni-route-tune`` against real namespaces: show, facts, plan, verify, explain, replay, probe
 and orphans on a Calico-style pod with rails, run through the installed executables.
 
-Labs are `cniplugin.lab` topologies named by the harness (``harness.lab.NAMES``; leftovers of dead sessions
-are removed); the plugin chains run through ``PyRuntime`` (the real ``route-tune`` and Debian's
+Labs are `cniplugin.lab` topologies named by the harness (``harness.lab.NAMES``; leftovers of
+dead sessions are removed); the plugin chains run through ``PyRuntime`` (the real ``route-tune`` and Debian's
 macvlan/host-local), so these tests need no Go toolchain.
 """
 
