@@ -2,8 +2,9 @@
 
 Run (root):  .venv/bin/python bench/probe_gateway.py [--runs 50]
 
-Two throwaway netns (tag ``rtD``): a pod and its gateway on one veth pair (10.77.0.10/24 ->
-10.77.0.1, fd77::10/64 -> fd77::1). In the pod it times ``check_gateways`` (socket open to close)
+Three throwaway netns (tag ``rtD``): a pod and its gateway, each on a veth into a bridge in a
+switch netns, as in tests/kernel/test_probe_netns.py (10.77.0.10/24 -> 10.77.0.1, fd77::10/64 ->
+fd77::1). In the pod it times ``check_gateways`` (socket open to close)
 against the live IPv4 and IPv6 gateway, ``--runs`` calls each (median, p90, max), and a few calls
 against a dead one (bounded by the default ProbeOptions). The peer, measured in the same run and
 interleaved, is one ICMP echo round trip to the same gateway (``cniplugin.lab.ping.probe``): each
@@ -76,14 +77,18 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=50)
     args = parser.parse_args()
     tag = uuid.uuid4().hex[:5]
-    pod, gw = f"rtD-bpod-{tag}", f"rtD-bgw-{tag}"
+    pod, gw, sw = f"rtD-bpod-{tag}", f"rtD-bgw-{tag}", f"rtD-bsw-{tag}"
     try:
-        for ns in (pod, gw):
+        for ns in (pod, gw, sw):
             subprocess.run(["ip", "netns", "add", ns], check=True)
             ip(ns, "link", "set", "lo", "up")
             subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
                             "net.ipv6.conf.default.accept_dad=0"], check=True)
-        ip(pod, "link", "add", "rtDpod0", "type", "veth", "peer", "name", "rtDgw0", "netns", gw)
+        ip(sw, "link", "add", "rtDbr0", "type", "bridge", "mcast_snooping", "0")
+        ip(sw, "link", "set", "rtDbr0", "up")
+        for ns, dev in ((pod, "rtDpod0"), (gw, "rtDgw0")):
+            ip(ns, "link", "add", dev, "type", "veth", "peer", "name", f"{dev}s", "netns", sw)
+            ip(sw, "link", "set", f"{dev}s", "master", "rtDbr0", "up")
         for ns, dev, (v4, v6) in ((pod, "rtDpod0", (POD[4][0], POD[6][0])),
                                   (gw, "rtDgw0", (POD[4][1], POD[6][1]))):
             ip(ns, "addr", "add", f"{v4}/24", "dev", dev)
@@ -103,7 +108,7 @@ def main() -> int:
         print("| case | median | p90 | max | peer echo median | ratio |\n|---|---:|---:|---:|---:|---:|")
         print("\n".join(box["rows"]))
     finally:
-        for ns in (pod, gw):
+        for ns in (pod, gw, sw):
             subprocess.run(["ip", "netns", "del", ns], check=False)
     return 0
 
