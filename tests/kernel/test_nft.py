@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import in_netns, require_root
+from conftest import in_netns
 
 from cniplugin.kernel import nft as _nft
 from cniplugin.protocol.errors import NetfilterError
