@@ -1,5 +1,5 @@
-"""Shared test plumbing, kept small: ``require_root()``, the ``--run-slow`` option, and where the
-installed executables live. Fixtures that belong to one area live in that area's test modules."""
+"""Shared test plumbing: ``require_root()`` (the one root check), the ``--run-slow`` option, where
+the installed executables live, and the registration of the harness's fixtures (``tests/harness``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 ROUTE_TUNE = VENV_BIN / "route-tune"  # the installed console script (shebang: venv python)
 CNI_ROUTE_TUNE = VENV_BIN / "cni-route-tune"
+PYTHON = VENV_BIN / "python"
 
 
 def require_root(*tools: str) -> None:
@@ -83,10 +84,6 @@ def in_netns(name: str, fn):
     return box["value"]
 
 
-def details_repeat(msg: str, details: str) -> str:
-    """What a CNI error's ``details`` repeats of its ``msg`` ("" if nothing). libcni prints
-    ``msg; details``, so details must only add: no "; "-separated part may already be in msg."""
-    for part in (p.strip() for p in details.split("; ")):
-        if len(part) >= 8 and part in msg:
-            return part
-    return ""
+# The harness's fixtures, for every test folder (imported last: the harness imports this module).
+from harness.fixtures import (engine, lab_session, libcni, make_netns, make_rig,  # noqa: E402,F401
+                              netns_group, overlay_lab, plugin_env, rail_pod)

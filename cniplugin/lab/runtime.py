@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,11 +319,6 @@ class PyRuntime:
         self._cache_file(conflist["name"], container_id, ifname).unlink(missing_ok=True)
 
 
-def scratch_plugin_env(prefix: str, **kw: Any) -> PluginEnv:
-    """A PluginEnv in a fresh temp dir named after `prefix` (removed by topology.cleanup)."""
-    return PluginEnv(Path(tempfile.mkdtemp(prefix=f"{prefix}-lab-penv-")), **kw)
-
-
 @dataclass
 class RailPod:
     """The seed pod's rail chains on a lab: conflists, ADD/CHECK/DEL per rail, kept results.
@@ -388,72 +382,3 @@ class RailPod:
         prev = py.cached_result(conflist, self.container_id, f"net{k}")
         return py.invoke("ADD", conflist["plugins"][-1], conflist, prev, self.lab.pod_netns, f"net{k}",
                          self.container_id)  # type: ignore[return-value]
-
-
-class ResidentEngine:
-    """A `cni-route-tune serve` for a lab, in a throwaway netns of its own.
-
-    The shim hands the server the caller's netns with every request, so node-side work happens
-    in the lab's node namespace whichever netns the server sits in; the server's own empty netns
-    only guarantees that a defect could never touch the machine's root namespace.
-    Use as a context manager: `with ResidentEngine(workdir, name) as engine: engine.env`.
-    """
-
-    def __init__(self, workdir: str | os.PathLike, netns: str,
-                 cli: str | os.PathLike | None = None) -> None:
-        self.workdir = Path(workdir)
-        self.netns = netns
-        self.socket = self.workdir / "engine.sock"
-        self.cli = Path(cli) if cli else find_route_tune().with_name("cni-route-tune")
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What the runtime's environment needs so route-tune forwards to this engine."""
-        return {"ROUTE_TUNE_SOCKET": str(self.socket), "ROUTE_TUNE_ENGINE": "resident"}
-
-    @property
-    def pid(self) -> int:
-        """The server's pid (`ip netns exec` execs it, so the Popen pid is the server)."""
-        assert self.proc is not None
-        return self.proc.pid
-
-    def __enter__(self) -> ResidentEngine:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["ip", "netns", "add", self.netns], check=True)
-        self.log = open(self.workdir / "serve.stderr", "ab")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, str(self.cli), "serve", "--socket",
-             str(self.socket)], stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
-        self._wait_ready()
-        return self
-
-    def _wait_ready(self) -> None:
-        import socket as _socket
-        import time
-        deadline = time.monotonic() + 60  # warm-up imports take a while on a loaded machine
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"resident engine exited with {self.proc.returncode}; see "
-                                   f"{self.workdir / 'serve.stderr'}")
-            with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(str(self.socket))
-                    return
-                except OSError:
-                    time.sleep(0.05)
-        raise RuntimeError("resident engine did not start listening within 60 s")
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if self.proc and self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-        finally:
-            self.log.close()
-            subprocess.run(["ip", "netns", "del", self.netns], check=False,
-                           stderr=subprocess.DEVNULL)

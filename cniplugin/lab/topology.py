@@ -286,44 +286,48 @@ class OverlayLab:
         return self.ping_many(ns, [(src or "", dst)], timeout)[0]
 
     def state(self, ns: str) -> dict:
-        """A whole-state snapshot of `ns` for before/after comparisons.
+        """A whole-state snapshot of `ns` for before/after comparisons (`namespace_state`)."""
+        return namespace_state(ns)
 
-        Kept: rules and every table's routes of both families (volatile fields dropped:
-        expires, cache, metrics, flags such as linkdown), links (name, type, MAC, MTU,
-        txqlen, master, admin flags), addresses, neighbours that someone configured
-        (PERMANENT, or carrying a routing protocol tag such as route-tune's 231), and the
-        sysctls route-tune may write (rp_filter, disable_ipv6, arp_ignore, arp_announce).
-        Dropped: kernel-learned neighbours (REACHABLE/STALE/DELAY/PROBE/FAILED/INCOMPLETE)
-        and NOARP entries the kernel makes for multicast/broadcast, which come and go with
-        traffic.
-        """
-        # Without a family, `route show table all` lists both families; `rule show` only IPv4.
-        rules4, routes, neigh, links, addrs = _decode_many(ip_batch(
-            ["rule show", "route show table all", "neigh show", "link show", "addr show"], ns, "-j", "-d"))
-        (rules6,) = _decode_many(ip_batch(["rule show"], ns, "-j", "-6"))
-        routes4 = [r for r in routes if ":" not in r.get("dst", "") + r.get("gateway", "")]
-        routes6 = [r for r in routes if r not in routes4]
-        sysctl = self.exec(ns, "sysctl", "-a", "-r",
-                           r"\.(rp_filter|disable_ipv6|arp_ignore|arp_announce)$").stdout
-        return {
-            "rules4": rules4,
-            "rules6": rules6,
-            "routes4": _sort([_norm_route(r) for r in routes4]),
-            "routes6": _sort([_norm_route(r) for r in routes6]),
-            "neigh": _sort([n for n in neigh
-                            if "PERMANENT" in n.get("state", []) or n.get("protocol")]),
-            "links": _sort([{**{k: l[k] for k in _LINK_KEYS if k in l},
-                             "kind": l.get("linkinfo", {}).get("info_kind", ""),
-                             "flags": sorted(f for f in l.get("flags", []) if f not in ("LOWER_UP", "NO-CARRIER"))}
-                            for l in links]),
-            "addrs": _sort([{"dev": a["ifname"], "local": i["local"], "prefixlen": i["prefixlen"]}
-                            for a in addrs for i in a.get("addr_info", [])]),
-            "sysctl": dict(sorted(line.split(" = ", 1) for line in sysctl.splitlines() if " = " in line)),
-        }
+
+def namespace_state(ns: str) -> dict:
+    """A whole-state snapshot of `ns` for before/after comparisons.
+
+    Kept: rules and every table's routes of both families (volatile fields dropped:
+    expires, cache, metrics, flags such as linkdown), links (name, type, MAC, MTU,
+    txqlen, master, admin flags), addresses, neighbours that someone configured
+    (PERMANENT, or carrying a routing protocol tag such as route-tune's 231), and the
+    sysctls route-tune may write (rp_filter, disable_ipv6, arp_ignore, arp_announce).
+    Dropped: kernel-learned
+    neighbours (REACHABLE/STALE/DELAY/PROBE/FAILED/INCOMPLETE) and NOARP entries the
+    kernel makes for multicast/broadcast, which come and go with traffic.
+    """
+    # Without a family, `route show table all` lists both families; `rule show` only IPv4.
+    rules4, routes, neigh, links, addrs = _decode_many(ip_batch(
+        ["rule show", "route show table all", "neigh show", "link show", "addr show"], ns, "-j", "-d"))
+    (rules6,) = _decode_many(ip_batch(["rule show"], ns, "-j", "-6"))
+    routes4 = [r for r in routes if ":" not in r.get("dst", "") + r.get("gateway", "")]
+    routes6 = [r for r in routes if r not in routes4]
+    sysctl = run("ip", "netns", "exec", ns, "sysctl", "-a", "-r", r"\.(rp_filter|disable_ipv6|arp_ignore|arp_announce)$").stdout
+    return {
+        "rules4": rules4,
+        "rules6": rules6,
+        "routes4": _sort([_norm_route(r) for r in routes4]),
+        "routes6": _sort([_norm_route(r) for r in routes6]),
+        "neigh": _sort([n for n in neigh
+                        if "PERMANENT" in n.get("state", []) or n.get("protocol")]),
+        "links": _sort([{**{k: l[k] for k in _LINK_KEYS if k in l},
+                         "kind": l.get("linkinfo", {}).get("info_kind", ""),
+                         "flags": sorted(f for f in l.get("flags", []) if f not in ("LOWER_UP", "NO-CARRIER"))}
+                        for l in links]),
+        "addrs": _sort([{"dev": a["ifname"], "local": i["local"], "prefixlen": i["prefixlen"]}
+                        for a in addrs for i in a.get("addr_info", [])]),
+        "sysctl": dict(sorted(line.split(" = ", 1) for line in sysctl.splitlines() if " = " in line)),
+    }
 
 
 def state_diff(before: dict, after: dict) -> str:
-    """A readable difference of two `OverlayLab.state()` snapshots ("" when equal)."""
+    """A readable difference of two `namespace_state()` snapshots ("" when equal)."""
     lines = []
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key), after.get(key)

@@ -1,8 +1,8 @@
 """``cni-route-tune`` against real namespaces: show, facts, plan, verify, explain, replay, probe
 and orphans on a Calico-style pod with rails, run through the installed executables.
 
-Labs are `cniplugin.lab` topologies named ``rtH<pid base36>x<n>`` (leftovers of dead sessions
-are removed); the plugin chains run through ``PyRuntime`` (the real ``route-tune`` and Debian's
+Labs are `cniplugin.lab` topologies named by the harness (``harness.lab.NAMES``; leftovers of
+dead sessions are removed); the plugin chains run through ``PyRuntime`` (the real ``route-tune`` and Debian's
 macvlan/host-local), so these tests need no Go toolchain.
 """
 
@@ -22,16 +22,13 @@ from cniplugin.engine import commands as _engine
 from cniplugin.kernel import netns as _netns
 from cniplugin.engine.facts import Facts
 from cniplugin.lab.runtime import PluginEnv, PyRuntime, RailPod
-from cniplugin.lab.sessions import LabNames
 from cniplugin.lab.topology import OverlayLab, ip_batch
 from conftest import CNI_ROUTE_TUNE, require_root
+from harness.lab import NAMES
 
 pytestmark = [pytest.mark.netns]
 
-PREFIX = "rtH"
 CID = "cli-pod-1"
-NAMES = LabNames(PREFIX)
-SESSION = NAMES.prefix
 
 
 @dataclass
@@ -101,10 +98,9 @@ def _require_lab() -> None:
 
 
 @pytest.fixture(scope="module")
-def healthy(tmp_path_factory) -> CliPod:
+def healthy(tmp_path_factory, lab_session) -> CliPod:
     """A dual-stack pod with three rails, all attached; shared by the read-only tests."""
     _require_lab()
-    NAMES.cleanup_stale()
     pod = make_pod(tmp_path_factory.mktemp("cli"), "dual", 3)
     try:
         yield pod
@@ -113,7 +109,7 @@ def healthy(tmp_path_factory) -> CliPod:
 
 
 @pytest.fixture
-def fresh(tmp_path):
+def fresh(tmp_path, lab_session):
     """Factory of private pods for tests that break things."""
     _require_lab()
     pods: list[CliPod] = []
@@ -451,11 +447,11 @@ def test_replay(healthy, tmp_path):
     run = healthy.cli(*base)
     assert run.code == 0, run.out + run.err
     assert "exit code: 0" in run.out and "CNI_COMMAND=CHECK" in run.out
-    gone = healthy.cli(*base, "--netns-override", f"/run/netns/{SESSION}-gone", "--json")
+    gone = healthy.cli(*base, "--netns-override", f"/run/netns/{NAMES.prefix}-gone", "--json")
     assert gone.code == 1
     data = gone.json()
     reply = json.loads(data["stdout"])
-    assert data["exit_code"] == 1 and reply["code"] and f"{SESSION}-gone" in reply["msg"]
+    assert data["exit_code"] == 1 and reply["code"] and f"{NAMES.prefix}-gone" in reply["msg"]
     env, stdin = _captured(healthy, 2, "ADD", tmp_path)  # a retried ADD converges
     run = healthy.cli("replay", "--env", str(env), "--stdin", str(stdin), "--node-netns",
                       healthy.node_netns, "--json")
@@ -520,7 +516,7 @@ def test_orphans_found_and_removed(fresh):
 def test_netns_that_does_not_exist(tmp_path, command):
     conf = tmp_path / "c.json"
     conf.write_text(json.dumps({"cniVersion": "1.0.0", "name": "rail1", "type": "route-tune"}))
-    name = f"{SESSION}-nonexistent"
+    name = f"{NAMES.prefix}-nonexistent"
     args = {"show": [], "facts": [], "verify": ["--config", str(conf), "--ifname", "net1"],
             "explain": ["192.0.2.1"], "probe": ["--ifname", "net1"]}[command]
     run = cli(command, *args, "--netns", name, "--state-dir", str(tmp_path)) \

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from cniplugin.lab.topology import run, state_diff
-from lab_fixtures import *  # noqa: F401,F403
+from harness.routing import assert_rail_routing, pod_rules
+from harness.snapshot import assert_same, ns_state, snapshot, without_dev
 
 pytestmark = [pytest.mark.netns, pytest.mark.libcni]
 
@@ -14,7 +15,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.libcni]
 def test_del_twice_and_without_prev_result(rail_pod):
     pod = rail_pod("dual", rails=3)
     lab = pod.lab
-    before = {ns: lab.state(ns) for ns in (lab.pod, lab.node)}
+    before = snapshot(lab)
     pod.add_all()
     pod.delete(3)
     # Second DEL, as libcni sends it (no cache → no prevResult).  Only route-tune: Debian's
@@ -26,55 +27,42 @@ def test_del_twice_and_without_prev_result(rail_pod):
     pod.delete(1)
     pod.plugin_only("DEL", 1)
     pod.plugin_only("DEL", 1, netns="")
-    for ns, state in before.items():
-        assert state_diff(state, lab.state(ns)) == "", ns
+    assert_same(before, snapshot(lab), "after DEL")
 
 
 def test_del_with_empty_netns_cleans_the_node(rail_pod):
     pod = rail_pod("4", rails=2)
     lab = pod.lab
-    node_before = lab.state(lab.node)
+    node_before = ns_state(lab.node)
     pod.add_all()
     pod.delete_all(netns="")
-    assert state_diff(node_before, lab.state(lab.node)) == ""
+    assert state_diff(node_before, ns_state(lab.node)) == ""
 
 
 def test_del_after_netns_is_gone_cleans_the_node(rail_pod):
     pod = rail_pod("dual", rails=2)
     lab = pod.lab
-    node_before = lab.state(lab.node)
+    node_before = ns_state(lab.node)
     pod.add_all()
     run("ip", "netns", "del", lab.pod)
     pod.delete_all()
     pod.delete_all()
     # The pod's veth (and with it the node's cali end and its routes) died with the netns;
     # everything else on the node, rule 1000 included, must be as before ADD.
-    assert state_diff(without_dev(node_before, lab.cali), lab.state(lab.node)) == ""
-
-
-def without_dev(state, dev):
-    """`state` minus every entry that belongs to interface `dev`."""
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, list):
-            out[key] = [e for e in value if dev not in (e.get("dev"), e.get("ifname"))]
-        else:
-            out[key] = {k: v for k, v in value.items() if f".{dev}." not in k}
-    return out
+    assert state_diff(without_dev(node_before, lab.cali), ns_state(lab.node)) == ""
 
 
 def test_del_after_interface_is_gone(rail_pod):
     pod = rail_pod("4", rails=3)
     lab = pod.lab
-    before = {ns: lab.state(ns) for ns in (lab.pod, lab.node)}
+    before = snapshot(lab)
     pod.add_all()
     lab.ip(lab.pod, "link", "del", "net2")
     pod.delete(2)
     assert_rail_routing(pod, rails=[1, 3])
     pod.delete(3)
     pod.delete(1)
-    for ns, state in before.items():
-        assert state_diff(state, lab.state(ns)) == "", ns
+    assert_same(before, snapshot(lab), "after DEL")
 
 
 def test_del_of_net3_alone_leaves_the_other_seven_working(rail_pod):

@@ -11,8 +11,8 @@ import json
 import pytest
 
 from cniplugin.lab.runtime import CniFailure, Libcni, PyRuntime, RailPod
-from cniplugin.lab.topology import netns_names, state_diff
-from lab_fixtures import *  # noqa: F401,F403
+from cniplugin.lab.topology import netns_names
+from harness.snapshot import assert_same, snapshot
 
 pytestmark = [pytest.mark.netns, pytest.mark.libcni]
 
@@ -27,8 +27,7 @@ def test_topology_answers_as_documented(overlay_lab, family):
         gw_pairs = [(lab.gw_ip(k, f), lab.behind_ip(k, f)) for f in lab.families]
         assert all(p["ok"] for p in lab.ping_many(lab.gw(k), gw_pairs))
     # The state snapshot is stable while nobody changes anything.
-    assert state_diff(lab.state(lab.pod), lab.state(lab.pod)) == ""
-    assert state_diff(lab.state(lab.node), lab.state(lab.node)) == ""
+    assert_same(snapshot(lab), snapshot(lab), "unchanged lab")
 
 
 def test_lab_close_removes_every_namespace(overlay_lab):
@@ -42,7 +41,7 @@ def test_lab_close_removes_every_namespace(overlay_lab):
 def test_libcni_and_pyruntime_agree_on_a_macvlan_chain(overlay_lab, plugin_env, libcni, version):
     lab = overlay_lab("dual", rails=1)
     penv = plugin_env("dual", name=lab.prefix)
-    before = lab.state(lab.pod)
+    before = snapshot(lab)
     results = {}
     for name, runtime in (("libcni", Libcni(lab.node, penv, libcni)), ("py", PyRuntime(lab.node, penv))):
         pod = RailPod(lab, penv, runtime, chained="sbr", cni_version=version)
@@ -56,7 +55,7 @@ def test_libcni_and_pyruntime_agree_on_a_macvlan_chain(overlay_lab, plugin_env, 
         with pytest.raises(CniFailure) as err:
             pod.delete(1)
         assert err.value.code == 999 and "Link not found" in err.value.msg
-        assert state_diff(before, lab.state(lab.pod)) == ""
+        assert_same(before, snapshot(lab), f"{name} DEL")
     for result in results.values():
         result["interfaces"][0].pop("mac")
     assert results["libcni"] == results["py"]

@@ -12,27 +12,21 @@ import json
 import pytest
 
 from cniplugin.lab.runtime import CniFailure
-from cniplugin.lab.topology import state_diff
-from lab_fixtures import *  # noqa: F401,F403
+from harness.routing import assert_rail_routing, pod_rules
+from harness.snapshot import assert_same, snapshot
 
 pytestmark = [pytest.mark.netns, pytest.mark.libcni]
 
 
-def snapshot(pod):
-    return {ns: pod.lab.state(ns) for ns in (pod.lab.pod, pod.lab.node)}
-
-
 def assert_restored(pod, before):
-    for ns, state in before.items():
-        diff = state_diff(state, pod.lab.state(ns))
-        assert diff == "", f"{ns} differs from its pre-ADD state:\n{diff}"
+    assert_same(before, snapshot(pod.lab), "after DEL")
 
 
 @pytest.mark.parametrize("family", ["4", "6", "dual"])
 def test_eight_rail_pod(rail_pod, family):
     pod = rail_pod(family)
     lab = pod.lab
-    before = snapshot(pod)
+    before = snapshot(pod.lab)
     pod.add_all()
     for k in pod.rails:
         result = pod.results[k]
@@ -71,7 +65,7 @@ def test_eight_rail_pod(rail_pod, family):
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
 def test_cni_versions(rail_pod, version):
     pod = rail_pod("dual", rails=2, cni_version=version)
-    before = snapshot(pod)
+    before = snapshot(pod.lab)
     pod.add_all()
     for result in pod.results.values():
         assert result["cniVersion"] == version
@@ -87,7 +81,7 @@ def test_cni_versions(rail_pod, version):
 def test_pod_default_route_nic(rail_pod, nic):
     pod = rail_pod("4", keys={"podDefaultRouteNic": nic})
     lab = pod.lab
-    before = snapshot(pod)
+    before = snapshot(pod.lab)
     for k in pod.rails:
         pod.add(k)
         if k < int(nic[3:]):
@@ -104,14 +98,13 @@ def test_pod_default_route_nic(rail_pod, nic):
 
 def test_retried_add_converges(rail_pod):
     pod = rail_pod("dual", rails=3)
-    before = snapshot(pod)
+    before = snapshot(pod.lab)
     pod.add_all()
-    after_add = snapshot(pod)
+    after_add = snapshot(pod.lab)
     for k in pod.rails:
         again = pod.retry_add(k)
         assert again == pod.results[k] or again["ips"] == pod.results[k]["ips"]
-    for ns, state in after_add.items():
-        assert state_diff(state, pod.lab.state(ns)) == "", f"retried ADD changed {ns}"
+    assert_same(after_add, snapshot(pod.lab), "retried ADD")
     assert_rail_routing(pod)
     pod.delete_all()
     assert_restored(pod, before)

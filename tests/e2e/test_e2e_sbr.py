@@ -12,7 +12,7 @@ import json
 import pytest
 
 from cniplugin.lab.runtime import Libcni, RailPod
-from lab_fixtures import *  # noqa: F401,F403
+from harness.routing import pod_rules
 
 pytestmark = [pytest.mark.netns, pytest.mark.libcni]
 

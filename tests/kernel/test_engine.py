@@ -16,35 +16,23 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import socket
-import struct
 import subprocess
-import time
 from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import ROUTE_TUNE, details_repeat, require_root
+from harness.plugin import details_repeat
+from harness.kernel import NetnsGroup, nsx, ok, pings, route_get, sh, table_of
+from harness.snapshot import ns_state, without_dev
 
 pytestmark = pytest.mark.netns
 CALICO_MAC = "ee:ee:ee:ee:ee:ee"
 CID = "c0ffee" * 4
 
 
-def sh(*args: str, check: bool = True) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, check=False)
-    if check and done.returncode:
-        raise AssertionError(f"{' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout
-
-
-def nsx(ns: str, *args: str, check: bool = True) -> str:
-    return sh("ip", "netns", "exec", ns, *args, check=check)
-
-
 @dataclass
-class Topology:
+class Topology(NetnsGroup):
+    cid = CID
     tag: str
     rails: int
     v4: bool = True
@@ -52,21 +40,8 @@ class Topology:
     tmp: str = ""
     created: list[str] = field(default_factory=list)
 
-    @property
-    def node(self) -> str:
-        return f"{self.tag}n"
-
-    @property
-    def pod(self) -> str:
-        return f"{self.tag}p"
-
     def gw(self, k: int) -> str:
         return f"{self.tag}g{k}"
-
-    def add_ns(self, name: str) -> None:
-        sh("ip", "netns", "add", name)
-        self.created.append(name)
-        nsx(name, "ip", "link", "set", "lo", "up")
 
     def build(self) -> None:
         self.add_ns(self.node)
@@ -129,24 +104,12 @@ class Topology:
                 "interfaces": [{"name": ifname, "mac": mac,
                                 "sandbox": f"/var/run/netns/{p}"}]}
 
-    def cleanup(self) -> None:
-        for name in reversed(self.created):
-            sh("ip", "netns", "del", name, check=False)
-
 
 @pytest.fixture
-def topo_factory(tmp_path):
-    require_root("ip")
-    made: list[Topology] = []
-
+def topo_factory(netns_group):
     def make(rails: int = 3, v4: bool = True, v6: bool = False) -> Topology:
-        topo = Topology(f"rtB{secrets.token_hex(3)}", rails, v4, v6, str(tmp_path))
-        made.append(topo)
-        topo.build()
-        return topo
-    yield make
-    for topo in made:
-        topo.cleanup()
+        return netns_group(Topology, rails=rails, v4=v4, v6=v6)
+    return make
 
 
 @pytest.fixture
@@ -168,22 +131,7 @@ def conf(topo: Topology, prev: dict | None = None, **keys) -> dict:
 
 def run(topo: Topology, command: str, ifname: str, config: dict,
         netns: str | None = None) -> subprocess.CompletedProcess:
-    defaults = os.path.join(topo.tmp, f"{topo.tag}-defaults.json")
-    with open(defaults, "w") as f:
-        json.dump({"stateDir": os.path.join(topo.tmp, "state"),
-                   "logDir": os.path.join(topo.tmp, "log")}, f)
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": CID, "CNI_IFNAME": ifname,
-           "CNI_NETNS": f"/var/run/netns/{topo.pod}" if netns is None else netns,
-           "CNI_PATH": "/usr/lib/cni", "ROUTE_TUNE_DEFAULTS": defaults,
-           "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    return subprocess.run(["ip", "netns", "exec", topo.node, str(ROUTE_TUNE)],
-                          input=json.dumps(config).encode(), env=env, capture_output=True,
-                          check=False)
-
-
-def ok(done: subprocess.CompletedProcess) -> dict | None:
-    assert done.returncode == 0, (done.stdout, done.stderr)
-    return json.loads(done.stdout) if done.stdout.strip() else None
+    return topo.run(command, ifname, config, netns)
 
 
 def add(topo: Topology, k: int, ifname: str = "", **keys) -> dict:
@@ -194,70 +142,13 @@ def add(topo: Topology, k: int, ifname: str = "", **keys) -> dict:
 
 
 # -- observing ---------------------------------------------------------------------------------
-def snapshot(ns: str) -> dict:
-    """Whole routing state of a namespace: rules, every table, neighbours (both families)."""
-    out = {}
-    for fam in ("-4", "-6"):
-        out[f"rule{fam}"] = nsx(ns, "ip", fam, "rule", "show")
-        out[f"route{fam}"] = sorted(
-            line for line in nsx(ns, "ip", fam, "route", "show", "table", "all").splitlines()
-            if " table local " not in line and not line.startswith(("local ", "multicast ")))
-        out[f"neigh{fam}"] = sorted(line for line in nsx(ns, "ip", fam, "neigh", "show",
-                                                         "nud", "permanent").splitlines())
-    return out
-
-
-def route_get(ns: str, dst: str, src: str = "") -> dict:
-    args = ["ip", "-j", "route", "get", dst] + (["from", src] if src else [])
-    return json.loads(nsx(ns, *args))[0]
-
-
-def table_of(ns: str, dst: str, src: str) -> str:
-    line = nsx(ns, "ip", "route", "get", dst, "from", src)
-    words = line.split()
-    return words[words.index("table") + 1] if "table" in words else "main"
-
-
-def pings(ns: str, dst: str, src: str, timeout: float = 2.0) -> bool:
-    """One ICMP echo from ``src`` to ``dst`` inside ``ns`` (no ping binary on this machine)."""
-    from cniplugin.kernel import netns as _netns
-    v6 = ":" in dst
-    family = socket.AF_INET6 if v6 else socket.AF_INET
-    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
-    ident = secrets.randbits(16)
-    header = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, ident, 1) + b"route-tune"
-    if not v6:  # the kernel checksums ICMPv6 itself, ICMPv4 is ours
-        total = sum(struct.unpack(f"!{len(header) // 2}H", header))
-        total = (total >> 16) + (total & 0xFFFF)
-        header = header[:2] + struct.pack("!H", ~(total + (total >> 16)) & 0xFFFF) + header[4:]
-    fd = _netns.open_netns(f"/var/run/netns/{ns}")
-    try:
-        with _netns.entered(fd), socket.socket(family, socket.SOCK_RAW, proto) as sock:
-            sock.bind((src, 0))
-            sock.sendto(header, (dst, 0))
-            deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
-                sock.settimeout(left)
-                try:
-                    data, peer = sock.recvfrom(2048)
-                except TimeoutError:
-                    return False
-                reply = data if v6 else data[(data[0] & 0x0F) * 4:]
-                kind, _, _, got_id, _ = struct.unpack("!BBHHH", reply[:8])
-                if peer[0] == dst and kind == (129 if v6 else 0) and got_id == ident:
-                    return True
-            return False
-    finally:
-        os.close(fd)
-
-
 def rail_ip(k: int, family: int = 4) -> str:
     return f"172.16.1{k}.10" if family == 4 else f"fd00:16:1{k}::10"
 
 
 # -- tests -------------------------------------------------------------------------------------
 def test_three_rails_route_and_reach(topo):
-    pod_before, node_before = snapshot(topo.pod), snapshot(topo.node)
+    pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
     for k in (1, 2, 3):
         add(topo, k)
     p, n = topo.pod, topo.node
@@ -290,8 +181,8 @@ def test_three_rails_route_and_reach(topo):
     for k in (3, 2, 1):
         ok(run(topo, "DEL", f"net{k}", conf(topo)))
         nsx(p, "ip", "link", "del", f"net{k}")
-    assert snapshot(p) == pod_before
-    assert snapshot(n) == node_before
+    assert ns_state(p) == pod_before
+    assert ns_state(n) == node_before
     assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))
 
 
@@ -310,7 +201,7 @@ def topo_prev(topo: Topology, k: int, ifname: str = "") -> dict:
 
 def test_del_matrix(topo):
     """DEL: twice, without prevResult, empty CNI_NETNS, gone interface, gone netns, no ADD."""
-    pod_before, node_before = snapshot(topo.pod), snapshot(topo.node)
+    pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
     ok(run(topo, "DEL", "net9", conf(topo)))                      # never added
     add(topo, 1)
     add(topo, 2)
@@ -324,13 +215,13 @@ def test_del_matrix(topo):
     # net2's pod-side objects survive (netns was unknown at its DEL): only table 102 routes on
     # the deleted link vanished with it, and its rule stays; that is the documented cost of
     # DEL without CNI_NETNS. Everything else is back.
-    rules = [line for line in nsx(topo.pod, "ip", "rule").splitlines() if "172.16.12.10" not in line]
-    assert "\n".join(rules) + "\n" == pod_before["rule-4"]
-    assert snapshot(topo.node) == node_before
+    rules4 = ns_state(topo.pod)["rules4"]
+    assert [r for r in rules4 if r.get("src") != "172.16.12.10"] == pod_before["rules4"]
+    assert ns_state(topo.node) == node_before
 
 
 def test_del_with_netns_gone_cleans_node(topo):
-    node_before = snapshot(topo.node)
+    node_before = ns_state(topo.node)
     add(topo, 1)
     add(topo, 2)
     sh("ip", "netns", "del", topo.pod)
@@ -339,10 +230,7 @@ def test_del_with_netns_gone_cleans_node(topo):
         ok(run(topo, "DEL", f"net{k}", conf(topo)))
     # The pod's veth died with its netns (and the Calico-style route on it); the rest, including
     # the node rule route-tune added, must be exactly as before.
-    without_veth = lambda snap: {k: [line for line in (v if isinstance(v, list) else
-                                                       v.splitlines()) if "rtBcali0" not in line]
-                                 for k, v in snap.items()}
-    assert without_veth(snapshot(topo.node)) == without_veth(node_before)
+    assert without_dev(ns_state(topo.node), "rtBcali0") == without_dev(node_before, "rtBcali0")
     assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))
 
 
@@ -395,9 +283,9 @@ def test_check_detects_drift_and_ignores_unrelated_main_routes(topo):
 def test_retried_add_converges(topo):
     prev = topo.attach(1)
     ok(run(topo, "ADD", "net1", conf(topo, prev)))
-    pod_once, node_once = snapshot(topo.pod), snapshot(topo.node)
+    pod_once, node_once = ns_state(topo.pod), ns_state(topo.node)
     ok(run(topo, "ADD", "net1", conf(topo, prev)))
-    assert snapshot(topo.pod) == pod_once and snapshot(topo.node) == node_once
+    assert ns_state(topo.pod) == pod_once and ns_state(topo.node) == node_once
     add(topo, 2)
     ok(run(topo, "ADD", "net1", conf(topo, prev)))
     assert table_of(topo.pod, "8.8.8.8", rail_ip(1)) == "101"
@@ -406,7 +294,7 @@ def test_retried_add_converges(topo):
 
 @pytest.mark.parametrize("default_nic", ["net1", "net3"])
 def test_pod_default_route_nic(topo, default_nic):
-    pod_before = snapshot(topo.pod)
+    pod_before = ns_state(topo.pod)
     for k in (1, 2, 3):
         add(topo, k, podDefaultRouteNic=default_nic)
         want = default_nic if k >= int(default_nic[-1]) else "eth0"
@@ -419,13 +307,13 @@ def test_pod_default_route_nic(topo, default_nic):
     for j in (3, 2, 1):
         ok(run(topo, "DEL", f"net{j}", conf(topo, podDefaultRouteNic=default_nic)))
         nsx(topo.pod, "ip", "link", "del", f"net{j}")
-    assert snapshot(topo.pod) == pod_before
+    assert ns_state(topo.pod) == pod_before
 
 
 @pytest.mark.parametrize("v4,v6", [(False, True), (True, True)], ids=["v6", "dual"])
 def test_ipv6_and_dual_stack(topo_factory, v4, v6):
     topo = topo_factory(rails=2, v4=v4, v6=v6)
-    pod_before, node_before = snapshot(topo.pod), snapshot(topo.node)
+    pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
     for k in (1, 2):
         add(topo, k)
     for k in (1, 2):
@@ -441,7 +329,7 @@ def test_ipv6_and_dual_stack(topo_factory, v4, v6):
     for k in (2, 1):
         ok(run(topo, "DEL", f"net{k}", conf(topo)))
         nsx(topo.pod, "ip", "link", "del", f"net{k}")
-    assert snapshot(topo.pod) == pod_before and snapshot(topo.node) == node_before
+    assert ns_state(topo.pod) == pod_before and ns_state(topo.node) == node_before
 
 
 def test_failed_add_rolls_back_everything(topo):
@@ -451,7 +339,7 @@ def test_failed_add_rolls_back_everything(topo):
     from cniplugin.protocol import dispatch as _protocol
     add(topo, 1)
     prev = topo.attach(2)
-    pod_before, node_before = snapshot(topo.pod), snapshot(topo.node)
+    pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
     points: list[str] = []
     environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": CID, "CNI_IFNAME": "net2",
                "CNI_NETNS": f"/var/run/netns/{topo.pod}", "CNI_PATH": "/usr/lib/cni",
@@ -462,7 +350,7 @@ def test_failed_add_rolls_back_everything(topo):
         _faults.hook = points.append
         assert _protocol.run(environ, stdin, node_netns_fd=node_fd).exit_code == 0
         ok(run(topo, "DEL", "net2", conf(topo)))
-        assert snapshot(topo.pod) == pod_before and snapshot(topo.node) == node_before
+        assert ns_state(topo.pod) == pod_before and ns_state(topo.node) == node_before
         assert "state" in points and any(p.startswith("node:") for p in points)
         for point in points:
             def fail_at(here, point=point):
@@ -471,8 +359,8 @@ def test_failed_add_rolls_back_everything(topo):
             _faults.hook = fail_at
             outcome = _protocol.run(environ, stdin, node_netns_fd=node_fd)
             assert outcome.exit_code == 1, point
-            assert snapshot(topo.pod) == pod_before, point
-            assert snapshot(topo.node) == node_before, point
+            assert ns_state(topo.pod) == pod_before, point
+            assert ns_state(topo.node) == node_before, point
             assert not os.path.exists(os.path.join(topo.tmp, "state", "attachments", CID,
                                                    "net2.json")), point
     finally:

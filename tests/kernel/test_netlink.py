@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
-from conftest import require_root
-
-NS = f"rtT{os.getpid()}"
-
 
 @pytest.fixture
-def policy_netns():
-    require_root()
-    subprocess.run(["ip", "netns", "add", NS], check=True)
-    try:
-        batch = "\n".join([
-            "link set lo up",
-            "addr add 10.9.0.1/32 dev lo", "addr add fd00:9::1/128 dev lo nodad",
-            "route add default dev lo table 100", "route add ::/0 dev lo table 100",
-            "rule add from 10.9.0.1 lookup 100 pref 100",
-        ]) + "\n"
-        subprocess.run(["ip", "-n", NS, "-batch", "-"], input=batch, text=True, check=True)
-        # `ip rule` takes the family from -6, not from the address (batch mode has no -6).
-        subprocess.run(["ip", "-n", NS, "-6", "rule", "add", "from", "fd00:9::1", "lookup", "100",
-                        "pref", "100"], check=True)
-        yield f"/run/netns/{NS}"
-    finally:
-        subprocess.run(["ip", "netns", "del", NS], check=False)
+def policy_netns(make_netns):
+    # `ip rule` takes the family from -6, not from the address: the IPv6 rule goes in lines6.
+    name = make_netns("policy", [
+        "addr add 10.9.0.1/32 dev lo", "addr add fd00:9::1/128 dev lo nodad",
+        "route add default dev lo table 100", "route add ::/0 dev lo table 100",
+        "rule add from 10.9.0.1 lookup 100 pref 100"],
+        ["rule add from fd00:9::1 lookup 100 pref 100"])
+    return f"/run/netns/{name}"
 
 
 @pytest.mark.parametrize("dst, src", [("10.9.9.9", "10.9.0.1"), ("fd00:9::9", "fd00:9::1")])

@@ -13,12 +13,9 @@ the pod, as the engine calls it.
 
 from __future__ import annotations
 
-import os
 import re
 import select
-import shutil
 import socket
-import statistics
 import subprocess
 import time
 import uuid
@@ -28,7 +25,7 @@ from typing import TypeVar
 
 import pytest
 
-from conftest import in_netns
+from conftest import in_netns, require_root
 
 from cniplugin.kernel import packets as pk
 from cniplugin.protocol.errors import GatewayUnreachable, InterfaceNotFound, IPConflict, TryAgainLater
@@ -43,18 +40,6 @@ POD4, GW4, DEAD4 = "10.77.0.10", "10.77.0.1", "10.77.0.99"
 POD6, GW6, DEAD6 = "fd77::10", "fd77::1", "fd77::99"
 DEFAULTS = ProbeOptions()
 SLACK = 0.5  # generous scheduling slack on a loaded 2-core VM, for the documented bounds only
-
-
-def _require_root() -> None:
-    reason = None
-    if os.geteuid() != 0:
-        reason = "needs root"
-    elif shutil.which("ip") is None:
-        reason = "needs iproute2"
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason)  # CI must run these, never skip them silently
-        pytest.skip(reason)
 
 
 def sh(*argv: str, netns: str | None = None, check: bool = True) -> str:
@@ -106,7 +91,7 @@ class Segment:
 
 @pytest.fixture(scope="module")
 def segment() -> Iterator[Segment]:
-    _require_root()
+    require_root("ip")
     tag = uuid.uuid4().hex[:5]
     seg = Segment(*(f"rtD-{role}-{tag}" for role in ("pod", "gw", "sq", "sw")))
     try:
@@ -314,7 +299,6 @@ def test_gateway_probe_waits_for_dad_of_its_source(seg: Segment) -> None:
         assert "tentative" not in sh("ip", "-n", seg.pod, "addr", "show", "dev", "rtDpod0")
         sources = [str(p.src) for p in cap.nds() if p.type == pk.ND_NS and str(p.target) == GW6]
         assert sources == [tentative]
-        print(f"\nDAD wait before an IPv6 gateway probe: {elapsed * 1000:.0f} ms")
     finally:
         sh("ip", "-n", seg.pod, "addr", "del", f"{tentative}/64", "dev", "rtDpod0", check=False)
 
@@ -427,23 +411,6 @@ def test_announce_never_raises(seg: Segment) -> None:
 def test_missing_interface(seg: Segment) -> None:
     _, exc = seg.timed_in_pod(check_gateways, "rtDnothere", [(POD4, GW4)], DEFAULTS)
     assert isinstance(exc, InterfaceNotFound) and exc.code == 102
-
-
-# --- numbers for the README ---------------------------------------------------------------------
-
-def test_measure_live_gateway_cost(seg: Segment) -> None:
-    """Median time ``check_gateways`` adds with a live gateway (socket open to close), 50 runs."""
-    for pairs in ([(POD4, GW4)], [(POD6, GW6)]):
-        runs = [seg.timed_in_pod(check_gateways, "rtDpod0", pairs, DEFAULTS) for _ in range(50)]
-        assert all(exc is None for _, exc in runs)
-        times = sorted(t * 1000 for t, _ in runs)
-        print(f"\nlive gateway {pairs[0][1]}: median {statistics.median(times):.2f} ms, "
-              f"p90 {times[44]:.2f} ms, max {times[-1]:.2f} ms")
-    dead = [seg.timed_in_pod(check_gateways, "rtDpod0", [(POD4, DEAD4)], DEFAULTS)[0] * 1000
-            for _ in range(5)]
-    print(f"dead gateway (defaults, bound {DEFAULTS.bound * 1000:.0f} ms): "
-          f"median {statistics.median(dead):.1f} ms, max {max(dead):.1f} ms")
-    assert packet_sockets(seg) == 0
 
 
 def test_link_down_is_reported_not_crashed(seg: Segment) -> None:

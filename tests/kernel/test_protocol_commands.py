@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cniplugin.protocol import dispatch as _protocol
-from conftest import REPO, ROUTE_TUNE, require_root, run_plugin
+from conftest import ROUTE_TUNE, require_root, run_plugin
 
 
 @pytest.fixture
@@ -122,15 +122,10 @@ def test_d3_disabled_del_with_gone_netns_and_no_prev_result(env, netns):
 # ---------------------------------------------------------------- D2-D4 through the engine
 
 @pytest.fixture
-def node_ns():
+def node_ns(make_netns):
     """A throwaway named netns (the 'pod'); the plugin itself runs in a fresh 'node' netns."""
     require_root("ip", "unshare")
-    name = f"rtA-pod-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield f"/run/netns/{name}"
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+    return f"/run/netns/{make_netns('pod')}"
 
 
 def run_in_fresh_netns(env: dict, config: dict):

@@ -16,84 +16,28 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from cniplugin.protocol import dispatch as _protocol
+from cniplugin.lab.runtime import PluginEnv
 from cniplugin.transport import shim as _shim
-REPO = Path(__file__).resolve().parents[2]
-PYTHON = REPO / ".venv" / "bin" / "python"
-PLUGIN = REPO / ".venv" / "bin" / "route-tune"
-CLI = REPO / ".venv" / "bin" / "cni-route-tune"
+from conftest import require_root
+from conftest import ROUTE_TUNE as PLUGIN
+from harness.resident import Resident, server_cmd
 
 pytestmark = pytest.mark.netns
 
-if os.geteuid() != 0:
-    if os.environ.get("CI"):
-        pytest.fail("tests/test_server.py needs root", pytrace=False)
-    pytest.skip("needs root", allow_module_level=True)
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    require_root("ip")
 
 
-def _server_cmd(sock: Path) -> list[str]:
-    """The resident engine as a node runs it: ``cni-route-tune serve`` on a private socket."""
-    return [str(CLI), "serve", "--socket", str(sock)]
-
-
-class Engine:
-    """A server subprocess on a private socket; ``stop()`` SIGTERMs it and returns its status."""
-
-    def __init__(self, base: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.base = base
-        self.sock = base / "run" / "engine.sock"
-        log_dir = base / "log"
-        defaults = base / "defaults.json"
-        defaults.write_text(json.dumps({"logDir": str(log_dir)}))
-        self.env = {**os.environ, "ROUTE_TUNE_DEFAULTS": str(defaults), **(extra_env or {})}
-        self.stderr = open(base / "server.stderr", "wb")
-        self.proc = subprocess.Popen(_server_cmd(self.sock), env=self.env, stderr=self.stderr,
-                                     stdout=subprocess.DEVNULL)
-        while not self._answers():
-            assert self.proc.poll() is None, self.log()
-            time.sleep(0.02)
-
-    def _answers(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(self.sock))
-            except OSError:
-                return False
-        return True
-
-    def log(self) -> str:
-        return (self.base / "server.stderr").read_text()
-
-    def request_env(self, **env: str) -> dict[str, str]:
-        return {"ROUTE_TUNE_SOCKET": str(self.sock), "ROUTE_TUNE_DEFAULTS":
-                self.env["ROUTE_TUNE_DEFAULTS"], **env}
-
-    def alive(self) -> bool:
-        """Still running and still answering VERSION correctly."""
-        reply = _shim.forward(self.request_env(CNI_COMMAND="VERSION"), b"")
-        return self.proc.poll() is None and reply == (0, _protocol.version_reply(), b"")
-
-    def fds_to(self, target: str) -> int:
-        """How many of the server's fds point at ``target``."""
-        count = 0
-        for name in os.listdir(f"/proc/{self.proc.pid}/fd"):
-            try:
-                count += os.readlink(f"/proc/{self.proc.pid}/fd/{name}") == target
-            except FileNotFoundError:
-                pass  # closed meanwhile
-        return count
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        status = self.proc.wait()
-        self.stderr.close()
-        return status
+def serve(base: Path, extra_env: dict[str, str] | None = None) -> Resident:
+    """A server subprocess in this netns on a private socket under ``base``."""
+    return Resident(None, PluginEnv(base), extra_env).start()
 
 
 @pytest.fixture
@@ -105,26 +49,16 @@ def workdir():
 
 
 @pytest.fixture
-def engine(workdir):
-    eng = Engine(workdir)
+def server(workdir):
+    eng = serve(workdir)
     yield eng
     eng.stop()
 
 
 @pytest.fixture
-def netns():
-    """Factory of fresh named netns (tag rtE); all deleted afterwards."""
-    names: list[str] = []
-
-    def make() -> str:
-        name = f"rtE-srv-{uuid.uuid4().hex[:8]}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        names.append(name)
-        return f"/var/run/netns/{name}"
-
-    yield make
-    for name in names:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def netns(make_netns):
+    """Factory of fresh named netns (the harness's); their paths; all deleted afterwards."""
+    return lambda: f"/var/run/netns/{make_netns('srv')}"
 
 
 def _inprocess(env: dict[str, str], stdin: bytes) -> tuple[int, bytes, bytes]:
@@ -147,14 +81,14 @@ ADD_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "net1",
     (ADD_ENV, b'{"cniVersion": "0.4.0"}'),  # no name: code 7
     (ADD_ENV, b'{"cniVersion": "9.9.9", "name": "n"}'),  # code 1
 ], ids=["version", "about", "missing-env", "bad-json", "no-name", "bad-version"])
-def test_reply_identical_to_inprocess(engine, env, stdin):
-    assert _shim.forward(engine.request_env(**env), stdin) == \
-        _inprocess(engine.request_env(**env), stdin)
+def test_reply_identical_to_inprocess(server, env, stdin):
+    assert _shim.forward(server.request_env(**env), stdin) == \
+        _inprocess(server.request_env(**env), stdin)
 
 
-def test_plugin_executable_same_both_ways(engine):
+def test_plugin_executable_same_both_ways(server):
     """The ``route-tune`` executable: resident and in-process print the same bytes."""
-    base = {**engine.request_env(**ADD_ENV)}
+    base = {**server.request_env(**ADD_ENV)}
     for stdin in (b"{not json", b""):
         replies = []
         for mode in ("resident", "inprocess"):
@@ -163,14 +97,14 @@ def test_plugin_executable_same_both_ways(engine):
             replies.append((proc.returncode, proc.stdout))
         assert replies[0] == replies[1]
     version = subprocess.run([str(PLUGIN)], capture_output=True, env={
-        **os.environ, **engine.request_env(CNI_COMMAND="VERSION"), "ROUTE_TUNE_ENGINE": "resident"})
+        **os.environ, **server.request_env(CNI_COMMAND="VERSION"), "ROUTE_TUNE_ENGINE": "resident"})
     assert (version.returncode, version.stdout) == (0, _protocol.version_reply())
 
 
-def test_served_requests_are_logged(engine):
-    _shim.forward(engine.request_env(CNI_COMMAND="VERSION"), b"")
-    engine.stop()
-    assert "served via resident engine" in engine.log()
+def test_served_requests_are_logged(server):
+    _shim.forward(server.request_env(CNI_COMMAND="VERSION"), b"")
+    server.stop()
+    assert "served via resident engine" in server.log()
 
 
 # ------------------------------------------------------------------ no server
@@ -192,8 +126,8 @@ def test_auto_without_server_falls_back(workdir):
     assert (proc.returncode, proc.stdout) == (0, _protocol.version_reply())
 
 
-def test_inprocess_mode_never_connects(engine):
-    env = engine.request_env(CNI_COMMAND="VERSION", ROUTE_TUNE_ENGINE="inprocess")
+def test_inprocess_mode_never_connects(server):
+    env = server.request_env(CNI_COMMAND="VERSION", ROUTE_TUNE_ENGINE="inprocess")
     assert _shim.forward(env, b"") is None
 
 
@@ -203,11 +137,11 @@ def test_stale_socket_replaced_live_one_kept(workdir):
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(sock))
     stale.close()  # bound, never listening: connect is refused
-    eng = Engine(workdir)
+    eng = serve(workdir)
     try:
         assert eng.alive()
         assert oct(sock.stat().st_mode & 0o777) == "0o600"
-        second = subprocess.run(_server_cmd(sock), env=eng.env, capture_output=True)
+        second = subprocess.run(server_cmd(sock), env=eng.server_env, capture_output=True)
         assert second.returncode == 1 and eng.alive()
     finally:
         assert eng.stop() == 0
@@ -216,11 +150,11 @@ def test_stale_socket_replaced_live_one_kept(workdir):
 # ------------------------------------------------------------------ hostile peers
 
 
-def _raw(engine: Engine, payload: bytes, fds: list[int] | None = None,
+def _raw(server: Resident, payload: bytes, fds: list[int] | None = None,
          shut: bool = True) -> bytes:
     """Send raw bytes (+fds) and return everything the server answers until it closes."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(str(engine.sock))
+        sock.connect(str(server.sock))
         try:
             if fds:
                 sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -250,15 +184,15 @@ def _header(flags: int, env_len: int, stdin_len: int) -> bytes:
     return _shim.MAGIC + bytes((flags,)) + env_len.to_bytes(4, "big") + stdin_len.to_bytes(4, "big")
 
 
-def test_garbage_gets_mismatch(engine):
-    reply = _raw(engine, os.urandom(64).replace(b"R", b"x"))
+def test_garbage_gets_mismatch(server):
+    reply = _raw(server, os.urandom(64).replace(b"R", b"x"))
     assert reply[:4] == _shim.MISMATCH
-    assert engine.alive()
+    assert server.alive()
 
 
-def test_other_protocol_version_runs_nothing(engine):
-    assert _raw(engine, b"RTE\x07" + bytes(9))[:4] == _shim.MISMATCH
-    assert engine.alive()
+def test_other_protocol_version_runs_nothing(server):
+    assert _raw(server, b"RTE\x07" + bytes(9))[:4] == _shim.MISMATCH
+    assert server.alive()
 
 
 def test_shim_falls_back_on_mismatch(workdir):
@@ -295,19 +229,19 @@ def test_shim_falls_back_on_mismatch(workdir):
     _header(1, 0, 0),  # announces an fd, sends none
 ], ids=["short-header", "short-body", "huge", "oversize-stdin", "flag", "env-nul", "env-eq",
         "missing-fd"])
-def test_malformed_frames(engine, payload):
-    assert _error_code(_raw(engine, payload)) == 5
-    assert engine.alive()
+def test_malformed_frames(server, payload):
+    assert _error_code(_raw(server, payload)) == 5
+    assert server.alive()
 
 
-def test_wrong_fd_types_and_fd_flood(engine):
-    before = engine.fds_to("/dev/null")
+def test_wrong_fd_types_and_fd_flood(server):
+    before = server.fds_to("/dev/null")
     null = os.open("/dev/null", os.O_RDONLY)
     try:
-        assert _error_code(_raw(engine, _header(1, 0, 0), [null])) == 5
+        assert _error_code(_raw(server, _header(1, 0, 0), [null])) == 5
         # The kernel refuses more than 253 fds per message (SCM_MAX_FD): send 300 in two.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(str(engine.sock))
+            sock.connect(str(server.sock))
             head = _header(3, 0, 0)
             for part, count in ((head[:7], 253), (head[7:], 47)):
                 sock.sendmsg([part], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -315,19 +249,19 @@ def test_wrong_fd_types_and_fd_flood(engine):
             assert _error_code(sock.recv(65536)) == 5
     finally:
         os.close(null)
-    assert engine.alive()
-    assert engine.fds_to("/dev/null") == before  # every received fd was closed (before replying)
+    assert server.alive()
+    assert server.fds_to("/dev/null") == before  # every received fd was closed (before replying)
 
 
-def test_silent_peer_does_not_block_others(engine):
+def test_silent_peer_does_not_block_others(server):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
-        idle.connect(str(engine.sock))
+        idle.connect(str(server.sock))
         idle.sendall(_shim.MAGIC)  # then nothing: its thread waits, the others are served
-        assert engine.alive()
+        assert server.alive()
 
 
 def test_non_root_peer_refused(workdir):
-    eng = Engine(workdir)
+    eng = serve(workdir)
     try:
         # Widen the path as a misconfiguration would: SO_PEERCRED must still refuse.
         os.chmod(workdir, 0o711)
@@ -390,7 +324,7 @@ def _parallel(requests: list[dict[str, str]]) -> list:
 
 def test_different_pods_parallel_same_pod_serialised(workdir, netns):
     trace = workdir / "trace"
-    eng = Engine(workdir, {"ROUTE_TUNE_SERVER_TEST_TRACE": str(trace),
+    eng = serve(workdir, {"ROUTE_TUNE_SERVER_TEST_TRACE": str(trace),
                            "ROUTE_TUNE_SERVER_TEST_DELAY": "0.3"})
     try:
         pods = [netns() for _ in range(4)]
@@ -414,7 +348,7 @@ def test_different_pods_parallel_same_pod_serialised(workdir, netns):
 
 
 def test_sigterm_finishes_in_flight_then_exits(workdir, netns):
-    eng = Engine(workdir, {"ROUTE_TUNE_SERVER_TEST_TRACE": str(workdir / "trace"),
+    eng = serve(workdir, {"ROUTE_TUNE_SERVER_TEST_TRACE": str(workdir / "trace"),
                            "ROUTE_TUNE_SERVER_TEST_DELAY": "1"})
     env = eng.request_env(CNI_COMMAND="VERSION", CNI_NETNS=netns())
     result: list = []

@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import ROUTE_TUNE, require_root
-from test_engine import nsx, ok, pings, route_get, sh, table_of
-
-import subprocess
+from harness.kernel import NetnsGroup, nsx, ok, pings, route_get, sh, table_of
+from harness.snapshot import ns_state
 
 pytestmark = pytest.mark.netns
 CID = "5ca1ab1e" * 8
@@ -42,7 +39,8 @@ NODE_VETH = "rt" + CID[:11]
 
 
 @dataclass
-class Underlay:
+class Underlay(NetnsGroup):
+    cid = CID
     tag: str
     v4: bool = True
     v6: bool = False
@@ -51,21 +49,8 @@ class Underlay:
     created: list[str] = field(default_factory=list)
 
     @property
-    def node(self) -> str:
-        return f"{self.tag}n"
-
-    @property
-    def pod(self) -> str:
-        return f"{self.tag}p"
-
-    @property
     def out(self) -> str:
         return f"{self.tag}o"
-
-    def add_ns(self, name: str) -> None:
-        sh("ip", "netns", "add", name)
-        self.created.append(name)
-        nsx(name, "ip", "link", "set", "lo", "up")
 
     def addr(self, ns: str, dev: str, v4: str, v6: str) -> None:
         if self.v4:
@@ -141,66 +126,21 @@ class Underlay:
             config["prevResult"] = self.prev(ifname)
         return config
 
-    def run(self, command: str, ifname: str, config: dict, netns: str | None = None,
-            extra_env: dict | None = None) -> subprocess.CompletedProcess:
-        defaults = os.path.join(self.tmp, f"{self.tag}-defaults.json")
-        with open(defaults, "w") as f:
-            json.dump({"stateDir": os.path.join(self.tmp, "state"),
-                       "logDir": os.path.join(self.tmp, "log")}, f)
-        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": CID, "CNI_IFNAME": ifname,
-               "CNI_NETNS": f"/var/run/netns/{self.pod}" if netns is None else netns,
-               "CNI_PATH": "/usr/lib/cni", "ROUTE_TUNE_DEFAULTS": defaults,
-               "PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(extra_env or {})}
-        return subprocess.run(["ip", "netns", "exec", self.node, str(ROUTE_TUNE)],
-                              input=json.dumps(config).encode(), env=env, capture_output=True,
-                              check=False)
-
     def add(self, ifname: str, **keys) -> dict:
         return ok(self.run("ADD", ifname, self.conf(ifname, **keys)))
 
     def delete(self, ifname: str, **keys) -> None:
         ok(self.run("DEL", ifname, self.conf(None, **keys)))
 
-    def cleanup(self) -> None:
-        for name in reversed(self.created):
-            sh("ip", "netns", "del", name, check=False)
-
 
 @pytest.fixture
-def underlay_factory(tmp_path):
-    require_root("ip", "nft")
-    made: list[Underlay] = []
-
+def underlay_factory(netns_group):
     def make(v4: bool = True, v6: bool = False, rails: int = 1) -> Underlay:
-        topo = Underlay(f"rtU{secrets.token_hex(3)}", v4, v6, rails, str(tmp_path))
-        made.append(topo)
-        topo.build()
-        return topo
-    yield make
-    for topo in made:
-        topo.cleanup()
+        return netns_group(Underlay, v4=v4, v6=v6, rails=rails)
+    return make
 
 
 # -- observing ---------------------------------------------------------------------------------
-def whole_state(ns: str) -> dict:
-    """Rules, every table, PERMANENT neighbours, links, the nft ruleset and the sysctls
-    route-tune touches: the whole observable state of a namespace."""
-    out = {"links": sorted(link["ifname"] + "/" + str(link.get("txqlen")) for link in
-                           json.loads(nsx(ns, "ip", "-j", "link", "show"))),
-           "nft": nsx(ns, "nft", "list", "ruleset")}
-    for fam in ("-4", "-6"):
-        out[f"rule{fam}"] = nsx(ns, "ip", fam, "rule", "show")
-        out[f"route{fam}"] = sorted(
-            line for line in nsx(ns, "ip", fam, "route", "show", "table", "all").splitlines()
-            if " table local " not in line and not line.startswith(("local ", "multicast "))
-            and "fe80::/64" not in line)
-        out[f"neigh{fam}"] = sorted(nsx(ns, "ip", fam, "neigh", "show", "nud",
-                                        "permanent").splitlines())
-    out["sysctl"] = nsx(ns, "sh", "-c", "grep -r . /proc/sys/net/ipv4/conf/*/rp_filter "
-                        "/proc/sys/net/ipv6/conf/all/disable_ipv6")
-    return out
-
-
 def node_sysctls(ns: str) -> dict[str, str]:
     """Every per-interface IPv4/IPv6 sysctl of a namespace (path -> value)."""
     text = nsx(ns, "sh", "-c", "grep -r . /proc/sys/net/ipv4/conf /proc/sys/net/ipv6/conf "
@@ -267,7 +207,7 @@ def ip(family: int, v4: str, v6: str) -> str:
 def test_underlay_paths_and_clean_del(underlay_factory, v4, v6):
     topo = underlay_factory(v4=v4, v6=v6, rails=1)
     p, n, o = topo.pod, topo.node, topo.out
-    pod_before, node_before = whole_state(p), whole_state(n)
+    pod_before, node_before = ns_state(p), ns_state(n)
     node_sysctls_before = node_sysctls(n)
     for fam in families(topo):  # the underlay problem: the pod cannot reach its node
         assert not pings(p, ip(fam, NODE_V4, NODE_V6), ip(fam, POD_V4, POD_V6), timeout=0.5)
@@ -320,8 +260,8 @@ def test_underlay_paths_and_clean_del(underlay_factory, v4, v6):
         assert pings(p, ip(fam, SVC_V4, SVC_V6), pod_ip)
     ok(topo.run("CHECK", "eth0", topo.conf("eth0")))
     topo.delete("eth0")
-    assert whole_state(p) == pod_before
-    assert whole_state(n) == node_before
+    assert ns_state(p) == pod_before
+    assert ns_state(n) == node_before
     assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))
 
 
@@ -385,18 +325,18 @@ def test_node_link_name_collision_fails_loudly_and_rolls_back(underlay_factory):
     """coordinator swallowed this error; route-tune reports it (103) and leaves no trace."""
     topo = underlay_factory(rails=0)
     nsx(topo.node, "ip", "link", "add", NODE_VETH, "type", "veth", "peer", "name", "rtUother")
-    pod_before, node_before = whole_state(topo.pod), whole_state(topo.node)
+    pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
     done = topo.run("ADD", "eth0", topo.conf("eth0"))
     reply = json.loads(done.stdout)
     assert done.returncode == 1 and reply["code"] == 103 and NODE_VETH in reply["msg"]
-    assert whole_state(topo.pod) == pod_before and whole_state(topo.node) == node_before
+    assert ns_state(topo.pod) == pod_before and ns_state(topo.node) == node_before
     ok(topo.run("DEL", "eth0", topo.conf()))
     assert NODE_VETH in nsx(topo.node, "ip", "link"), "someone else's link is never deleted"
 
 
 def test_options_tx_queue_len_mtu_link_address_policy_routes(underlay_factory):
     topo = underlay_factory(rails=1)
-    pod_before, node_before = whole_state(topo.pod), whole_state(topo.node)
+    pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
     node_links = link_txqlens(topo.node)
     keys = dict(txQueueLen=2000, vethMTU=1400, vethLinkAddress="169.254.100.1",
                 policyRoutes=[{"dst": "10.100.1.1/32", "gw": "10.6.0.1"}])
@@ -417,18 +357,18 @@ def test_options_tx_queue_len_mtu_link_address_policy_routes(underlay_factory):
     topo.delete("net1", podDefaultRouteNic="net1")
     assert route_get(topo.pod, "8.8.8.8")["dev"] == "eth0"
     topo.delete("eth0", **keys)
-    assert whole_state(topo.pod) == pod_before and whole_state(topo.node) == node_before
+    assert ns_state(topo.pod) == pod_before and ns_state(topo.node) == node_before
 
 
 def test_del_without_pod_netns_removes_the_node_end(underlay_factory):
     topo = underlay_factory(rails=1)
-    node_before = whole_state(topo.node)
+    node_before = ns_state(topo.node)
     topo.add("eth0")
     topo.add("net1")
     ok(topo.run("DEL", "net1", topo.conf(), netns=""))
     ok(topo.run("DEL", "eth0", topo.conf(), netns=""))  # runtime lost the netns path
     assert NODE_VETH not in nsx(topo.node, "ip", "link")
-    assert whole_state(topo.node) == node_before
+    assert ns_state(topo.node) == node_before
     assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))
 
 
@@ -438,7 +378,7 @@ def test_fault_at_every_point(underlay_factory, action):
     raise: the rollback leaves pod, node and state exactly as before. kill (a crash, nothing
     rolls back): DEL from the write-ahead state restores exactly the state before ADD."""
     topo = underlay_factory(rails=0)
-    pod_before, node_before = whole_state(topo.pod), whole_state(topo.node)
+    pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
     log = os.path.join(topo.tmp, "points.log")
     ok(topo.run("ADD", "eth0", topo.conf("eth0"), extra_env={"ROUTE_TUNE_FAULT_LOG": log}))
     ok(topo.run("DEL", "eth0", topo.conf(), extra_env={"ROUTE_TUNE_FAULT_LOG": log + ".del"}))
@@ -458,14 +398,14 @@ def test_fault_at_every_point(underlay_factory, action):
             assert done.returncode in (-9, 137), (point, done.returncode, done.stdout)
             assert os.path.exists(state_file) or point == "state", point
             ok(topo.run("DEL", "eth0", topo.conf()))
-        assert whole_state(topo.pod) == pod_before, point
-        assert whole_state(topo.node) == node_before, point
+        assert ns_state(topo.pod) == pod_before, point
+        assert ns_state(topo.node) == node_before, point
 
 
 def test_del_matrix(underlay_factory):
     """DEL with no ADD, twice, without prevResult, and after the pod netns is gone."""
     topo = underlay_factory(v4=True, v6=True, rails=1)
-    node_before = whole_state(topo.node)
+    node_before = ns_state(topo.node)
     ok(topo.run("DEL", "eth0", topo.conf()))                     # never added
     topo.add("eth0")
     topo.add("net1")
@@ -475,5 +415,5 @@ def test_del_matrix(underlay_factory):
         ok(topo.run("DEL", ifname, topo.conf()))
         ok(topo.run("DEL", ifname, topo.conf()))
     # The pair died with the pod's netns; the node rule went with the last attachment.
-    assert whole_state(topo.node) == node_before
+    assert ns_state(topo.node) == node_before
     assert not os.listdir(os.path.join(topo.tmp, "state", "attachments"))

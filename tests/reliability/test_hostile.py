@@ -22,8 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reliability_fixtures import *  # noqa: F401,F403
-from reliability_fixtures import Rig
+from harness.fixtures import ENGINES
+from harness.lab import NAMES
+from harness.plugin import Reply, Rig, assert_cni_error
+from harness.snapshot import snapshot_diff
 
 pytestmark = [pytest.mark.netns]
 
@@ -181,11 +183,11 @@ class Target:
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def target(request, rtr_session):
+def target(request, lab_session):
     """One dual-stack lab per engine mode with net1 attached (macvlan + host-local), no route-tune."""
     from cniplugin.lab.topology import OverlayLab
 
-    lab = OverlayLab(new_prefix(), rails=1, family="dual").__enter__()
+    lab = OverlayLab(NAMES.next(), rails=1, family="dual").__enter__()
     rig = Rig(lab, request.param)
     try:
         prev = rig.bare().add(1)

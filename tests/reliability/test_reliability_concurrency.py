@@ -1,6 +1,6 @@
 """Concurrency (issue 8): many pods ADD and DEL at once on one node; two ADDs race on one netns.
 
-The farm (``reliability_fixtures.Farm``): one node netns, 32 pod netns each with a Calico-style
+The farm (``harness.lab.Farm``): one node netns, 32 pod netns each with a Calico-style
 eth0, 8 rails shared by every pod (pod i's macvlan on rail k sits on the node's ``railk`` with
 ``172.16.1k.<20+i>``). Every chain ``[macvlan + static IPAM, route-tune]`` of every pod runs at the
 same time through the Python libcni mimic (16 threads, shuffled order, so rails of one pod also
@@ -32,8 +32,11 @@ from pathlib import Path
 import pytest
 
 from cniplugin.lab.runtime import PluginEnv, PyRuntime
-from reliability_fixtures import *  # noqa: F401,F403
-from reliability_fixtures import ROUTE_TUNE, Reply, Resident
+from conftest import ROUTE_TUNE
+from harness.lab import NAMES, Farm
+from harness.plugin import Reply
+from harness.resident import Resident, served_count
+from harness.snapshot import ns_state, snapshot_diff, state_files
 
 pytestmark = [pytest.mark.netns]
 THREADS = 16
@@ -44,14 +47,14 @@ def sizes(engine: str, slow: bool) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("slow", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["ci", "full"])
-def test_many_pods_add_and_del_in_parallel(rtr_session, engine, slow):
+def test_many_pods_add_and_del_in_parallel(lab_session, engine, slow):
     """32 pods x N rails ADD in parallel: every pod correct, the node's table 500 holds exactly
     the expected routes (no loss, no duplicate), one rule, one neighbour per address; then a
     parallel DEL leaves the node and every pod exactly as before."""
     if engine == "resident" and slow:
         pytest.skip("resident mode already runs the full size in CI")
     pods, rails = sizes(engine, slow)
-    with farm(pods, rails) as f, engine_env(f, engine) as penv:
+    with Farm(NAMES.next(), rails=rails, pods=pods) as f, engine_env(f, engine) as penv:
         runtime = PyRuntime(f.node, penv)
         namespaces = [f.node] + [f.pod(i) for i in range(pods)]
         before = parallel_states(f, namespaces)
@@ -148,28 +151,23 @@ def test_two_dels_on_one_netns_remove_the_shared_objects(make_rig):
 
 # ---------------------------------------------------------------------------- helpers
 
-class engine_env:
+@contextlib.contextmanager
+def engine_env(f: Farm, engine: str):
     """A PluginEnv for the farm in ``engine`` mode (with a server in the node for resident)."""
-
-    def __init__(self, f, engine: str) -> None:
-        self.penv = PluginEnv(f.tmp / "penv", family="4", env={"ROUTE_TUNE_ENGINE": engine})
-        self.server = Resident(f.node, self.penv) if engine == "resident" else None
-
-    def __enter__(self) -> PluginEnv:
-        if self.server:
-            self.penv.env["ROUTE_TUNE_SOCKET"] = str(self.server.sock)
-            self.server.start()
-        return self.penv
-
-    def __exit__(self, *exc) -> None:
-        if self.server:
-            assert self.server.stop() == 0, self.server.log()[-2000:]
-            assert served_count(self.penv) > 0, "resident mode, but the server served nothing"
+    penv = PluginEnv(f.tmp / "penv", family="4", env={"ROUTE_TUNE_ENGINE": engine})
+    if engine != "resident":
+        yield penv
+        return
+    with Resident(f.node, penv) as server:
+        penv.env.update(server.env)
+        yield penv
+    assert server.proc.returncode == 0, server.log()[-2000:]
+    assert served_count(penv) > 0, "resident mode, but the server served nothing"
 
 
 def parallel_states(f, namespaces: list[str]) -> dict[str, dict]:
     with ThreadPoolExecutor(8) as pool:
-        return dict(zip(namespaces, pool.map(f.state, namespaces)))
+        return dict(zip(namespaces, pool.map(ns_state, namespaces)))
 
 
 def assert_pods_route(f, pods: int, rails: int) -> None:

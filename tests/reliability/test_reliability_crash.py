@@ -28,8 +28,10 @@ import signal
 
 import pytest
 
-from reliability_fixtures import *  # noqa: F401,F403
-from reliability_fixtures import Resident, UnderlayLab
+from harness.lab import UnderlayLab
+from harness.plugin import assert_cni_error
+from harness.resident import Resident, served_count
+from harness.snapshot import snapshot_diff
 
 pytestmark = [pytest.mark.netns]
 KILL = {"ROUTE_TUNE_FAULT_ACTION": "kill"}

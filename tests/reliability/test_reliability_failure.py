@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from reliability_fixtures import *  # noqa: F401,F403
+from harness.plugin import assert_cni_error
 
 pytestmark = [pytest.mark.netns]
 

@@ -15,7 +15,9 @@ import pytest
 from cniplugin.lab.runtime import CniFailure
 from cniplugin.lab.topology import (CALI_LL6, CALI_MAC, HIJACK_GW4, POD_IP4, POD_IP6, ip_batch,
                                     run)
-from reliability_fixtures import *  # noqa: F401,F403
+from harness.lab import delete_pod_netns
+from harness.plugin import assert_cni_error
+from harness.snapshot import snapshot_diff
 
 pytestmark = [pytest.mark.netns]
 

@@ -16,7 +16,8 @@ import subprocess
 import pytest
 
 from conftest import CNI_ROUTE_TUNE
-from reliability_fixtures import *  # noqa: F401,F403
+from harness.lab import delete_pod_netns
+from harness.snapshot import ns_state, snapshot_diff
 
 pytestmark = [pytest.mark.netns]
 
@@ -50,7 +51,7 @@ def test_orphans_lists_and_removes_what_nobody_owns(make_rig):
     removed = cli(rig, "orphans", "--remove")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert rig.state_records() == []
-    node_after = ns_state(lab, lab.node)
+    node_after = ns_state(lab.node)
     assert snapshot_diff({"node": without_dev(node_before, lab.cali)}, {"node": node_after}) == ""
 
     again = cli(rig, "orphans")

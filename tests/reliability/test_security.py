@@ -17,8 +17,9 @@ import os
 import pytest
 
 from cniplugin.lab.topology import run
-from reliability_fixtures import *  # noqa: F401,F403
-from reliability_fixtures import PYTHON
+from conftest import PYTHON
+from harness.plugin import assert_cni_error
+from harness.snapshot import ns_state, snapshot_diff
 
 pytestmark = [pytest.mark.netns]
 
@@ -129,7 +130,7 @@ def test_node_changes_confined_to_host_rule_table(make_rig):
     before = rig.snapshot()
     reply = rig.rt("ADD", 1, hostile_prev, keys=keys)
     assert reply.code == 0, str(reply)
-    node_after = ns_state(lab, lab.node)
+    node_after = ns_state(lab.node)
     stray = node_changes_outside(before[lab.node], node_after, table="4242", peer=lab.cali)
     assert stray == "", f"node changes outside hostRuleTable 4242:\n{stray}"
     assert rig.rt("DEL", 1, hostile_prev, keys=keys).code == 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 import pytest
 
 from cniplugin.lab.topology import _decode_many, ip_batch
-from reliability_fixtures import *  # noqa: F401,F403
 
 pytestmark = [pytest.mark.netns]
 WARM_UP = 5

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
@@ -13,34 +12,9 @@ from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, Underlay
 from cniplugin.engine.facts import Addr, Facts, Link, NodeFacts, PodFacts
 from cniplugin.engine.objects import MAIN_TABLE, Desired, Neighbour, Route, Rule, Sysctl
 from cniplugin.engine.planner import Attachment, plan
+from harness.plans import assert_plan, config
 
 HOST_TABLE = 500
-
-
-@dataclass
-class Policy:
-    dst: str
-    gw: str
-
-
-@dataclass
-class Config:  # stand-in with PluginConfig's attribute names
-    mode: str = "auto"
-    pod_default_cni_nic: str = "eth0"
-    tune_pod_routes: bool = True
-    pod_default_route_nic: str = ""
-    host_rule_table: int = HOST_TABLE
-    host_rule_priority: int = 1000
-    pod_rp_filter: int = 0
-    pod_arp_isolation: bool = True
-    overlay_pod_cidr: list = field(default_factory=lambda: ["10.233.64.0/18", "fd00:64::/64"])
-    service_cidr: list = field(default_factory=lambda: ["10.233.0.0/18"])
-    hijack_cidr: list = field(default_factory=lambda: ["169.254.0.0/16"])
-    policy_routes: list = field(default_factory=list)
-    tx_queue_len: int = 0
-    pod_mac_prefix: str = ""
-    veth_link_address: str = ""
-    veth_mtu: int = 1500
 
 
 def eth0_facts(nics: int, v6: bool = False, extra_tables=()) -> Facts:
@@ -73,47 +47,36 @@ def attachment(k: int, v6: bool = False) -> Attachment:
 
 
 def test_seed_plan_renders_coordinator_outcome_without_its_leak():
-    desired = plan(Config(), attachment(1), eth0_facts(1))
-    lines = desired.render_lines()
-    assert desired.table == 101
-    assert "ip rule add from 172.16.11.10/32 lookup 101 pref 31000 proto 231" in lines
-    assert "ip rule add from 10.233.119.164/32 lookup 100 pref 31000 proto 231" in lines
-    assert ("ip route replace 10.233.0.0/18 via 10.1.20.4 dev eth0 src 10.233.119.164 "
-            "table 101 proto 231") in lines  # coordinator leaves this out of net1's table
-    assert "ip route replace default via 172.16.11.254 dev net1 table 101 proto 231" in lines
-    assert ("ip route replace 172.16.11.10 dev cali1 scope link table 500 proto 231") in lines
-    assert "ip rule add from all lookup 500 pref 1000 proto 231" in lines
-    assert lines.index("ip rule add from 172.16.11.10/32 lookup 101 pref 31000 proto 231") > \
-        lines.index("ip route replace default via 172.16.11.254 dev net1 table 101 proto 231")
+    """net1's table 101 carries the cluster CIDRs via eth0 (coordinator leaves them out)."""
+    assert_plan(plan(config(), attachment(1), eth0_facts(1)), "overlay_seed")
 
 
 def test_table_skips_used_tables_and_reuses_prior():
     facts = eth0_facts(2, extra_tables=(101, 102))
-    assert plan(Config(), attachment(2), facts).table == 103
-    prior = plan(Config(), attachment(2), eth0_facts(2))
-    assert plan(Config(), attachment(2), facts, prior).table == prior.table
+    assert plan(config(), attachment(2), facts).table == 103
+    prior = plan(config(), attachment(2), eth0_facts(2))
+    assert plan(config(), attachment(2), facts, prior).table == prior.table
 
 
 def test_validation_errors():
     with pytest.raises(UnderlayNotReady, match="must run on eth0 .* first, in underlay mode"):
-        plan(Config(mode="underlay"), attachment(1), eth0_facts(1))
+        plan(config(mode="underlay"), attachment(1), eth0_facts(1))
     with pytest.raises(InterfaceNotFound):
-        plan(Config(), attachment(3), eth0_facts(1))
+        plan(config(), attachment(3), eth0_facts(1))
     unsafe = Attachment("c1", "net1", "rail", ("10.1.20.4/24",), ())
     with pytest.raises(UnsafeRequest, match="node itself"):
-        plan(Config(), unsafe, eth0_facts(1))
+        plan(config(), unsafe, eth0_facts(1))
     with pytest.raises(UnsafeRequest, match="gateway"):
-        plan(Config(), Attachment("c1", "net1", "rail", ("10.1.20.1/24",), ()), eth0_facts(1))
+        plan(config(), Attachment("c1", "net1", "rail", ("10.1.20.1/24",), ()), eth0_facts(1))
     with pytest.raises(InvalidConfig, match="no usable IP"):
-        plan(Config(), Attachment("c1", "net1", "rail", (), ()), eth0_facts(1))
+        plan(config(), Attachment("c1", "net1", "rail", (), ()), eth0_facts(1))
 
 
 def test_default_route_nic_moves_default_and_displaces_eth0():
-    desired = plan(Config(pod_default_route_nic="net1"), attachment(1), eth0_facts(1))
-    assert any(r.dev == "eth0" and r.is_default for r in desired.displaced)
-    assert Route(4, MAIN_TABLE, "0.0.0.0/0", "net1", gateway="172.16.11.254") in desired.pod_owned
-    later = plan(Config(pod_default_route_nic="net3"), attachment(1), eth0_facts(1))
-    assert not later.displaced and any("not in the pod yet" in w for w in later.warnings)
+    assert_plan(plan(config(podDefaultRouteNic="net1"), attachment(1), eth0_facts(1)),
+                "overlay_default_nic")
+    assert_plan(plan(config(podDefaultRouteNic="net3"), attachment(1), eth0_facts(1)),
+                "overlay_default_nic_not_yet")
 
 
 def sysctls(desired: Desired) -> dict[str, tuple[str, str]]:
@@ -128,7 +91,7 @@ def test_arp_isolation_sets_netk_only(v6):
     att = attachment(2, v6)
     if v6:
         att = Attachment("c1", "net2", "rail", ("fd00:16:12::10/64",), ("fd00:16:12::254",))
-    got = sysctls(plan(Config(), att, eth0_facts(2, v6=v6)))
+    got = sysctls(plan(config(), att, eth0_facts(2, v6=v6)))
     want = {"net/ipv4/conf/net2/arp_ignore": ("1", "owned"),
             "net/ipv4/conf/net2/arp_announce": ("2", "owned"),
             "net/ipv4/conf/net2/rp_filter": ("0", "owned"),
@@ -136,7 +99,7 @@ def test_arp_isolation_sets_netk_only(v6):
     if v6:
         want["net/ipv6/conf/all/disable_ipv6"] = ("0", "shared")
     assert got == want
-    off = sysctls(plan(Config(pod_arp_isolation=False), att, eth0_facts(2, v6=v6)))
+    off = sysctls(plan(config(podARPIsolation=False), att, eth0_facts(2, v6=v6)))
     assert off == {k: v for k, v in want.items() if "/arp_" not in k}
 
 
@@ -156,7 +119,7 @@ def test_shared_subnet_rails_each_route_the_subnet_via_themselves():
                            used_tables=frozenset({254, 255})), base.node)
     for k in (1, 2, 3):
         att = Attachment("c1", f"net{k}", "rail", (f"172.16.0.1{k}/16",), ("172.16.0.1",))
-        desired = plan(Config(), att, facts)
+        desired = plan(config(), att, facts)
         table = desired.table
         subnet = [o for o in desired.pod_objects()
                   if isinstance(o, Route) and o.dst == "172.16.0.0/16"]
@@ -172,9 +135,8 @@ def test_shared_subnet_rails_each_route_the_subnet_via_themselves():
 
 
 def test_tune_pod_routes_false_keeps_node_side_only():
-    desired = plan(Config(tune_pod_routes=False), attachment(1), eth0_facts(1))
-    assert not any(isinstance(o, (Rule, Route)) for o in desired.pod_objects())
-    assert desired.node_owned and desired.node_shared
+    assert_plan(plan(config(tunePodRoutes=False), attachment(1), eth0_facts(1)),
+                "overlay_untuned")
 
 
 # -- properties -------------------------------------------------------------------------------
@@ -187,12 +149,12 @@ scenarios = st.fixed_dictionaries({
 
 def plans_for(s) -> list[Desired]:
     """Plan every attachment in order, feeding each table into the next run's facts."""
-    config = Config(pod_default_route_nic=s["default_nic"], tune_pod_routes=s["tune"],
-                    pod_rp_filter=s["rp"])
+    conf = config(podDefaultRouteNic=s["default_nic"], tunePodRoutes=s["tune"],
+                  podRPFilter=s["rp"])
     facts = eth0_facts(s["nics"], s["v6"], s["used"])
     out = []
     for k in range(1, s["nics"] + 1):
-        desired = plan(config, attachment(k, s["v6"]), facts)
+        desired = plan(conf, attachment(k, s["v6"]), facts)
         out.append(desired)
         pod = facts.pod
         facts = Facts(PodFacts(links=pod.links, addrs=pod.addrs, main_routes=pod.main_routes,
@@ -250,7 +212,7 @@ def test_prev_result_addresses_are_validated(address, match):
     """Addresses that are not netK's own unicast addresses are refused (code 7) before any
     change, instead of getting rules and node routes."""
     with pytest.raises(InvalidConfig, match=match):
-        plan(Config(), Attachment("c1", "net1", "rail", (address,), ()), eth0_facts(1))
+        plan(config(), Attachment("c1", "net1", "rail", (address,), ()), eth0_facts(1))
 
 
 def test_gateway_of_the_other_family_is_refused():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
 
 from conftest import CNI_ROUTE_TUNE, REPO, ROUTE_TUNE, run_plugin
 

@@ -1,0 +1,160 @@
+"""The harness's pytest fixtures (registered by ``tests/conftest.py``).
+
+- ``engine``: the engine mode, parametrised ``inprocess`` / ``resident``; pin one in a test with
+  ``@pytest.mark.parametrize("engine", ["inprocess"], indirect=True)``.
+- ``overlay_lab(family="4", rails=8, kind=OverlayLab)``: factory of built labs (any variant of
+  ``harness.lab``), named by ``harness.lab.NAMES``, closed at teardown even when the test fails.
+- ``plugin_env(family="4", name="penv", **defaults)``: a ``PluginEnv`` in ``engine`` mode; in
+  resident mode with a ``Resident`` server in a netns of its own.
+- ``libcni``: the built Go runner binary (built once per session, offline).
+- ``rail_pod(family="4", rails=8, **RailPod kw)``: a fresh lab's ``RailPod`` through libcni.
+- ``make_rig(family="4", rails=2, lab_class=OverlayLab, **defaults)``: a ``harness.plugin.Rig``.
+- ``netns_group(cls, **fields)``: a built ``harness.kernel.NetnsGroup`` topology of the kernel
+  suites (tag from ``NAMES``, ``tmp`` the test's tmp_path), cleaned up at teardown.
+- ``make_netns(role="ns", lines=(), lines6=())``: an empty throwaway netns (lo up, no DAD, then
+  ``ip -batch`` ``lines`` and ``ip -6 -batch`` ``lines6``), named by ``NAMES``; returns its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from cniplugin.lab.runtime import Libcni, PluginEnv, RailPod, build_cnirunner
+from cniplugin.lab.topology import OverlayLab, ip_batch, netns_names, run
+from harness.kernel import NetnsGroup
+from harness.lab import NAMES, lab_session
+from harness.plugin import Rig
+from harness.resident import Resident
+
+ENGINES = ("inprocess", "resident")
+
+__all__ = ["ENGINES", "engine", "lab_session", "libcni", "make_netns", "make_rig", "netns_group",
+           "overlay_lab", "plugin_env", "rail_pod"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def overlay_lab(lab_session: None) -> Iterator[Callable[..., OverlayLab]]:
+    labs: list[OverlayLab] = []
+
+    def make(family: str = "4", rails: int = 8, kind: type[OverlayLab] = OverlayLab) -> OverlayLab:
+        lab = kind(NAMES.next(), rails=rails, family=family)
+        lab.__enter__()
+        labs.append(lab)
+        return lab
+
+    try:
+        yield make
+    finally:
+        for lab in labs:
+            lab.close()
+
+
+@pytest.fixture(scope="session")
+def libcni() -> str:
+    """Path of the Go libcni runner (built offline in GOPATH mode once)."""
+    if not shutil.which("go"):
+        msg = "needs Go and golang-github-appc-cni-dev to build the libcni runner"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return str(build_cnirunner())
+
+
+@pytest.fixture
+def plugin_env(tmp_path, engine: str, lab_session: None) -> Iterator[Callable[..., PluginEnv]]:
+    stack = contextlib.ExitStack()
+
+    def make(family: str = "4", name: str = "penv", **defaults: object) -> PluginEnv:
+        penv = PluginEnv(tmp_path / name, family=family, defaults=dict(defaults),
+                         env={"ROUTE_TUNE_ENGINE": engine})
+        if engine == "resident":
+            server = stack.enter_context(Resident(f"{NAMES.next()}-srv", penv, own_netns=True))
+            penv.env.update(server.env)
+        return penv
+
+    with stack:
+        yield make
+
+
+@pytest.fixture
+def rail_pod(overlay_lab, plugin_env, libcni) -> Callable[..., RailPod]:
+    def make(family: str = "4", rails: int = 8, defaults: dict | None = None, **kw: object) -> RailPod:
+        lab = overlay_lab(family, rails)
+        penv = plugin_env(family, name=lab.prefix, **(defaults or {}))
+        return RailPod(lab, penv, Libcni(lab.node, penv, libcni), **kw)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def make_rig(lab_session: None, engine: str) -> Iterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+
+    def make(family: str = "4", rails: int = 2, lab_class: type = OverlayLab, **defaults: object) -> Rig:
+        lab = lab_class(NAMES.next(), rails=rails, family=family).__enter__()
+        try:
+            rig = Rig(lab, engine, dict(defaults))
+        except BaseException:
+            lab.close()
+            raise
+        rigs.append(rig)
+        return rig
+
+    try:
+        yield make
+    finally:
+        errors = []
+        for rig in rigs:
+            try:
+                rig.close()
+            except AssertionError as exc:
+                errors.append(str(exc))
+        assert not errors, "\n".join(errors)
+
+
+@pytest.fixture
+def make_netns(lab_session: None) -> Iterator[Callable[..., str]]:
+    made: list[str] = []
+
+    def make(role: str = "ns", lines: tuple[str, ...] | list[str] = (),
+             lines6: tuple[str, ...] | list[str] = ()) -> str:
+        name = f"{NAMES.next()}-{role}"
+        ip_batch([f"netns add {name}"])
+        made.append(name)
+        run("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0")
+        ip_batch(["link set lo up", *lines], name)
+        ip_batch(list(lines6), name, "-6")
+        return name
+
+    try:
+        yield make
+    finally:
+        ip_batch([f"netns del {n}" for n in made if n in netns_names(n)])
+
+
+@pytest.fixture
+def netns_group(tmp_path, lab_session: None) -> Iterator[Callable[..., NetnsGroup]]:
+    made: list[NetnsGroup] = []
+
+    def make(cls: type[NetnsGroup], **fields: object) -> NetnsGroup:
+        group = cls(tag=NAMES.next(), tmp=str(tmp_path), **fields)  # type: ignore[call-arg]
+        made.append(group)
+        group.build()  # type: ignore[attr-defined]
+        return group
+
+    try:
+        yield make
+    finally:
+        for group in made:
+            group.cleanup()

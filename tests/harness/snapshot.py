@@ -1,0 +1,85 @@
+"""The whole-state snapshot for before/after comparisons, and its readable diff.
+
+One namespace: ``namespace_state`` (rules of both families, every table's routes, links,
+addresses, configured neighbours, the sysctls route-tune may write) plus its nft ruleset. A
+snapshot: the pod and the node (a namespace that is gone is left out) and, given a state dir,
+every file under it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from cniplugin.lab.topology import OverlayLab, namespace_state, netns_names, run, state_diff
+
+
+def nft_ruleset(ns: str) -> str:
+    return run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
+
+
+def ns_state(ns: str) -> dict:
+    """The whole state of one namespace, its nft ruleset included."""
+    return {**namespace_state(ns), "nft": nft_ruleset(ns)}
+
+
+def without_dev(state: dict, dev: str) -> dict:
+    """``ns_state`` minus every entry that belongs to interface ``dev`` (one that died with a
+    netns, say); the nft ruleset is kept whole."""
+    out: dict = {}
+    for key, value in state.items():
+        if isinstance(value, list):
+            out[key] = [e for e in value if dev not in (e.get("dev"), e.get("ifname"))]
+        elif isinstance(value, str):
+            out[key] = value
+        else:
+            out[key] = {k: v for k, v in value.items() if f".{dev}." not in k}
+    return out
+
+
+def state_files(state_dir: Path) -> list[str]:
+    """Every file and directory under the state dir (the empty ``attachments`` root excepted)."""
+    out = []
+    for path in sorted(state_dir.rglob("*")):
+        rel = str(path.relative_to(state_dir))
+        if rel != "attachments":
+            out.append(rel + ("/" if path.is_dir() else ""))
+    return out
+
+
+def snapshot(lab: OverlayLab, state_dir: Path | None = None,
+             namespaces: list[str] | None = None) -> dict:
+    """``{ns: ns_state}`` for the pod and the node (or ``namespaces``), + ``files`` of ``state_dir``."""
+    present = netns_names(lab.prefix)
+    wanted = [ns for ns in (namespaces or [lab.pod, lab.node]) if ns in present]
+    with ThreadPoolExecutor(8) as pool:
+        states = dict(zip(wanted, pool.map(ns_state, wanted)))
+    return {**states, **({"files": state_files(state_dir)} if state_dir is not None else {})}
+
+
+def snapshot_diff(before: dict, after: dict) -> str:
+    """Readable difference of two snapshots ("" when equal)."""
+    lines = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if a == b:
+            continue
+        if key == "files":
+            lines += [f"files: - {f}" for f in a or [] if f not in (b or [])]
+            lines += [f"files: + {f}" for f in b or [] if f not in (a or [])]
+            continue
+        if a is None or b is None:
+            lines.append(f"{key}: {'appeared' if a is None else 'disappeared'}")
+            continue
+        sub = state_diff({k: v for k, v in a.items() if k != "nft"},
+                         {k: v for k, v in b.items() if k != "nft"})
+        lines += [f"[{key}] {line}" for line in sub.splitlines()]
+        if a.get("nft") != b.get("nft"):
+            lines.append(f"[{key}] nft ruleset changed:\n--- before\n{a.get('nft')}\n+++ after\n"
+                         f"{b.get('nft')}")
+    return "\n".join(lines)
+
+
+def assert_same(before: dict, after: dict, what: str = "") -> None:
+    diff = snapshot_diff(before, after)
+    assert diff == "", f"{what}: state differs from before:\n{diff}"
