@@ -23,8 +23,9 @@ from typing import Annotated, Any, Literal, Mapping, Union
 from cniplugin.protocol.pydantic_base import BaseModel, Before, ConfigDict, Dump, Field, ValidationError, \
     ValidationInfo, field_validator, model_validator
 
-from cniplugin.engine.defaults import HOST_RULE_PRIORITY, HOST_RULE_TABLE, RESERVED_TABLES, SOCKET_PATH, \
-    STATE_DIR, normalise_mode
+from cniplugin.engine.defaults import HOST_RULE_PRIORITY, HOST_RULE_TABLE, SOCKET_PATH, STATE_DIR, \
+    normalise_mode
+from cniplugin.engine.objects import RESERVED_TABLES
 from cniplugin.protocol.env import NodeDefaults, read_node_defaults, validate_ifname
 from cniplugin.protocol.errors import InvalidConfig, InvalidEnvironment
 from cniplugin.protocol.log import DEFAULT_LOG_DIR, LogOptions, effective_log_options
@@ -135,7 +136,8 @@ def _to_table(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError("expected an integer routing table id")
     if not 1 <= value <= _U32_MAX or value in RESERVED_TABLES:
-        raise ValueError(f"expected a table id in 1..{_U32_MAX} other than 253, 254, 255")
+        raise ValueError(f"expected a table id in 1..{_U32_MAX} other than "
+                         f"{', '.join(map(str, sorted(RESERVED_TABLES - {0})))}")
     return value
 
 
