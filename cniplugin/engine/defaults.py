@@ -10,8 +10,8 @@ STATE_DIR = "/run/route-tune"
 SOCKET_PATH = STATE_DIR + "/engine.sock"
 HOST_RULE_TABLE = 500
 HOST_RULE_PRIORITY = 1000
-#: unspec, default, main, local: never a hostRuleTable and never a pod table.
-RESERVED_TABLES = frozenset({0, 253, 254, 255})
+# The reserved tables (never a hostRuleTable, never a pod table) are kernel vocabulary:
+# engine/objects.py's RESERVED_TABLES.
 
 
 def normalise_mode(value):

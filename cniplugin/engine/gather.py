@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from cniplugin._version import RTPROT_ROUTE_TUNE
 from cniplugin.engine.attachment import Attachment, attachment_from_result
 from cniplugin.engine.facts import NODE_LINK_EXCLUDE, Addr, Facts, Link, NodeFacts, PodFacts
-from cniplugin.engine.objects import MAIN_TABLE, KernelObject
+from cniplugin.engine.objects import LOCAL_TABLE, MAIN_TABLE, KernelObject
 from cniplugin.engine.planner import UNDERLAY_VETH, resolve_mode
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.kernel import netns as _netns
@@ -277,7 +277,7 @@ def assumed_facts(inv: Invocation) -> Facts:
             routes.append(Route(dst.version, MAIN_TABLE, str(dst), ifname, gateway=gw,
                                 metric=0 if dst.version == 4 else 1024, proto=3))
     pod = PodFacts(links=links, addrs=tuple(addrs), main_routes=tuple(routes),
-                   used_tables=frozenset({MAIN_TABLE, 255}))
+                   used_tables=frozenset({MAIN_TABLE, LOCAL_TABLE}))
     return Facts(pod=pod, warnings=("facts derived from prevResult alone: no "
                                     f"{eth0} address and no node facts were known",))
 

@@ -25,6 +25,7 @@ from typing import Union
 from cniplugin._version import RTPROT_ROUTE_TUNE
 
 LOCAL_TABLE, MAIN_TABLE, DEFAULT_TABLE = 255, 254, 253
+#: unspec, default, main, local: never a hostRuleTable and never a pod table.
 RESERVED_TABLES = frozenset({0, DEFAULT_TABLE, MAIN_TABLE, LOCAL_TABLE})
 SCOPE_UNIVERSE = "universe"
 SCOPE_LINK = "link"

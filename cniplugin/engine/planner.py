@@ -11,11 +11,11 @@ import hashlib
 import ipaddress
 
 from cniplugin.engine.attachment import Attachment, attachment_from_result
-from cniplugin.engine.defaults import RESERVED_TABLES, normalise_mode
+from cniplugin.engine.defaults import normalise_mode
 from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
 from cniplugin.engine.facts import Facts, NodeFacts, PodFacts
 from cniplugin.engine.objects import (MAIN_TABLE, SCOPE_LINK, SCOPE_UNIVERSE, Desired, KernelObject,
-                       LinkAttr, Neighbour, NftTable, Route, Rule, Sysctl, Veth, default_dst)
+                       RESERVED_TABLES, LinkAttr, Neighbour, NftTable, Route, Rule, Sysctl, Veth, default_dst)
 from cniplugin._version import RTPROT_ROUTE_TUNE
 
 __all__ = ["Attachment", "attachment_from_result", "resolve_mode", "plan", "node_veth_name",

@@ -8,14 +8,13 @@ rules from ``_rtnl`` messages; ``full_rule`` reads the CLI's pyroute2 rule dump 
 from __future__ import annotations
 
 import ipaddress
-import socket
 
 from cniplugin.engine.facts import Link
 from cniplugin.engine.objects import (ROUTE_TYPES, RULE_ACTIONS, SCOPE_NAMES, Route, Rule,
                                       default_dst)
 from cniplugin.kernel import rtnl as _rtnl
 
-_FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
+_FAMILY = _rtnl.FAMILY_OF_AF
 
 
 def link(msg: _rtnl.Msg) -> Link:

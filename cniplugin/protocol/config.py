@@ -23,11 +23,12 @@ from typing import Annotated, Any, Literal, Mapping, Union
 from cniplugin.protocol.pydantic_base import BaseModel, Before, ConfigDict, Dump, Field, ValidationError, \
     ValidationInfo, field_validator, model_validator
 
-from cniplugin.engine.defaults import HOST_RULE_PRIORITY, HOST_RULE_TABLE, RESERVED_TABLES, SOCKET_PATH, \
-    STATE_DIR, normalise_mode
+from cniplugin.engine.defaults import HOST_RULE_PRIORITY, HOST_RULE_TABLE, SOCKET_PATH, STATE_DIR, \
+    normalise_mode
+from cniplugin.engine.objects import RESERVED_TABLES
 from cniplugin.protocol.env import NodeDefaults, read_node_defaults, validate_ifname
 from cniplugin.protocol.errors import InvalidConfig, InvalidEnvironment
-from cniplugin.protocol.log import DEFAULT_LOG_DIR, LogOptions, resolve_log_options
+from cniplugin.protocol.log import DEFAULT_LOG_DIR, LogOptions, effective_log_options
 
 __all__ = ["PluginConfig", "PolicyRoute", "DetectOptions", "load", "build", "NODE_ONLY_KEYS",
            "parse_go_duration"]
@@ -135,7 +136,8 @@ def _to_table(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError("expected an integer routing table id")
     if not 1 <= value <= _U32_MAX or value in RESERVED_TABLES:
-        raise ValueError(f"expected a table id in 1..{_U32_MAX} other than 253, 254, 255")
+        raise ValueError(f"expected a table id in 1..{_U32_MAX} other than "
+                         f"{', '.join(map(str, sorted(RESERVED_TABLES - {0})))}")
     return value
 
 
@@ -229,9 +231,11 @@ class PluginConfig(_Model):
         return table
 
     @model_validator(mode="after")
-    def _resolve_log_options(self) -> "PluginConfig":
+    def _resolve_log_options(self, info: ValidationInfo) -> "PluginConfig":
+        # The request's logOptions over the node's: build() passes the node defaults as context.
+        node = {**((info.context or {}).get("node_defaults") or {}), "logDir": self.log_dir}
         try:
-            self.log_options = resolve_log_options(self.log_options, self.log_dir)
+            self.log_options = effective_log_options(node, self.log_options)
         except InvalidConfig as exc:
             raise ValueError(f"@{exc.msg}") from None  # already phrased; see _translate
         return self
@@ -285,7 +289,7 @@ def _translate(exc: ValidationError, raw: Mapping, defaults: NodeDefaults) -> In
     problems = []
     for error in exc.errors():
         msg = error["msg"].removeprefix("Value error, ")
-        if msg.startswith("@"):  # a message already phrased by resolve_log_options
+        if msg.startswith("@"):  # a message already phrased by protocol.log
             problems.append(msg[1:])
             continue
         loc = error["loc"]
@@ -323,10 +327,11 @@ def build(raw_config: Mapping, defaults: NodeDefaults) -> PluginConfig:
         for source in (raw_config, defaults.values):
             if isinstance(source.get(nested), dict):
                 _warn_unknown(source[nested], keys, "network config", prefix=f"{nested}.")
-    merged = _merge({k: v for k, v in defaults.values.items() if k in OUR_KEYS},
+    # logOptions is merged by effective_log_options (the model's validator), not here.
+    merged = _merge({k: v for k, v in defaults.values.items() if k in OUR_KEYS and k != "logOptions"},
                     {k: v for k, v in raw_config.items() if k in OUR_KEYS})
     try:
-        config = PluginConfig.model_validate(merged)
+        config = PluginConfig.model_validate(merged, context={"node_defaults": defaults.values})
     except ValidationError as exc:
         raise _translate(exc, raw_config, defaults) from None
     node_table = defaults.values.get("hostRuleTable", HOST_RULE_TABLE)

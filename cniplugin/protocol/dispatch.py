@@ -168,7 +168,8 @@ def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = 
                                           f'config is "{reply_version}", {command} needs '
                                           f'{since} or later')
             node_defaults = read_node_defaults(environ)
-            _logging.set_request_options(_log_options(raw, node_defaults))
+            _logging.set_request_options(
+                _logging.effective_log_options(node_defaults.values, raw.get("logOptions")))
             if via:
                 logger.info("served %s", via)
             return _dispatch(_Parsed(command, env, raw, reply_version, node_defaults,
@@ -182,19 +183,6 @@ def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = 
             error = InternalError(f"internal error: {type(exc).__name__}: {exc}",
                                   "the traceback is in the route-tune log")
             return error_outcome(error, reply_version or _reply_version(stdin))
-
-
-def _log_options(raw: dict, node_defaults: NodeDefaults):
-    """``logOptions`` resolved without pydantic (the same function the config model uses), so the
-    file log works from the first step, also for the light DEL path and for 999s."""
-    from cniplugin.protocol.log import DEFAULT_LOG_DIR, resolve_log_options
-    defaults = node_defaults.values
-    options = raw.get("logOptions") or {}
-    if not isinstance(options, dict):
-        raise InvalidConfig(f"key `logOptions`: value `{options}` is not valid; expected an "
-                            "object such as {\"logLevel\": \"info\"}")
-    merged = {**(defaults.get("logOptions") or {}), **options}
-    return resolve_log_options(merged, defaults.get("logDir", DEFAULT_LOG_DIR))
 
 
 class _Parsed:

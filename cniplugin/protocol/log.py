@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from typing import Any, Iterator
 
 __all__ = [
-    "LOGGER_NAME", "LogOptions", "resolve_log_options", "setup", "request_context", "get_logger",
+    "LOGGER_NAME", "LogOptions", "resolve_log_options", "effective_log_options", "setup", "request_context", "get_logger",
     "RotatingJsonFile",
 ]
 
@@ -121,6 +121,22 @@ def resolve_log_options(raw: Any, log_dir: str = DEFAULT_LOG_DIR) -> LogOptions:
         max_count=_option_int(options, "logMaxCount", 10),
         max_age_days=max_age,
     )
+
+
+def effective_log_options(node_values: dict, request_options: Any = None) -> LogOptions:
+    """The one derivation of the effective ``logOptions``: the node defaults file's, overridden key
+    by key by the request's, resolved under the node's ``logDir``. ``dispatch`` calls it before the
+    config model loads (so the file log works for the light DEL and for 999s); ``PluginConfig``'s
+    validator calls it too. An empty or missing object means "no options"."""
+    merged: dict = {}
+    for options in (node_values.get("logOptions"), request_options):
+        if not options:
+            continue
+        if not isinstance(options, dict):
+            raise InvalidConfig(f"key `logOptions`: value `{options}` is not valid; expected an "
+                                "object such as {\"logLevel\": \"info\"}")
+        merged.update(options)
+    return resolve_log_options(merged, node_values.get("logDir", DEFAULT_LOG_DIR))
 
 
 class RotatingJsonFile:
