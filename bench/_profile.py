@@ -3,7 +3,7 @@
   cold  the in-process plugin as a runtime runs it: the installed ``route-tune`` console script,
         ROUTE_TUNE_ENGINE=inprocess. Prints its wall time, the top imports (``-X importtime``)
         and a cProfile of one ADD (``python -m cProfile`` on the console script).
-  warm  what the resident engine pays per request: ``_protocol.run`` with everything imported
+  warm  what the resident engine pays per request: ``protocol.dispatch.run`` with everything imported
         (the server calls exactly this), timed and profiled in this process; plus the forwarding
         executable's own wall time against the running server and a bare interpreter start.
 
@@ -155,9 +155,9 @@ def warm(env: dict, stdin: bytes, n: int, title: str) -> None:
     add_ms = statistics.median(t[0] for t in timed)
     del_ms = statistics.median(t[1] for t in timed)
     print(f"### {title or 'resident engine, per request'}\n")
-    print(f"- engine work (`_protocol.run`, warm, in one process = what the server runs per request): "
+    print(f"- engine work (`protocol.dispatch.run`, warm, in one process = what the server runs per request): "
           f"ADD {add_ms:.1f} ms, DEL {del_ms:.1f} ms (medians of {n})")
-    print(f"- server round trip (`_shim.forward` from a running process: socket, fds, server thread, run): "
+    print(f"- server round trip (`transport.shim.forward` from a running process: socket, fds, server thread, run): "
           f"ADD {statistics.median(rt_add):.1f} ms, DEL {statistics.median(rt_del):.1f} ms")
     print(f"- `route-tune` executable forwarding to the server: ADD {statistics.median(shim_add):.1f} ms, "
           f"DEL {statistics.median(shim_del):.1f} ms; the process itself (interpreter, site, imports, exit) "

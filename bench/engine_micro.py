@@ -108,7 +108,7 @@ def prev_result(ifname: str, address: str, gateway: str) -> dict:
 
 
 class Counter:
-    """Counts netlink requests sent and messages decoded (``_rtnl.Socket`` patched in place)."""
+    """Counts netlink requests sent and messages decoded (``kernel.rtnl.Socket`` patched in place)."""
 
     def __init__(self) -> None:
         from cniplugin.kernel import rtnl as _rtnl

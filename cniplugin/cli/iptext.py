@@ -1,4 +1,4 @@
-"""Live kernel objects (``_objects`` Rule/Route/Neighbour) as ``ip`` prints them, and as JSON.
+"""Live kernel objects (``engine.objects`` Rule/Route/Neighbour) as ``ip`` prints them, and as JSON.
 
 ``render()`` on an object is the command that installs it; ``text()`` here is what ``ip rule`` /
 ``ip route`` / ``ip neigh`` show for it, with every live-only field (actions, selectors, route

@@ -2,10 +2,10 @@
 
 The engine's readers take only what the planner needs (lookup rules with a source, unicast
 routes). An operator needs everything: ``goto``/``unreachable`` rules, ``iif``/``fwmark``
-selectors, blackhole and local routes. The adapter's full reads (``_netlink`` ``all_rules``,
-``all_routes``, ``configured_neighbours``) return them as the engine's own ``_objects`` types;
+selectors, blackhole and local routes. The adapter's full reads (``kernel.netlink`` ``all_rules``,
+``all_routes``, ``configured_neighbours``) return them as the engine's own ``engine.objects`` types;
 this module gathers them into a ``Snapshot`` and finds netns and state files. Planning and
-checking are never redone here: drift comes from ``_engine.diff_state``, facts from the engine's
+checking are never redone here: drift comes from ``engine.commands.diff_state``, facts from the engine's
 gatherers. ``show`` builds views (``cli.show``), ``orphans`` finds leftovers (``cli.orphans``),
 ``iptext`` prints objects as ``ip`` does.
 """
@@ -131,7 +131,7 @@ def state_file(store: Store, state: AttachmentState) -> str:
 
 
 def state_drift(state: AttachmentState, pod_fd: int, node_fd: int | None):
-    """``_engine.diff_state`` (the engine's CHECK) for one recorded attachment."""
+    """``engine.commands.diff_state`` (the engine's CHECK) for one recorded attachment."""
     from cniplugin.engine import commands as _engine
     if node_fd is not None:
         return _engine.diff_state(state, pod_fd, node_fd)

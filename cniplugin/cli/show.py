@@ -1,6 +1,6 @@
 """``cni-route-tune show``: a pod's routing grouped by interface, and what looks wrong in it.
 
-Objects are the engine's own (``_objects``), read by ``cli.live``; drift comes from the engine's
+Objects are the engine's own (``engine.objects``), read by ``cli.live``; drift comes from the engine's
 CHECK (``live.state_drift``). ``render`` prints the views.
 """
 

@@ -1,6 +1,6 @@
 """Observed facts the planner needs, as plain frozen values (no netlink types).
 
-``_netlink`` fills them from the kernel; tests and the CLI can build them by hand or load them
+``kernel.netlink`` fills them from the kernel; tests and the CLI can build them by hand or load them
 from JSON, which is what keeps the planner pure and runnable without root.
 """
 

@@ -262,7 +262,7 @@ class Veth:
 
 @dataclass(frozen=True, order=True)
 class NftTable:
-    """route-tune's nftables table (``inet route_tune``, see ``_nft``): reply steering."""
+    """route-tune's nftables table (``inet route_tune``, see ``kernel.nft``): reply steering."""
 
     ifname: str = "veth0"
     mark: int = 0x1

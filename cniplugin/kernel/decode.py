@@ -1,8 +1,8 @@
-"""Netlink messages as ``_facts``/``_objects`` values: the adapter's only decoders.
+"""Netlink messages as ``engine.facts``/``engine.objects`` values: the adapter's only decoders.
 
 ``routes`` is the one route decoder, for the engine's filtered dumps (unicast, one Route per next
 hop) and the CLI's full ones (any type, legs kept together). ``rule`` reads the engine's lookup
-rules from ``_rtnl`` messages; ``full_rule`` reads the CLI's pyroute2 rule dump with every selector.
+rules from ``kernel.rtnl`` messages; ``full_rule`` reads the CLI's pyroute2 rule dump with every selector.
 """
 
 from __future__ import annotations

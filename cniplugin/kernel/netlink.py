@@ -1,6 +1,6 @@
-"""The netlink adapter: kernel state in and out as ``_facts``/``_objects`` values.
+"""The netlink adapter: kernel state in and out as ``engine.facts``/``engine.objects`` values.
 
-A ``Netlink`` session owns one rtnetlink socket (``_rtnl``) bound to one netns for its whole
+A ``Netlink`` session owns one rtnetlink socket (``kernel.rtnl``) bound to one netns for its whole
 life, whatever netns the calling thread is in later; file-based work (sysctls, nftables) enters
 that netns for the calling thread only while it runs. So the engine opens one session per netns
 per request and uses both freely. Every read is a single request with kernel-side filters; no
@@ -8,7 +8,7 @@ session caches anything beyond its request (the resident server is long-lived).
 
 Every route message, the engine's and the CLI's, goes through one decoder (``decode.routes``); the
 CLI's full reads (``all_routes``, ``all_rules``, ``configured_neighbours``) return the same
-``_objects`` types as the engine's, with their live-only fields filled. It is still the only
+``engine.objects`` types as the engine's, with their live-only fields filled. It is still the only
 module that imports pyroute2: lazily, for the CLI's rule dump (``all_rules``; the engine never
 touches it). docs/design.md ("Netlink paths") says why each path exists.
 """

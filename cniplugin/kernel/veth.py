@@ -1,5 +1,5 @@
 """The underlay veth pair (pod end ``veth0``, node end ``rt<container id>``): read, create or
-repair, and delete the node end alone. Called by ``_netlink.Netlink`` for ``Veth`` objects, with
+repair, and delete the node end alone. Called by ``kernel.netlink.Netlink`` for ``Veth`` objects, with
 the pod's session (``nl``; ``nl.node`` is the node's).
 """
 

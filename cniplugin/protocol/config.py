@@ -1,7 +1,7 @@
 """``PluginConfig``: every route-tune option, its defaults, precedence and validation.
 
 Precedence: built-in defaults < node defaults file < conflist (one level deep for the
-``logOptions``/``detectOptions`` objects). The node defaults file (``_env.read_node_defaults``)
+``logOptions``/``detectOptions`` objects). The node defaults file (``protocol.env.read_node_defaults``)
 may also hold node-only keys that a conflist cannot set, because a NetworkAttachmentDefinition is
 written by a namespace tenant: ``logDir``, ``stateDir``, ``hostRulePriority``, ``socketPath``,
 ``allowedHostRuleTables``.

@@ -9,7 +9,7 @@ parsed (so a request with several faults reports code 4 first), and a malformed 
 code 6 for every command (Go gives 6 only on CHECK and 1 elsewhere).
 
 Import cost is part of the contract: this module imports only the stdlib at load time. pydantic
-arrives with ``_wire``/``_config`` when a result or config must be validated, pyroute2 only with
+arrives with ``protocol.wire``/``protocol.config`` when a result or config must be validated, pyroute2 only with
 the engine. VERSION and the about text need neither; a DEL whose netns is gone builds its
 ``Invocation`` without a config model (no pydantic): its node-side cleanup works from the state
 store.

@@ -23,7 +23,7 @@
     │   └── UnsafeRequest             107  refused for the node's safety (e.g. pod IP is a node address)
     └── InternalError                999  anything unexpected; traceback only in the log
 
-Errors become CNI replies only at the edge (``_protocol``); everything else raises.
+Errors become CNI replies only at the edge (``protocol.dispatch``); everything else raises.
 """
 
 from __future__ import annotations

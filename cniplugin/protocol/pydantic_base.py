@@ -1,11 +1,11 @@
-"""The one door to pydantic for route-tune's models (``_wire``, ``_config``).
+"""The one door to pydantic for route-tune's models (``protocol.wire``, ``protocol.config``).
 
 pydantic looks for plugins when it builds the first model validator: ``pydantic.plugin._loader``
 imports ``importlib.metadata`` (email, zipfile, csv, pathlib ...) and then reads the metadata of
 every installed distribution: about 50 ms of CPU on the 2-core VM, paid once per pod interface
 by the in-process plugin. route-tune ships and wants no pydantic plugins, so the processes that
 route-tune owns (the plugin executable, the resident engine) call
-``_pydantic_setup.disable_plugin_discovery()`` before pydantic is imported. A program that merely
+``transport.pydantic_setup.disable_plugin_discovery()`` before pydantic is imported. A program that merely
 imports ``cniplugin`` as a library keeps pydantic exactly as it is.
 
 ``Before`` and ``Dump`` are lighter spellings of ``BeforeValidator`` and ``PlainSerializer``.

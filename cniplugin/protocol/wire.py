@@ -16,7 +16,7 @@ Addresses are ``ipaddress`` objects. ``IPConfig.address`` and ``Route.dst`` are 
 host bits survive a round trip exactly as Go keeps them; use ``.network`` for the network.
 
 This module imports pydantic; it is imported only by commands that parse a result or a config.
-Version negotiation is stdlib and lives in ``_protocol``; it is re-exported here for convenience.
+Version negotiation is stdlib and lives in ``protocol.versions``; it is re-exported here for convenience.
 """
 
 # No ``from __future__ import annotations``: pydantic would have to compile and eval every field's

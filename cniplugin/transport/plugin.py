@@ -1,6 +1,6 @@
 """``route-tune``: the executable a CNI runtime runs (env + stdin in, JSON on stdout out).
 
-Kept tiny and stdlib-only at import: the resident-engine fast path (``_shim.forward``) slots in
+Kept tiny and stdlib-only at import: the resident-engine fast path (``transport.shim.forward``) slots in
 before the in-process call, and VERSION / ``--version`` must cost no more than an interpreter
 start plus ``json``.
 """
@@ -37,7 +37,7 @@ def main() -> None:
             from cniplugin.protocol.errors import IOFailure
             _emit(_protocol.error_outcome(IOFailure(f"error reading from stdin: {exc}")))
         # Fast path: a resident engine (`cni-route-tune serve`) has everything imported already.
-        # `_shim` imports only C-level stdlib, so trying it costs well under a millisecond.
+        # `transport.shim` imports only C-level stdlib, so trying it costs well under a millisecond.
         from cniplugin.transport import shim as _shim
         if _shim.mode(environ) != "inprocess":
             reply = _shim.forward(environ, stdin)

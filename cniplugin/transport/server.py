@@ -1,7 +1,7 @@
 """The resident engine: ``cni-route-tune serve``.
 
 A unix-socket server that keeps the engine (pyroute2, pydantic models) loaded and answers the
-forwarding shim (``_shim``) of the ``route-tune`` executable. Wire format and security model:
+forwarding shim (``transport.shim``) of the ``route-tune`` executable. Wire format and security model:
 ``docs/resident.md``. In short: root-only socket, root-only peers (SO_PEERCRED), one thread per
 connection, requests for the same pod netns serialised, every received fd closed, and no request -
 however malformed - ends the server.
@@ -48,7 +48,7 @@ DEFAULT_THREADS = 32
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 
 #: Test hooks, read from the SERVER's own environment at start (never from a request), set only by
-#: tests/test_server.py: append "enter|exit <netns key> <monotonic ns>" lines to this file around
+#: tests/kernel/test_server.py: append "enter|exit <netns key> <monotonic ns>" lines to this file around
 #: every run, and sleep this many seconds inside the per-netns critical section.
 TRACE_ENV = "ROUTE_TUNE_SERVER_TEST_TRACE"
 DELAY_ENV = "ROUTE_TUNE_SERVER_TEST_DELAY"
@@ -74,7 +74,7 @@ def _frame(exit_code: int, stdout: bytes, stderr: bytes) -> bytes:
 
 
 def _error_frame(err: CNIError, stdin: bytes = b"") -> bytes:
-    """An error reply shaped exactly like the plugin's own (``_protocol.error_outcome``)."""
+    """An error reply shaped exactly like the plugin's own (``protocol.dispatch.error_outcome``)."""
     from cniplugin.protocol.dispatch import error_outcome  # stdlib-only module, loaded by warm_up anyway
 
     out = error_outcome(err, _shim.config_version(stdin) or "1.1.0")
@@ -455,7 +455,7 @@ def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THR
           runner: Runner | None = None) -> int:
     """Run the resident engine until SIGTERM/SIGINT; returns the exit status (0 = clean stop).
 
-    ``runner`` replaces ``_protocol.run`` (tests only); the default is the real engine, warmed up
+    ``runner`` replaces ``protocol.dispatch.run`` (tests only); the default is the real engine, warmed up
     before the socket appears.
     """
     if runner is None:

@@ -3,7 +3,7 @@
 It sends one CNI request (env, stdin, the pod's and the caller's netns fds) to the resident engine
 (``cni-route-tune serve``) and returns the engine's reply: exit code, stdout and stderr bytes, exactly
 what the in-process plugin would have printed. The wire format is documented in ``docs/resident.md``;
-``_server`` imports the constants below so the two ends cannot drift apart.
+``transport.server`` imports the constants below so the two ends cannot drift apart.
 
 Only C-level stdlib is imported (``_socket``; ``os`` and ``sys`` are loaded at interpreter start
 anyway): this module is on the start path of every pod interface, and json/pyroute2/pydantic would
@@ -188,7 +188,7 @@ def _recv_exact(sock, n: int) -> bytes:
 def try_again_reply(stdin: bytes, msg: str, details: str) -> bytes:
     """A CNI code-11 error reply, built by hand (no json here), in the config's cniVersion.
 
-    Same layout as ``_protocol``'s error replies (Go's MarshalIndent with 4 spaces).
+    Same layout as ``protocol.dispatch``'s error replies (Go's MarshalIndent with 4 spaces).
     """
     version = config_version(stdin) or "1.1.0"
     return (b'{\n    "cniVersion": "' + version.encode() + b'",\n    "code": 11,\n    "msg": "'

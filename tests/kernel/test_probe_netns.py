@@ -1,4 +1,4 @@
-"""Real-packet tests of ``_probe`` on a private L2 segment made of network namespaces.
+"""Real-packet tests of ``kernel.probe`` on a private L2 segment made of network namespaces.
 
 Topology (every name carries the rtD tag; the root namespace is never touched)::
 

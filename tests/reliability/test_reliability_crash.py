@@ -1,7 +1,7 @@
 """Crash anywhere (issue 8): SIGKILL route-tune at every step of ADD; DEL then returns pod and node
 to exactly their state before ADD, and a fresh ADD converges.
 
-The test-only fault hook (``cniplugin/_faults.py``) names every step: ``ROUTE_TUNE_FAULT_LOG``
+The test-only fault hook (``cniplugin/engine/faults.py``) names every step: ``ROUTE_TUNE_FAULT_LOG``
 records the points a clean ADD passes, ``ROUTE_TUNE_FAULT_AT=N`` acts at the N-th, with
 ``ROUTE_TUNE_FAULT_ACTION=kill`` (SIGKILL: nothing after it runs, no rollback) or ``raise`` (the
 normal rollback runs). Points sit right AFTER each kernel change, so a kill always leaves a

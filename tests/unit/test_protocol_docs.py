@@ -1,4 +1,4 @@
-"""The README's error-code table is the ``_errors`` docstring tree; CI keeps them equal."""
+"""The README's error-code table is the ``protocol.errors`` docstring tree; CI keeps them equal."""
 
 from __future__ import annotations
 
