@@ -39,6 +39,7 @@ import pytest
 from conftest import ROUTE_TUNE, in_netns, require_root
 from cniplugin.kernel import packets as pk
 from cniplugin.lab.topology import PING_SCRIPT
+from harness.kernel import nsx, sh
 
 pytestmark = pytest.mark.netns
 CALICO_MAC = "ee:ee:ee:ee:ee:ee"
@@ -51,16 +52,6 @@ PLEN = {4: 16, 6: 64}
 ETH_P_ALL, PACKET_OUTGOING = 0x0003, 4
 ANSWER_WINDOW = 0.5  # seconds a peer listens for answers after its last request
 
-
-def sh(*args: str, check: bool = True) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, check=False)
-    if check and done.returncode:
-        raise AssertionError(f"{' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout
-
-
-def nsx(ns: str, *args: str, check: bool = True) -> str:
-    return sh("ip", "netns", "exec", ns, *args, check=check)
 
 
 def rail_ip(k: int, family: int) -> str:
