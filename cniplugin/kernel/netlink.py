@@ -154,11 +154,10 @@ class Netlink:
         body = _route_dump_body(family, table, proto)
         names = None
         if dev is not None:
-            index = self._index(dev)
-            if index is None:
+            found = self._device_filter(dev, _rtnl.RTA_OIF)
+            if found is None:
                 return []
-            body += _rtnl.attr_u32(_rtnl.RTA_OIF, index)
-            names = {index: dev}
+            body, names = body + found[0], found[1]
         try:
             msgs = self.sock.dump(_rtnl.RTM_GETROUTE, body)
         except NetlinkError as err:
@@ -214,15 +213,12 @@ class Netlink:
     def _neighbours(self, dev: str | None, keep, live: bool = False) -> list[Neighbour]:
         # ``live`` fills state and protocol; the engine's compare with planned neighbours
         # leaves them at their defaults (an owned entry is ours whatever its NUD state).
-        body = _rtnl.ndmsg()
+        body, names = _rtnl.ndmsg(), None
         if dev is not None:
-            index = self._index(dev)
-            if index is None:
+            found = self._device_filter(dev, _rtnl.NDA_IFINDEX)
+            if found is None:
                 return []
-            body += _rtnl.attr_u32(_rtnl.NDA_IFINDEX, index)
-            names = {index: dev}
-        else:
-            names = None
+            body, names = body + found[0], found[1]
         out = []
         for msg in self.sock.dump(_rtnl.RTM_GETNEIGH, body):
             fam = _FAMILY.get(msg.fields[0])
@@ -448,6 +444,14 @@ class Netlink:
             return self._names[index]
         link = self.link_by_index(index)
         return link.name if link else ""
+
+    def _device_filter(self, dev: str, attr: int) -> tuple[bytes, dict[int, str]] | None:
+        """A kernel-side dump filter on ``dev`` (the ``attr`` carrying its ifindex) and the one
+        index name the dump then needs; None when ``dev`` does not exist (nothing to dump)."""
+        index = self._index(dev)
+        if index is None:
+            return None
+        return _rtnl.attr_u32(attr, index), {index: dev}
 
     def _index(self, name: str) -> int | None:
         if name not in self._indexes:

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from cniplugin.engine import commands as _engine
-from cniplugin.kernel import netns as _netns
 from cniplugin.engine.facts import Facts
 from cniplugin.lab.runtime import PluginEnv, PyRuntime, RailPod
 from cniplugin.lab.topology import OverlayLab, ip_batch
+from harness.snapshot import owned_objects
 from conftest import CNI_ROUTE_TUNE, require_root
 from harness.lab import NAMES
 
@@ -298,14 +297,6 @@ def test_facts_dump(healthy):
     assert on_node.code == 0 and on_node.json() == run.json()
 
 
-def _owned(path: str) -> set[str]:
-    fd = _netns.open_netns(path)
-    try:
-        return {o.render() for o in _engine.owned_objects(fd)}
-    finally:
-        os.close(fd)
-
-
 def _plan_sides(text: str) -> tuple[set[str], set[str], list[str], list[str]]:
     pod, node, sysctls, displaced, current = set(), set(), [], [], None
     for line in text.splitlines():
@@ -365,9 +356,9 @@ def test_plan_is_what_add_installs(fresh, family):
                              user=65534)
                 assert nobody.code == 0, nobody.err
                 assert _plan_sides(nobody.out) == _plan_sides(plan.out)
-            before_pod, before_node = _owned(lab.pod_netns), _owned(pod.node_netns)
+            before_pod, before_node = owned_objects(lab.pod_netns), owned_objects(pod.node_netns)
             rt.invoke("ADD", route_tune, conflist, prev, lab.pod_netns, f"net{k}", CID)
-            after_pod, after_node = _owned(lab.pod_netns), _owned(pod.node_netns)
+            after_pod, after_node = owned_objects(lab.pod_netns), owned_objects(pod.node_netns)
             assert after_pod == before_pod | pod_lines, f"net{k}"
             assert after_node == before_node | node_lines, f"net{k}"
             for setting in sysctls:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from cniplugin.engine import commands as _engine
 from cniplugin.engine.objects import Desired, LinkAttr, NftTable, Sysctl, Veth
 from cniplugin.engine.gather import sessions
 from cniplugin.kernel import netns as _netns
+from harness.snapshot import owned_objects
 from test_cli import CID, _require_lab, cli, make_pod
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel"))
@@ -29,14 +29,6 @@ from test_underlay import CID as UNDERLAY_CID  # noqa: E402
 from test_underlay import underlay_factory  # noqa: E402,F401  (the fixture)
 
 pytestmark = pytest.mark.netns
-
-
-def _owned(path: str) -> set[str]:
-    fd = _netns.open_netns(path)
-    try:
-        return {o.render() for o in _engine.owned_objects(fd)}
-    finally:
-        os.close(fd)
 
 
 def _listed(objects) -> set[str]:
@@ -84,10 +76,10 @@ def plan_then_add(workdir: Path, defaults: Path, pod_netns: str, node_netns: str
     assert plan.code == 0, plan.err
     desired = Desired.from_dict(plan.json()["desired"])
     assert desired.pod_objects(), f"{ifname}: an empty plan"
-    before_pod, before_node = _owned(pod_netns), _owned(node_netns)
+    before_pod, before_node = owned_objects(pod_netns), owned_objects(node_netns)
     add()
-    assert _owned(pod_netns) == before_pod | _listed(desired.pod_objects()), ifname
-    assert _owned(node_netns) == before_node | _listed(desired.node_objects()), ifname
+    assert owned_objects(pod_netns) == before_pod | _listed(desired.pod_objects()), ifname
+    assert owned_objects(node_netns) == before_node | _listed(desired.node_objects()), ifname
     assert _read_back(pod_netns, node_netns, desired) == _expected(
         [*desired.pod_objects(), *desired.node_objects()]), ifname
     return desired

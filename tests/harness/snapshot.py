@@ -8,14 +8,26 @@ every file under it.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cniplugin.engine import commands as _engine
+from cniplugin.kernel import netns as _netns
 from cniplugin.lab.topology import OverlayLab, namespace_state, netns_names, run, state_diff
 
 
 def nft_ruleset(ns: str) -> str:
     return run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
+
+
+def owned_objects(netns_path: str) -> set[str]:
+    """Every route-tune object (protocol 231) in a netns, as the engine reads it, rendered."""
+    fd = _netns.open_netns(netns_path)
+    try:
+        return {o.render() for o in _engine.owned_objects(fd)}
+    finally:
+        os.close(fd)
 
 
 def ns_state(ns: str) -> dict:
