@@ -24,7 +24,7 @@ import json
 import os
 import re
 
-from cniplugin._version import PLUGIN_NAME, SUPPORTED_VERSIONS, __version__
+from cniplugin._version import SUPPORTED_VERSIONS, about_text, version_reply
 from cniplugin.protocol.errors import CNIError, DecodeFailure, IncompatibleVersion, InternalError, \
     InvalidConfig
 
@@ -69,17 +69,8 @@ class Outcome:
 
 # ---------------------------------------------------------------- versions (stdlib only)
 
-def about_text() -> str:
-    """What skel prints on stderr when CNI_COMMAND is unset (plus route-tune's version)."""
-    return (f"CNI {PLUGIN_NAME} plugin v{__version__}\n"
-            f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
-
-
-def version_reply() -> bytes:
-    """The VERSION reply, encoded like Go's ``PluginInfo.Encode`` (compact, newline)."""
-    return json.dumps({"cniVersion": SUPPORTED_VERSIONS[-1],
-                       "supportedVersions": list(SUPPORTED_VERSIONS)},
-                      separators=(",", ":")).encode() + b"\n"
+# about_text and version_reply live in cniplugin._version (import-free), so that the plugin
+# executable answers them without importing this module; re-exported here.
 
 
 # ---------------------------------------------------------------- replies

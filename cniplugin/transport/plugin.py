@@ -22,13 +22,28 @@ def _print_version() -> None:
                      f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
 
 
+#: Passed by the native forwarder (transport/forwarder.c) when the resident engine may have run
+#: the request but gave no complete reply: only the code-11 reply is printed, nothing is re-run.
+FORWARDER_FAILED = "--forwarder-failed"
+
+
 def main() -> None:
     """Run one CNI invocation and exit with its status."""
-    if sys.argv[1:] in (["--version"], ["-V"]):
+    args = sys.argv[1:]
+    if args in (["--version"], ["-V"]):
         _print_version()
         sys.exit(0)
     environ = os.environ
     command = environ.get("CNI_COMMAND", "")
+    if len(args) == 3 and args[0] == FORWARDER_FAILED:
+        from cniplugin.transport.shim import try_again_reply
+        _write(try_again_reply(_read_stdin(command), args[1], args[2]), b"", 1)
+    if command in ("VERSION", ""):
+        # VERSION and the about text: no stdin, no json, no dispatch module.
+        from cniplugin._version import about_text, version_reply
+        if command:
+            _write(version_reply(), b"", 0)
+        _write(b"", about_text().encode(), 0)
     if command in _READS_STDIN:
         try:
             stdin = sys.stdin.buffer.read()
@@ -54,6 +69,13 @@ def main() -> None:
     disable_plugin_discovery()
     from cniplugin.protocol import dispatch as _protocol
     _emit(_protocol.run(environ, stdin, via="in-process" if command in _READS_STDIN else ""))
+
+
+def _read_stdin(command: str) -> bytes:
+    try:
+        return sys.stdin.buffer.read() if command in _READS_STDIN else b""
+    except OSError:
+        return b""
 
 
 def _emit(outcome) -> None:

@@ -1,5 +1,9 @@
 """Start-up cost: the cheap paths import neither pydantic nor pyroute2 (checked with the
-interpreter's own import trace, PYTHONPROFILEIMPORTTIME), and bin/route-tune runs from a checkout."""
+interpreter's own import trace, ``-X importtime``), and bin/route-tune runs from a checkout.
+
+The executable is the native forwarder, which starts the in-process plugin with ``python -I``
+(environment ignored), so the traced runs use a forwarder built like the real one whose
+interpreter is a wrapper adding ``-X importtime``."""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ import json
 import subprocess
 
 
-from conftest import CNI_ROUTE_TUNE, REPO, ROUTE_TUNE, run_plugin
+import pytest
+
+from conftest import CNI_ROUTE_TUNE, REPO, VENV_BIN, run_plugin
+from cniplugin.transport import native
 
 HEAVY = ("pydantic", "pyroute2", "netaddr")
 
@@ -26,23 +33,35 @@ def assert_light(proc) -> None:
     assert not heavy, f"heavy imports on a cheap path: {sorted(heavy)}"
 
 
-TRACE = {"PYTHONPROFILEIMPORTTIME": "1"}
+TRACE = {"PYTHONPROFILEIMPORTTIME": "1"}  # for the console script cni-route-tune
 
 
-def test_version_command_is_light():
-    proc = run_plugin({"CNI_COMMAND": "VERSION", **TRACE}, b"")
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """A native forwarder whose in-process interpreter traces its imports."""
+    if native.compiler() is None:
+        pytest.fail("no C compiler: bin/dev setup installs gcc")
+    tmp = tmp_path_factory.mktemp("traced")
+    wrapper = tmp / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec {VENV_BIN / "python"} -X importtime "$@"\n')
+    wrapper.chmod(0o755)
+    return native.build(tmp / "route-tune", python=str(wrapper))
+
+
+def test_version_command_is_light(traced):
+    proc = run_plugin({"CNI_COMMAND": "VERSION"}, b"", executable=traced)
     assert proc.returncode == 0
     assert_light(proc)
 
 
-def test_about_text_is_light():
-    proc = run_plugin(TRACE, b"")
+def test_about_text_is_light(traced):
+    proc = run_plugin({}, b"", executable=traced)
     assert proc.returncode == 0 and b"CNI route-tune plugin" in proc.stderr
     assert_light(proc)
 
 
-def test_plugin_dash_dash_version_is_light():
-    proc = run_plugin(TRACE, args=("--version",))
+def test_plugin_dash_dash_version_is_light(traced):
+    proc = run_plugin({}, executable=traced, args=("--version",))
     assert proc.stdout == (b"route-tune 0.1.0\nCNI protocol versions supported: "
                            b"0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0\n")
     assert_light(proc)
@@ -65,19 +84,19 @@ def _del_gone_netns_env(tmp_path) -> dict:
                                     "stateDir": str(tmp_path / "state")}))
     return {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "rtA-c1", "CNI_IFNAME": "net1",
             "CNI_NETNS": "/run/netns/rtA-gone", "CNI_PATH": "/usr/lib/cni",
-            "ROUTE_TUNE_DEFAULTS": str(defaults), **TRACE}
+            "ROUTE_TUNE_DEFAULTS": str(defaults)}
 
 
-def test_disabled_del_with_gone_netns_is_light(tmp_path):
+def test_disabled_del_with_gone_netns_is_light(tmp_path, traced):
     config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disabled"}
-    proc = run_plugin(_del_gone_netns_env(tmp_path), config)
+    proc = run_plugin(_del_gone_netns_env(tmp_path), config, executable=traced)
     assert (proc.returncode, proc.stdout) == (0, b"")
     assert_light(proc)
 
 
-def test_del_with_gone_netns_and_no_state_is_light(tmp_path):
+def test_del_with_gone_netns_and_no_state_is_light(tmp_path, traced):
     config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune"}
-    proc = subprocess.run(["unshare", "-n", str(ROUTE_TUNE)], input=json.dumps(config).encode(),
+    proc = subprocess.run(["unshare", "-n", str(traced)], input=json.dumps(config).encode(),
                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                                **_del_gone_netns_env(tmp_path)},
                           capture_output=True, check=False)
@@ -90,21 +109,21 @@ def test_del_with_gone_netns_and_no_state_is_light(tmp_path):
 LIGHT_PATH_STDLIB = ("dataclasses", "typing", "inspect")
 
 
-def test_light_paths_skip_dataclasses_and_typing(tmp_path):
+def test_light_paths_skip_dataclasses_and_typing(tmp_path, traced):
     config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disabled"}
-    for proc in (run_plugin({"CNI_COMMAND": "VERSION", **TRACE}, b""),
-                 run_plugin(_del_gone_netns_env(tmp_path), config)):
+    for proc in (run_plugin({"CNI_COMMAND": "VERSION"}, b"", executable=traced),
+                 run_plugin(_del_gone_netns_env(tmp_path), config, executable=traced)):
         assert proc.returncode == 0
         assert not imported_modules(proc) & set(LIGHT_PATH_STDLIB)
 
 
-def test_add_skips_pydantic_plugin_discovery(tmp_path):
+def test_add_skips_pydantic_plugin_discovery(tmp_path, traced):
     # pydantic's plugin loader imports importlib.metadata and scans every installed
     # distribution; route-tune's models are built without it (cniplugin/_pydantic_setup.py, used by the executable).
     env = {**_del_gone_netns_env(tmp_path), "CNI_COMMAND": "ADD"}
     config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disabled",
               "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}}
-    proc = run_plugin(env, config)
+    proc = run_plugin(env, config, executable=traced)
     assert proc.returncode == 0, proc.stdout
     modules = imported_modules(proc)
     assert "pydantic" in modules
