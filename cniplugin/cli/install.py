@@ -53,14 +53,17 @@ __all__ = ["InstallError", "InstallReport", "install", "main", "build_parser"]
 
 SHIM_NAME = "route-tune"
 MARKER = ".route-tune-runtime.json"
-ENTRY_MODULE = "cniplugin.transport.plugin"
 DEFAULT_CNI_BIN_DIR = "/opt/cni/bin"
 DEFAULT_RUNTIME_DIR = "/opt/route-tune"
 DEFAULT_DEFAULTS_DEST = "/etc/cni/route-tune/defaults.json"
 DEFAULT_KEEP = 2
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-_SHIM_VERSION_RE = re.compile(r"^# route-tune-runtime-version: (\S+)$", re.M)
+_SHIM_VERSION_RE = re.compile(rb"^# route-tune-runtime-version: (\S+)$", re.M)
+_SHIM_SCAN = 8 << 20   # a static forwarder is under 1 MiB; a script shim a few hundred bytes
+#: What <cni-bin-dir>/route-tune is: the native forwarder (no interpreter start when the
+#: resident engine serves), a #!/bin/sh script, or native when a C compiler is found.
+FORWARDERS = ("auto", "native", "script")
 # Parts of the base interpreter's stdlib a CNI plugin never needs (libpython.a alone is ~25 MB).
 _STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
                 "distutils", "site-packages", "dist-packages"}
@@ -272,14 +275,9 @@ def _copy_tree(source: _Source, dest: Path) -> None:
             compileall.compile_dir(str(dest / rel), quiet=1)
 
 
-def _shim_code(site: str) -> str:
-    """The -c program: no `site` import (-S), our site-packages appended explicitly."""
-    return (f"import sys;sys.argv[0]={SHIM_NAME!r};sys.path.append({site!r});"
-            f"from {ENTRY_MODULE} import main;sys.exit(main())")
-
-
 def _self_test(vdir: Path, site_rel: str) -> str:
     """Run the copied interpreter the way the shim will; return cniplugin's version."""
+    from cniplugin.transport.native import ENTRY_MODULE
     code = (f"import sys;sys.path.append({str(vdir / site_rel)!r});"
             "import importlib.util as u;import cniplugin._version as v;"
             f"assert u.find_spec({ENTRY_MODULE!r}), 'no {ENTRY_MODULE}';print(v.__version__)")
@@ -290,13 +288,31 @@ def _self_test(vdir: Path, site_rel: str) -> str:
     return proc.stdout.strip()
 
 
-def _shim_text(host_vdir: str, version: str, site_rel: str) -> str:
-    python = f"{host_vdir}/bin/python3"
-    code = _shim_code(f"{host_vdir}/{site_rel}")
+def _resolve_forwarder(forwarder: str) -> str:
+    """``auto``: the native forwarder when a C compiler is at hand, else the script."""
+    from cniplugin.transport import native
+    if forwarder not in FORWARDERS:
+        raise InstallError(f"forwarder must be one of {', '.join(FORWARDERS)}, got {forwarder!r}")
+    if forwarder == "auto":
+        return "native" if native.compiler() else "script"
+    return forwarder
+
+
+def _shim_bytes(host_vdir: str, version: str, site_rel: str, forwarder: str) -> bytes:
+    """What the runtime executes: the native forwarder, or a ``#!/bin/sh`` script, both
+    running the same in-process program with the runtime's interpreter."""
+    from cniplugin.transport import native
+    python, paths = f"{host_vdir}/bin/python3", [f"{host_vdir}/{site_rel}"]
+    if forwarder == "native":
+        try:
+            return native.compile_forwarder(python=python, paths=paths, version=version)
+        except native.BuildError as exc:
+            raise InstallError(f"native forwarder: {exc}") from None
+    code = native.inprocess_code(paths)
     return ("#!/bin/sh\n"
             f"# route-tune CNI plugin shim, written by `cni-route-tune install`.\n"
             f"# route-tune-runtime-version: {version}\n"
-            f"exec {shlex.quote(python)} -I -S -c {shlex.quote(code)} \"$@\"\n")
+            f"exec {shlex.quote(python)} -I -S -c {shlex.quote(code)} \"$@\"\n").encode()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -382,11 +398,13 @@ def _check_host_dir(value: str) -> str:
 
 
 def _shim_version(shim: Path) -> str | None:
+    """The runtime version a shim names (a script's comment, a compiled-in string)."""
     try:
-        found = _SHIM_VERSION_RE.search(shim.read_text(errors="replace")[:4096])
+        with open(shim, "rb") as f:
+            found = _SHIM_VERSION_RE.search(f.read(_SHIM_SCAN))
     except OSError:
         return None
-    return found.group(1) if found else None
+    return found.group(1).decode(errors="replace") if found else None
 
 
 # --------------------------------------------------------------------------- the install
@@ -396,12 +414,12 @@ def install(cni_bin_dir: str | os.PathLike, runtime_dir: str | os.PathLike, *,
             host_runtime_dir: str | None = None, defaults_file: str | os.PathLike | None = None,
             defaults_dest: str | os.PathLike = DEFAULT_DEFAULTS_DEST,
             overwrite_defaults: bool = False, keep: int = DEFAULT_KEEP,
-            dry_run: bool = False) -> InstallReport:
+            forwarder: str = "auto", dry_run: bool = False) -> InstallReport:
     """Install (or upgrade to) a runtime version and point the CNI bin dir's shim at it.
 
     ``runtime_dir`` is where this process writes; ``host_runtime_dir`` (default: the same) is
     the path the node sees, written into the shim. Idempotent: a rerun with the same source
-    changes nothing and reports ``changed=False``.
+    changes nothing and reports ``changed=False``. ``forwarder``: see :data:`FORWARDERS`.
     """
     bin_dir, rt_dir = Path(cni_bin_dir), Path(runtime_dir)
     host_rt = _check_host_dir(host_runtime_dir or os.path.abspath(rt_dir))
@@ -419,9 +437,11 @@ def install(cni_bin_dir: str | os.PathLike, runtime_dir: str | os.PathLike, *,
         raise InstallError(f"{shim} is a directory")
     defaults = _read_defaults(Path(defaults_file)) if defaults_file is not None else None
     digest = _digest(source.entries)
+    kind = _resolve_forwarder(forwarder)
+    text = _shim_bytes(f"{host_rt}/{version}", version, source.site_rel, kind)
 
     if dry_run:
-        _plan_only(report, source, digest, rt_dir, vdir, shim, host_rt, defaults_file,
+        _plan_only(report, source, digest, vdir, shim, text, kind, host_rt, defaults_file,
                    Path(defaults_dest), overwrite_defaults)
         return report
 
@@ -432,10 +452,9 @@ def install(cni_bin_dir: str | os.PathLike, runtime_dir: str | os.PathLike, *,
         _clean_stale(rt_dir, bin_dir, report)
         _install_runtime(source, digest, vdir, report)
         previous = _shim_version(shim)
-        text = _shim_text(f"{host_rt}/{version}", version, source.site_rel).encode()
         if not shim.exists() or shim.read_bytes() != text:
             _write_atomic(shim, text, 0o755)
-            report.actions.append(f"shim {shim} -> {host_rt}/{version}"
+            report.actions.append(f"shim {shim} ({kind}) -> {host_rt}/{version}"
                                   + (f" (was {previous})" if previous else ""))
         if defaults is not None:
             _install_defaults(defaults, Path(defaults_dest), overwrite_defaults, report)
@@ -512,16 +531,15 @@ def _prune(rt_dir: Path, version: str, previous: str | None, keep: int,
             report.actions.append(f"pruned {p}")
 
 
-def _plan_only(report: InstallReport, source: _Source, digest: str, rt_dir: Path, vdir: Path,
-               shim: Path, host_rt: str, defaults_file, defaults_dest: Path,
+def _plan_only(report: InstallReport, source: _Source, digest: str, vdir: Path, shim: Path,
+               text: bytes, kind: str, host_rt: str, defaults_file, defaults_dest: Path,
                overwrite: bool) -> None:
     acts = report.actions
     if not (vdir.is_dir() and _is_complete(vdir, source, digest)):
         acts.append(f"would copy runtime ({len(source.entries)} files from "
                     f"{source.description}) to {vdir}")
-    text = _shim_text(f"{host_rt}/{report.version}", report.version, source.site_rel).encode()
     if not shim.exists() or shim.read_bytes() != text:
-        acts.append(f"would write shim {shim} -> {host_rt}/{report.version}")
+        acts.append(f"would write shim {shim} ({kind}) -> {host_rt}/{report.version}")
     if defaults_file is not None and (overwrite or not defaults_dest.exists()):
         acts.append(f"would install defaults {defaults_dest}")
     report.changed = bool(acts)
@@ -556,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing defaults file (default: keep the node's file)")
     p.add_argument("--keep", type=int, default=DEFAULT_KEEP,
                    help="runtime versions to keep, the new one included (default %(default)s)")
+    p.add_argument("--forwarder", choices=FORWARDERS, default="auto",
+                   help="what <cni-bin-dir>/route-tune is: the static native forwarder (hands "
+                        "requests to the resident engine without an interpreter start; built "
+                        "here with cc), a #!/bin/sh script, or auto: native when a C compiler "
+                        "is found (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
@@ -569,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          version=args.runtime_version, host_runtime_dir=args.host_runtime_dir,
                          defaults_file=args.defaults, defaults_dest=args.defaults_dest,
                          overwrite_defaults=args.overwrite_defaults, keep=args.keep,
-                         dry_run=args.dry_run)
+                         forwarder=args.forwarder, dry_run=args.dry_run)
     except (InstallError, OSError) as exc:
         print(f"cni-route-tune install: {exc}", file=sys.stderr)
         return 1

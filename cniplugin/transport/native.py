@@ -20,7 +20,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-__all__ = ["SOURCE", "BuildError", "build", "compiler", "default_paths", "inprocess_argv",
+__all__ = ["SOURCE", "BuildError", "build", "compile_forwarder", "compiler", "default_paths", "inprocess_argv",
            "inprocess_code", "is_native"]
 
 SOURCE = Path(__file__).with_name("forwarder.c")
@@ -81,13 +81,13 @@ def _c_string(text: str) -> str:
     return "".join(out) + '"'
 
 
-def build(dest: str | os.PathLike, *, python: str | None = None, paths: list[str] | None = None,
-          version: str | None = None, cc: str | None = None) -> Path:
-    """Compile the forwarder to ``dest`` (mode 0755, written atomically).
+def compile_forwarder(*, python: str | None = None, paths: list[str] | None = None,
+                      version: str | None = None, cc: str | None = None) -> bytes:
+    """The forwarder executable's bytes (the same inputs give the same bytes).
 
     ``python`` and ``paths`` are the in-process plugin's interpreter and import paths *as the
-    node sees them* (default: this interpreter's); ``version`` the runtime label install reads
-    back from the binary.
+    node sees them* (default: this interpreter's); ``version`` is the runtime label that
+    ``cni-route-tune install`` reads back from the binary.
     """
     from cniplugin._version import __version__
 
@@ -99,7 +99,6 @@ def build(dest: str | os.PathLike, *, python: str | None = None, paths: list[str
     defines = (f"#define RT_PYTHON {_c_string(argv[0])}\n"
                f"#define RT_CODE {_c_string(argv[4])}\n"
                f"#define RT_VERSION {_c_string(version or __version__)}\n")
-    dest = Path(dest)
     with tempfile.TemporaryDirectory(prefix="route-tune-build-") as tmp:
         header = Path(tmp) / "runtime.h"
         header.write_text(defines)
@@ -109,8 +108,16 @@ def build(dest: str | os.PathLike, *, python: str | None = None, paths: list[str
         if proc.returncode != 0:
             raise BuildError(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-2000:]}\n"
                              "a static build needs libc6-dev (apt-get install gcc libc6-dev)")
-        staged = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        shutil.copyfile(out, staged)
+        return out.read_bytes()
+
+
+def build(dest: str | os.PathLike, **inputs) -> Path:
+    """Compile the forwarder (:func:`compile_forwarder`'s inputs) to ``dest``: mode 0755,
+    renamed into place, so a running runtime never executes a half-written file."""
+    data = compile_forwarder(**inputs)
+    dest = Path(dest)
+    staged = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    staged.write_bytes(data)
     os.chmod(staged, 0o755)
     os.replace(staged, dest)
     return dest

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 from cniplugin.cli import install as _install
 from cniplugin.cli.install import MARKER, InstallError, install, main
 from cniplugin._version import SUPPORTED_VERSIONS
+from cniplugin.transport import native
 
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
@@ -73,7 +75,8 @@ def test_fresh_install_from_interpreter_is_self_contained(node):
     vdir = node.rt / report.version
     assert report.changed and vdir.is_dir() and (vdir / MARKER).is_file()
     assert node.shim.stat().st_mode & 0o777 == 0o755
-    assert node.shim.read_text().startswith("#!/bin/sh\n")
+    assert native.is_native(node.shim)   # a compiler is at hand: auto means native
+    assert shim_version(node.shim) == report.version
     assert_version_reply(run_shim(node.shim))
     about = run_shim(node.shim, "--version", command=None)
     assert about.returncode == 0 and report.version in about.stdout
@@ -89,14 +92,42 @@ def test_fresh_install_from_interpreter_is_self_contained(node):
     assert not (vdir / "lib/python3.11/test").exists()
 
 
-def test_shim_names_the_host_path_not_the_write_path(node, image_runtime):
+@pytest.mark.parametrize("forwarder", ["native", "script"])
+def test_shim_names_the_host_path_not_the_write_path(node, image_runtime, forwarder):
     write_dir = node.root / "host/opt/route-tune"
     report = install(node.bin, write_dir, source_runtime=image_runtime, version="1.2.3",
-                     host_runtime_dir="/opt/route-tune")
-    text = node.shim.read_text()
-    assert "exec /opt/route-tune/1.2.3/bin/python3 -I -S -c" in text
-    assert str(node.root) not in text
+                     host_runtime_dir="/opt/route-tune", forwarder=forwarder)
+    data = node.shim.read_bytes()
+    code = native.inprocess_code(["/opt/route-tune/1.2.3/lib/python3.11/site-packages"])
+    if forwarder == "script":
+        assert data.startswith(b"#!/bin/sh\n")
+        assert f"exec /opt/route-tune/1.2.3/bin/python3 -I -S -c {shlex.quote(code)}".encode() in data
+    else:
+        assert native.is_native(node.shim) and b"/opt/route-tune/1.2.3/bin/python3\0" in data
+        assert code.encode() + b"\0" in data
+    assert str(node.root).encode() not in data
+    assert shim_version(node.shim) == "1.2.3"
     assert (write_dir / "1.2.3/bin/python3").exists() and report.runtime_path.startswith(str(write_dir))
+
+
+def test_both_forwarders_run_the_installed_runtime(node, image_runtime):
+    for forwarder in ("script", "native"):
+        report = install(node.bin, node.rt, source_runtime=image_runtime, version="1.0",
+                         forwarder=forwarder)
+        assert report.changed and f"({forwarder})" in report.actions[-1]
+        assert_version_reply(run_shim(node.shim))
+        about = run_shim(node.shim, "--version", command=None)
+        assert about.returncode == 0 and about.stdout.startswith("route-tune ")
+
+
+def test_native_forwarder_without_a_compiler_is_refused_before_any_change(node, image_runtime,
+                                                                          monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(InstallError, match="no C compiler"):
+        install(node.bin, node.rt, source_runtime=image_runtime, version="1.0", forwarder="native")
+    assert not node.rt.exists() and list(node.bin.iterdir()) == []
+    report = install(node.bin, node.rt, source_runtime=image_runtime, version="1.0")
+    assert "(script)" in report.actions[-1]   # auto without a compiler: the script
 
 
 # ------------------------------------------------------------------ idempotence, dry run
