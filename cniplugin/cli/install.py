@@ -62,8 +62,11 @@ _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _SHIM_VERSION_RE = re.compile(rb"^# route-tune-runtime-version: (\S+)$", re.M)
 _SHIM_SCAN = 8 << 20   # a static forwarder is under 1 MiB; a script shim a few hundred bytes
 #: What <cni-bin-dir>/route-tune is: the native forwarder (no interpreter start when the
-#: resident engine serves), a #!/bin/sh script, or native when a C compiler is found.
+#: resident engine serves), a #!/bin/sh script, or auto: native when the source runtime ships a
+#: forwarder built for this node path and version or a C compiler is found, else the script.
 FORWARDERS = ("auto", "native", "script")
+#: Where an image's runtime ships its prebuilt forwarder (conf/Containerfile builds it).
+PREBUILT_FORWARDER = "bin/route-tune-forwarder"
 # Parts of the base interpreter's stdlib a CNI plugin never needs (libpython.a alone is ~25 MB).
 _STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
                 "distutils", "site-packages", "dist-packages"}
@@ -288,31 +291,32 @@ def _self_test(vdir: Path, site_rel: str) -> str:
     return proc.stdout.strip()
 
 
-def _resolve_forwarder(forwarder: str) -> str:
-    """``auto``: the native forwarder when a C compiler is at hand, else the script."""
+def _shim_bytes(host_vdir: str, version: str, source: _Source, forwarder: str) -> tuple[bytes, str]:
+    """What the runtime executes, and which kind it is: the native forwarder (the source
+    runtime's prebuilt one when it was built for exactly this node path and version, else
+    compiled here) or a ``#!/bin/sh`` script; both run the same in-process program."""
     from cniplugin.transport import native
     if forwarder not in FORWARDERS:
         raise InstallError(f"forwarder must be one of {', '.join(FORWARDERS)}, got {forwarder!r}")
-    if forwarder == "auto":
-        return "native" if native.compiler() else "script"
-    return forwarder
-
-
-def _shim_bytes(host_vdir: str, version: str, site_rel: str, forwarder: str) -> bytes:
-    """What the runtime executes: the native forwarder, or a ``#!/bin/sh`` script, both
-    running the same in-process program with the runtime's interpreter."""
-    from cniplugin.transport import native
-    python, paths = f"{host_vdir}/bin/python3", [f"{host_vdir}/{site_rel}"]
-    if forwarder == "native":
-        try:
-            return native.compile_forwarder(python=python, paths=paths, version=version)
-        except native.BuildError as exc:
-            raise InstallError(f"native forwarder: {exc}") from None
-    code = native.inprocess_code(paths)
+    inputs = {"python": f"{host_vdir}/bin/python3",
+              "paths": [f"{host_vdir}/{source.site_rel}"], "version": version}
+    if forwarder != "script":
+        prebuilt = next((e.src for e in source.entries if e.rel == PREBUILT_FORWARDER), None)
+        if prebuilt is not None:
+            data = Path(prebuilt).read_bytes()
+            if native.built_for(data, **inputs):
+                return data, "native"
+        if forwarder == "native" or native.compiler():
+            try:
+                return native.compile_forwarder(**inputs), "native"
+            except native.BuildError as exc:
+                raise InstallError(f"native forwarder: {exc}") from None
+    code = native.inprocess_code(inputs["paths"])
     return ("#!/bin/sh\n"
             f"# route-tune CNI plugin shim, written by `cni-route-tune install`.\n"
             f"# route-tune-runtime-version: {version}\n"
-            f"exec {shlex.quote(python)} -I -S -c {shlex.quote(code)} \"$@\"\n").encode()
+            f"exec {shlex.quote(inputs['python'])} -I -S -c {shlex.quote(code)} \"$@\"\n"
+            ).encode(), "script"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -437,8 +441,7 @@ def install(cni_bin_dir: str | os.PathLike, runtime_dir: str | os.PathLike, *,
         raise InstallError(f"{shim} is a directory")
     defaults = _read_defaults(Path(defaults_file)) if defaults_file is not None else None
     digest = _digest(source.entries)
-    kind = _resolve_forwarder(forwarder)
-    text = _shim_bytes(f"{host_rt}/{version}", version, source.site_rel, kind)
+    text, kind = _shim_bytes(f"{host_rt}/{version}", version, source, forwarder)
 
     if dry_run:
         _plan_only(report, source, digest, vdir, shim, text, kind, host_rt, defaults_file,

@@ -56,9 +56,7 @@ static const char *env_or_empty(const char *name) {
     return v ? v : "";
 }
 
-/* The in-process plugin, with this process's arguments. `failed` non-NULL: the engine may
- * have run the request (or stdin cannot be replayed), so it must not run here; the plugin then
- * only prints the code-11 reply "<failed>: <details>" in the config's cniVersion. */
+/* argv of this process: the plugin gets the same arguments */
 static char **plugin_args;
 /* stdin once this process has read it: replayed to the plugin on fd 0 */
 static const char *read_stdin;
@@ -79,6 +77,9 @@ static int replay_stdin(void) {
     return ok ? 0 : -1;
 }
 
+/* The in-process plugin, with this process's arguments. `failed` non-NULL: the engine may
+ * have run the request (or stdin cannot be replayed), so it must not run here; the plugin then
+ * only prints the code-11 reply "<failed>: <details>" in the config's cniVersion. */
 static void exec_plugin_failed(const char *failed, const char *details) {
     char *argv[64] = {RT_PYTHON, "-I", "-S", "-c", RT_CODE};
     int n = 5;

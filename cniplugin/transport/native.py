@@ -20,7 +20,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-__all__ = ["SOURCE", "BuildError", "build", "compile_forwarder", "compiler", "default_paths", "inprocess_argv",
+__all__ = ["SOURCE", "BuildError", "build", "built_for", "compile_forwarder", "compiler", "default_paths", "inprocess_argv",
            "inprocess_code", "is_native"]
 
 SOURCE = Path(__file__).with_name("forwarder.c")
@@ -111,6 +111,14 @@ def compile_forwarder(*, python: str | None = None, paths: list[str] | None = No
         return out.read_bytes()
 
 
+def built_for(data: bytes, *, python: str, paths: list[str], version: str) -> bool:
+    """Whether forwarder bytes carry exactly these compiled-in inputs (a prebuilt forwarder is
+    used only for the node path and version it was built for)."""
+    return (data[:4] == b"\x7fELF" and python.encode() + b"\0" in data
+            and inprocess_code(paths).encode() + b"\0" in data
+            and f"\n# route-tune-runtime-version: {version}\n".encode() in data)
+
+
 def build(dest: str | os.PathLike, **inputs) -> Path:
     """Compile the forwarder (:func:`compile_forwarder`'s inputs) to ``dest``: mode 0755,
     renamed into place, so a running runtime never executes a half-written file."""
@@ -132,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", action="append", default=None,
                         help="import path of cniplugin and its dependencies (repeatable; "
                              "default: this interpreter's)")
+    parser.add_argument("--runtime-version", default=None,
+                        help="the runtime label compiled in (default: cniplugin's version)")
     args = parser.parse_args(argv)
     try:
-        build(args.output, python=args.python, paths=args.path)
+        build(args.output, python=args.python, paths=args.path, version=args.runtime_version)
     except BuildError as exc:
         print(f"route-tune: {exc}", file=sys.stderr)
         return 1

@@ -65,6 +65,10 @@ def main() -> None:
     # objects again and again (about 4% of an in-process ADD). Exit frees everything anyway.
     import gc
     gc.disable()
+    # No OpenSSL in this process: pydantic.types imports hashlib (through secrets and random),
+    # and loading libcrypto costs ~3.5 MiB of peak RSS and a few ms. Without `_hashlib`, hashlib
+    # serves the same digests from CPython's built-in modules (what a no-OpenSSL build does).
+    sys.modules.setdefault("_hashlib", None)
     from cniplugin.transport.pydantic_setup import disable_plugin_discovery
     disable_plugin_discovery()
     from cniplugin.protocol import dispatch as _protocol

@@ -120,6 +120,23 @@ def test_both_forwarders_run_the_installed_runtime(node, image_runtime):
         assert about.returncode == 0 and about.stdout.startswith("route-tune ")
 
 
+def test_a_prebuilt_forwarder_is_used_only_for_the_path_and_version_it_was_built_for(
+        node, image_runtime, tmp_path, monkeypatch):
+    tree = tmp_path / "image-with-forwarder"
+    shutil.copytree(image_runtime, tree, symlinks=True)
+    site = "lib/python3.11/site-packages"
+    native.build(tree / _install.PREBUILT_FORWARDER, python="/opt/route-tune/2.0/bin/python3",
+                 paths=[f"/opt/route-tune/2.0/{site}"], version="2.0")
+    prebuilt = (tree / _install.PREBUILT_FORWARDER).read_bytes()
+    monkeypatch.setenv("CC", "/nonexistent/cc")     # as in the image: no compiler
+    report = install(node.bin, node.root / "host-rt", source_runtime=tree, version="2.0",
+                     host_runtime_dir="/opt/route-tune")
+    assert "(native)" in report.actions[-1] and node.shim.read_bytes() == prebuilt
+    report = install(node.bin, node.root / "host-rt", source_runtime=tree, version="2.1",
+                     host_runtime_dir="/opt/route-tune")
+    assert "(script)" in report.actions[-1]           # built for 2.0, not 2.1: not used
+
+
 def test_native_forwarder_without_a_compiler_is_refused_before_any_change(node, image_runtime,
                                                                           monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")

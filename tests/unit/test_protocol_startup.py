@@ -117,7 +117,7 @@ def test_light_paths_skip_dataclasses_and_typing(tmp_path, traced):
         assert not imported_modules(proc) & set(LIGHT_PATH_STDLIB)
 
 
-def test_add_skips_pydantic_plugin_discovery(tmp_path, traced):
+def test_add_skips_pydantic_plugin_discovery_and_openssl(tmp_path, traced):
     # pydantic's plugin loader imports importlib.metadata and scans every installed
     # distribution; route-tune's models are built without it (cniplugin/_pydantic_setup.py, used by the executable).
     env = {**_del_gone_netns_env(tmp_path), "CNI_COMMAND": "ADD"}
@@ -128,6 +128,9 @@ def test_add_skips_pydantic_plugin_discovery(tmp_path, traced):
     modules = imported_modules(proc)
     assert "pydantic" in modules
     assert "importlib.metadata" not in modules
+    # hashlib loads its built-in _sha256 only when OpenSSL's _hashlib is unavailable (the trace
+    # lists the refused _hashlib import too, so its presence proves nothing).
+    assert "_sha256" in modules
 
 
 def test_bin_route_tune_runs_from_the_checkout():
