@@ -1,4 +1,4 @@
-"""The issue-7 benchmark: route-tune in a real libcni chain, against Debian's sbr.
+"""The issue-13 benchmark: route-tune in a real libcni chain, against Debian's sbr.
 
 Run (root):   .venv/bin/python bench/chain.py [--rounds 20] [--quick] [--profile]
 
@@ -10,8 +10,9 @@ cache/prevResult work and every plugin process of the step are included).
 
 Variants (the same rail conflist with a different last plugin):
   a  [macvlan+host-local]           b  a + Debian sbr
-  c  a + route-tune, ROUTE_TUNE_ENGINE=inprocess
-  d  a + route-tune, ROUTE_TUNE_ENGINE=resident (a ``cni-route-tune serve`` started in the node ns)
+  c  a + route-tune, ROUTE_TUNE_ENGINE=inprocess (the native forwarder execs python -I -S)
+  d  a + route-tune, ROUTE_TUNE_ENGINE=resident (the native forwarder hands the request to a
+     ``cni-route-tune serve`` started in the node ns)
 
 Phases, each interleaved (A B C D A B C D ...) so that background load hits all variants alike:
   1. per round: one NIC (net1) ADD then DEL, for a, b, c, d; then the whole 8-rail pod ADD
@@ -20,11 +21,13 @@ Phases, each interleaved (A B C D A B C D ...) so that background load hits all 
   2. peak RSS: one extra round with every plugin run through a wrapper that records its
      child's ru_maxrss (os.wait4); the server's VmHWM/VmRSS from /proc.
   3. burst: 16 pods x 8 rails started at once (pods concurrent, each pod's rails in series),
-     wall time until all are done, for b, c, d.
+     wall time until all are done, for b, c, d; per-round d/b.
   4. 5,000 foreign routes in the node's hostRuleTable (500) vs none: 8-rail pod ADD of a, d, c.
   5. server RSS across 10,000 requests (route-tune ADD/DEL pairs of net1 sent straight to the
      socket through the shim's own client), sampled every 1,000.
-Then the goal verdicts, and for each missed goal a profile (bench/_profile.py).
+  6. VERSION start-up: CNI_COMMAND=VERSION of sbr and route-tune (and /bin/true as a floor),
+     spawn to exit, many interleaved runs per round; per-round route-tune/sbr.
+Then the goal verdicts of issue 13, and for each missed goal a profile (bench/_profile.py).
 
 Nothing outside the namespaces it creates is touched; they are removed at the end (also on ^C).
 """
@@ -38,10 +41,11 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from _spawn import Spawner, compile_c
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -58,9 +62,23 @@ BURST_PODS = 16
 NIC_REPS = 5
 FOREIGN_ROUTES = 5000
 HOST_TABLE = 500
-#: Goals of issue 7 (ratios from the same run).
-GOAL_RESIDENT_INC, GOAL_RESIDENT_POD, GOAL_INPROC_INC, GOAL_FOREIGN = 6.0, 2.0, 60.0, 1.2
-GOAL_RSS_MIB, FLAT_MIB = 80.0, 2.0
+SBR = "/usr/lib/cni/sbr"
+#: VERSION runs per process per round (interleaved true, sbr, route-tune; see Bench.phase_version).
+VERSION_REPS = 20
+#: What libcni (1.1.2) writes to a plugin's stdin for VERSION.
+VERSION_STDIN = b'{"cniVersion":"1.0.0"}'
+#: Goals of issue 13, as ratios to sbr measured in the same run (issue 7's are replaced).
+GOAL_RESIDENT_INC = 2.5   # (d-a)/(b-a), one NIC ADD: half of the coordinator's 4.9-5.1x
+GOAL_INPROC_INC = 12.0    # (c-a)/(b-a), one NIC ADD: about 2.5x the coordinator's
+GOAL_VERSION = 6.0        # VERSION start-up route-tune/sbr: no slower than the coordinator (18-19 ms vs 3.0)
+GOAL_BURST = 1.5          # burst 16 pods x 8 rails, resident ADD wall time d/b
+GOAL_FOREIGN = 1.2        # 5,000 foreign routes: ADD full/empty
+GOAL_RSS_MIB, FLAT_MIB = 80.0, 2.0  # server VmRSS after 10,000 requests, and its growth
+#: Peak RSS of the real coordinator's plugin process, measured in issue 13's side-by-side run
+#: (MiB); every route-tune plugin process must stay below it.
+COORDINATOR_PEAK_RSS_MIB = 27.5
+#: Issue 7's pod goal, still printed for comparison (no longer a goal).
+OLD_GOAL_RESIDENT_POD = 2.0
 
 
 WRAPPER_C = r"""
@@ -198,35 +216,18 @@ class Chain:
 
     def __init__(self, cfg: dict, runner_env: dict[str, dict[str, str]]) -> None:
         self.cfg, self.env = cfg, runner_env
-        self.local = threading.local()
-
-    def _fds(self) -> tuple[int, int]:
-        if not hasattr(self.local, "fds"):
-            self.local.fds = (os.memfd_create("out"), os.memfd_create("err"))
-        return self.local.fds
+        self.spawner = Spawner()
 
     def run(self, command: str, conflist: Path, variant: str, *, netns: str, ifname: str,
-            cid: str, env_key: str | None = None) -> tuple[float, bytes, int]:
-        """(wall ms, stdout, ru_maxrss KiB of runner + waited plugins); raises StepFailed."""
-        out, err = self._fds()
-        for fd in (out, err):
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
+            cid: str, env_key: str | None = None) -> tuple[float, bytes]:
+        """(wall ms, stdout); raises StepFailed."""
         argv = [self.cfg["runner"], command, "-conflist", str(conflist), "-netns", netns,
                 "-ifname", ifname, "-id", cid, "-cache", self.cfg["cache"]]
-        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                   (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, err, 2)]
-        env = self.env[env_key or variant]
-        start = time.perf_counter()
-        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
-        _, status, usage = os.wait4(pid, 0)
-        elapsed = (time.perf_counter() - start) * 1000
-        stdout = os.pread(out, 1 << 20, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            stderr = os.pread(err, 1 << 16, 0)
-            raise StepFailed(f"{variant} {command} {ifname} ({cid}) failed: {stdout.decode(errors='replace')} "
-                             f"{stderr.decode(errors='replace')[-2000:]}")
-        return elapsed, stdout, usage.ru_maxrss
+        run = self.spawner.run(argv, self.env[env_key or variant])
+        if run.exit_code != 0:
+            raise StepFailed(f"{variant} {command} {ifname} ({cid}) failed: {run.stdout.decode(errors='replace')} "
+                             f"{run.stderr.decode(errors='replace')[-2000:]}")
+        return run.ms, run.stdout
 
 
 class Bench:
@@ -250,6 +251,8 @@ class Bench:
             env[f"rss-{v}"] = {**env[v], "CNI_PATH": f"{self.wrap_dir}:{cfg['cni_path']}"}
         self.chain = Chain(cfg, env)
         self.conf = self._write_conflists()
+        #: the lab's route-tune: a link in its CNI bin dir to the venv's native forwarder
+        self.route_tune = Path(cfg["cni_path"].split(":")[0]) / "route-tune"
 
     # -- set-up ------------------------------------------------------------------------------
     def _write_conflists(self) -> dict[tuple[str, int], Path]:
@@ -280,20 +283,13 @@ class Bench:
         child (a waited-for descendant; host-local is found on CNI_PATH behind the wrapper dir).
         """
         self.wrap_dir.mkdir(exist_ok=True)
-        table = {"macvlan": "/usr/lib/cni/macvlan", "sbr": "/usr/lib/cni/sbr", "true": "/bin/true",
-                 "route-tune": str(Path(self.cfg["cni_path"].split(":")[0]) / "route-tune")}
+        table = {"macvlan": "/usr/lib/cni/macvlan", "sbr": SBR, "true": "/bin/true",
+                 "route-tune": str(self.route_tune)}
         names = ", ".join(json.dumps(n) for n in table)
         reals = ", ".join(json.dumps(r) for r in table.values())
-        src = self.wrap_dir / "rsswrap.c"
-        src.write_text(WRAPPER_C.replace("@NAMES@", names).replace("@REALS@", reals)
-                       .replace("@LOG@", json.dumps(str(self.rss_log))).replace("@N@", str(len(table))))
-        binary = self.wrap_dir / "rsswrap"
-        for static in (["-static"], []):
-            proc = subprocess.run(["cc", "-O2", *static, "-o", str(binary), str(src)], capture_output=True, text=True)
-            if proc.returncode == 0:
-                break
-        else:
-            raise RuntimeError(f"cannot build the RSS wrapper: {proc.stderr}")
+        compile_c(WRAPPER_C.replace("@NAMES@", names).replace("@REALS@", reals)
+                  .replace("@LOG@", json.dumps(str(self.rss_log))).replace("@N@", str(len(table))),
+                  self.wrap_dir / "rsswrap")
         for name in table:
             (self.wrap_dir / name).unlink(missing_ok=True)
             (self.wrap_dir / name).symlink_to("rsswrap")
@@ -330,8 +326,8 @@ class Bench:
     # -- steps ---------------------------------------------------------------------------------
     def step(self, command: str, v: str, k: int, *, env_key: str | None = None, cid: str = POD_CID,
              netns: str | None = None, conf_v: str | None = None) -> float:
-        ms, _, _ = self.chain.run(command, self.conf[(conf_v or v, k)], v, env_key=env_key, cid=cid,
-                                  netns=self.cfg["pod_netns"] if netns is None else netns, ifname=f"net{k}")
+        ms, _ = self.chain.run(command, self.conf[(conf_v or v, k)], v, env_key=env_key, cid=cid,
+                               netns=self.cfg["pod_netns"] if netns is None else netns, ifname=f"net{k}")
         if v == "d":
             self.requests_served += 1
         return ms
@@ -486,8 +482,8 @@ class Bench:
         from cniplugin.transport import shim as _shim
         conf = json.loads(self.conf[("d", 1)].read_text())
         # net1 from [macvlan, host-local]; route-tune then gets that result as prevResult (as libcni would)
-        _, result, _ = self.chain.run("add", self.conf[("a", 1)], "a", netns=self.cfg["pod_netns"],
-                                      ifname="net1", cid=POD_CID)
+        _, result = self.chain.run("add", self.conf[("a", 1)], "a", netns=self.cfg["pod_netns"],
+                                   ifname="net1", cid=POD_CID)
         plugin = {**conf["plugins"][-1], "name": conf["name"], "cniVersion": conf["cniVersion"],
                   "prevResult": json.loads(result)}
         stdin = json.dumps(plugin).encode()
@@ -508,12 +504,37 @@ class Bench:
                            cid=POD_CID)
         return samples
 
+    def phase_version(self, rounds: int, reps: int) -> dict[str, list[float]]:
+        """Start-up: CNI_COMMAND=VERSION (libcni's stdin) of sbr and route-tune, /bin/true as a floor.
+
+        Per round each runs `reps` times, interleaved (T S R T S R ...), and the round's value is
+        each one's median.  Round 0 warms the page cache and is dropped."""
+        env = {**self.chain.env["d"], "CNI_COMMAND": "VERSION"}
+        procs = {"true": ["/bin/true"], "sbr": [SBR], "route-tune": [str(self.route_tune)]}
+
+        def run(name: str) -> float:
+            done = self.chain.spawner.run(procs[name], env, VERSION_STDIN)
+            if done.exit_code != 0 or (name != "true" and b"supportedVersions" not in done.stdout):
+                raise RuntimeError(f"VERSION of {name} failed: {done.stdout!r} {done.stderr[-2000:]!r}")
+            return done.ms
+
+        out: dict[str, list[float]] = {name: [] for name in procs}
+        for r in range(rounds + 1):
+            walls: dict[str, list[float]] = {name: [] for name in procs}
+            for _ in range(reps):
+                for name in procs:
+                    walls[name].append(run(name))
+            if r:
+                for name in procs:
+                    out[name].append(statistics.median(walls[name]))
+        return out
+
     # -- profile ---------------------------------------------------------------------------------
     def profile(self, kinds: list[str]) -> None:
         """Profile what a missed goal pays for (bench/_profile.py, in this node namespace)."""
         conf = json.loads(self.conf[("c", 1)].read_text())
-        _, result, _ = self.chain.run("add", self.conf[("a", 1)], "a", netns=self.cfg["pod_netns"],
-                                      ifname="net1", cid=POD_CID)
+        _, result = self.chain.run("add", self.conf[("a", 1)], "a", netns=self.cfg["pod_netns"],
+                                   ifname="net1", cid=POD_CID)
         try:
             plugin = {**conf["plugins"][-1], "name": conf["name"], "cniVersion": conf["cniVersion"],
                       "prevResult": json.loads(result)}
@@ -544,6 +565,66 @@ def fmt_row(name: str, values: list[float], unit: str = "ms", digits: int = 1) -
     return f"| {name} | {med:.{digits}f} | {lo:.{digits}f} | {hi:.{digits}f} |"
 
 
+def span(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """'median (min-max)' of values / scale."""
+    return " ".join([f"{statistics.median(values) / scale:.{digits}f}",
+                     f"({min(values) / scale:.{digits}f}-{max(values) / scale:.{digits}f})"])
+
+
+class Verdicts:
+    """The goal lines of the report; remembers which profile kinds the missed goals call for."""
+
+    def __init__(self, emit) -> None:
+        self.emit = emit
+        self.misses: list[str] = []
+
+    def goal(self, name: str, value: float, limit: float, unit: str = "x", kind: str | None = None,
+             alt: float | None = None, strict: bool = False, note: str = "") -> None:
+        """PASS/MISS of value <= limit (< with strict); alt: the ratio of the medians, as a cross-check."""
+        ok = value < limit if strict else value <= limit
+        if value == float("inf"):
+            extra = "  <- MISSED: sbr's increment b-a was <= 0 (lost in noise) in most rounds"
+        else:
+            extra = "" if ok else f"  <- MISSED by {value / limit:.2f}x ({value - limit:+.2f}{unit} over the goal)"
+        side = f"; ratio of the medians {alt:.2f}{unit}" if alt is not None else ""
+        self.emit(f"- {'PASS' if ok else 'MISS'} {name}: {value:.2f}{unit} "
+                  f"(goal {'<' if strict else '<='} {limit:g}{unit}{note}{side}){extra}")
+        if not ok and kind and kind not in self.misses:
+            self.misses.append(kind)
+
+    def info(self, name: str, value: float, unit: str = "x", note: str = "no goal") -> None:
+        self.emit(f"    - info: {name}: {value:.2f}{unit} ({note})")
+
+
+def version_table(ver: dict[str, list[float]]) -> list[str]:
+    """Phase 6: each process's per-round medians, and the per-round route-tune/sbr."""
+    rows = [f"VERSION start-up: `CNI_COMMAND=VERSION` (libcni's stdin), spawn to exit in ms; each round's value "
+            f"is the median of {VERSION_REPS} runs per process, interleaved ({len(ver['sbr'])} rounds):",
+            "", "| process / quantity | median | p10 | p90 |", "|---|---:|---:|---:|",
+            fmt_row("floor: /bin/true", ver["true"]),
+            fmt_row("sbr", ver["sbr"]),
+            fmt_row("route-tune (native forwarder, execs `python -I -S -c`)", ver["route-tune"]),
+            fmt_row("ratio route-tune/sbr (per round)", ratio(ver["route-tune"], ver["sbr"]), digits=2),
+            ""]
+    return rows
+
+
+def burst_table(burst: dict[str, dict[str, list[float]]], pods: int, quick: bool) -> list[str]:
+    """Phase 3: wall time per variant, and the per-round d/b of ADD and DEL."""
+    size = f"{pods} pods x 8 rails" + (" (QUICK: the goal is for 16 pods)" if quick else "")
+    rows = [f"Burst: {size} started at once (pods concurrent, each pod's rails in series); wall time until "
+            f"all are done, s (median, min-max over rounds):",
+            "", "| variant | rounds | ADD | DEL |", "|---|---:|---:|---:|"]
+    for v in "bcd":
+        adds, dels = burst[v]["add"], burst[v]["del"]
+        rows.append(f"| {LABEL[v]} | {len(adds)} | {span(adds, 1000)} | "
+                    f"{span(dels, 1000) if dels else 'not timed (undone via d)'} |")
+    rows += [f"| ratio d/b (per round) | {len(burst['d']['add'])} | "
+             f"{span(ratio(burst['d']['add'], burst['b']['add']))} | "
+             f"{span(ratio(burst['d']['del'], burst['b']['del']))} |", ""]
+    return rows
+
+
 def mount_state_tmpfs(cfg: dict) -> str:
     """Put stateDir on a tmpfs, as on a real node (default stateDir /run/route-tune; /run is a
     tmpfs under systemd).  This VM's /run and /tmp are ext4, where every fsync of the
@@ -568,14 +649,15 @@ def inner(cfg_file: str) -> int:
     if not bench.args.state_on_disk:
         mount_state_tmpfs(cfg)
     started = time.monotonic()
-    load_start = os.getloadavg()
+    loads = [os.getloadavg()[0]]  # 1-minute load average at the start of each phase, and at the end
     phases: list[tuple[str, float]] = []
     out: list[str] = []
     emit = out.append
 
     def phase(name: str) -> None:
         phases.append((name, time.monotonic()))
-        print(f"[{time.monotonic() - started:6.1f} s] {name}", flush=True)
+        loads.append(os.getloadavg()[0])
+        print(f"[{time.monotonic() - started:6.1f} s] {name} (load {loads[-1]:.1f})", flush=True)
 
     try:
         phase("server start")
@@ -595,6 +677,8 @@ def inner(cfg_file: str) -> int:
         foreign = bench.phase_foreign(foreign_rounds)
         phase(f"phase 5: {total_req} requests to the server")
         mem_series = bench.phase_requests(total_req, every)
+        phase(f"phase 6: VERSION start-up, {rounds} rounds (+1 warm-up) x {VERSION_REPS} runs per process")
+        ver = bench.phase_version(rounds, VERSION_REPS)
         phase("report")
         elapsed = time.monotonic() - started
 
@@ -603,8 +687,9 @@ def inner(cfg_file: str) -> int:
         emit(f"## route-tune chain benchmark: {n} interleaved rounds, {'QUICK smoke' if quick else 'full'} run, "
              f"{elapsed:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
         emit("")
-        emit(f"{os.cpu_count()} CPUs, Linux {os.uname().release}, load average {load_start[0]:.1f} at start / "
-             f"{os.getloadavg()[0]:.1f} at end; stateDir on {state_fs}; libcni 1.1.2 runner in the node netns.")
+        emit(f"{os.cpu_count()} CPUs, Linux {os.uname().release}, load average {loads[0]:.1f} at start / "
+             f"{max(loads):.1f} at most (sampled at each phase) / {loads[-1]:.1f} at end; stateDir on {state_fs}; "
+             "libcni 1.1.2 runner in the node netns.")
         emit("Per chain step = one runner run (spawn to exit) in ms; 8-rail pod = sum of its 8 steps in series. "
              f"One NIC: each round's value is the median of {NIC_REPS} interleaved ADD/DEL pairs (c: one pair).")
         emit("")
@@ -649,7 +734,7 @@ def inner(cfg_file: str) -> int:
             for name in ("macvlan", "sbr", "route-tune"):
                 if (v, name, "ADD") in peak:
                     label = {"macvlan": "macvlan (incl. its host-local child)", "sbr": "sbr",
-                             "route-tune": "route-tune in-process" if v == "c" else "route-tune forwarding shim"}[name]
+                             "route-tune": "route-tune in-process" if v == "c" else "route-tune native forwarder"}[name]
                     emit(f"| {v} | {label} | {peak[(v, name, 'ADD')] / 1024:.1f} | "
                          f"{peak.get((v, name, 'DEL'), 0) / 1024:.1f} |")
         emit("")
@@ -659,18 +744,7 @@ def inner(cfg_file: str) -> int:
         emit(f"| after phase 1 | {mem_rounds[0]:.1f} | {mem_rounds[1]:.1f} |")
         emit(f"| after the burst | {mem_burst[0]:.1f} | {mem_burst[1]:.1f} |")
         emit("")
-        emit(f"Burst: {burst_pods} pods x 8 rails started at once (pods concurrent, each pod's rails in series); "
-             f"wall time until all are done, s (median, min-max over rounds):")
-        emit("")
-        emit("| variant | rounds | ADD | DEL |")
-        emit("|---|---:|---:|---:|")
-        for v in "bcd":
-            a_, d_ = burst[v]["add"], burst[v]["del"]
-            dtext = (f"{statistics.median(d_) / 1000:.2f} ({min(d_) / 1000:.2f}-{max(d_) / 1000:.2f})"
-                     if d_ else "not timed (undone via d)")
-            emit(f"| {LABEL[v]} | {len(a_)} | {statistics.median(a_) / 1000:.2f} "
-                 f"({min(a_) / 1000:.2f}-{max(a_) / 1000:.2f}) | {dtext} |")
-        emit("")
+        out += burst_table(burst, burst_pods, quick)
         nf = len(foreign["a1empty"])
         emit(f"{FOREIGN_ROUTES} foreign routes in the node's table {HOST_TABLE} vs an empty table, ADD in ms "
              f"({nf} rounds, condition order alternated):")
@@ -701,39 +775,50 @@ def inner(cfg_file: str) -> int:
             emit(f"| {count} | {rss:.1f} | {hwm:.1f} |")
         emit("")
 
+        out += version_table(ver)
+
         # ---------------------------------------------------------------- goals
-        misses: list[str] = []
-        emit("Goals (medians of the per-round ratios):")
+        emit("Goals of issue 13, as ratios to sbr in this run (medians of the per-round ratios):")
         emit("")
-
-        def verdict(name: str, value: float, limit: float, unit: str = "x", kind: str | None = None,
-                    alt: float | None = None) -> None:
-            ok = value <= limit
-            if value == float("inf"):
-                extra = "  <- MISSED: sbr's increment b-a was <= 0 (lost in noise) in most rounds"
-            else:
-                extra = "" if ok else f"  <- MISSED by {value / limit:.2f}x ({value - limit:+.2f}{unit} over the goal)"
-            side = f"; ratio of the medians {alt:.2f}{unit}" if alt is not None else ""
-            emit(f"- {'PASS' if ok else 'MISS'} {name}: {value:.2f}{unit} (goal <= {limit:g}{unit}{side}){extra}")
-            if not ok and kind and kind not in misses:
-                misses.append(kind)
-
+        verdicts = Verdicts(emit)
         med = {v: {key: statistics.median(s[v][key]) for key in s[v]} for v in VARIANTS}
-        b_inc = med["b"]["add1"] - med["a"]["add1"]
-        verdict("resident increment per NIC, (d-a)/(b-a)", statistics.median(r_res), GOAL_RESIDENT_INC, kind="warm",
-                alt=(med["d"]["add1"] - med["a"]["add1"]) / b_inc if b_inc > 0 else float("inf"))
-        verdict("resident 8-rail pod ADD, d/b", statistics.median(r_pod), GOAL_RESIDENT_POD, kind="warm",
-                alt=med["d"]["add8"] / med["b"]["add8"])
-        verdict("in-process increment per NIC, (c-a)/(b-a)", statistics.median(r_inp), GOAL_INPROC_INC, kind="cold",
-                alt=(med["c"]["add1"] - med["a"]["add1"]) / b_inc if b_inc > 0 else float("inf"))
-        verdict("5,000 foreign routes, resident 8-rail pod ADD full/empty", statistics.median(r_for["d8"]),
-                GOAL_FOREIGN, kind="foreign")
-        verdict("5,000 foreign routes, in-process one NIC ADD full/empty", statistics.median(r_for["c1"]),
-                GOAL_FOREIGN, kind="foreign")
-        verdict(f"server VmRSS after {mem_series[-1][0]} requests", mem_series[-1][1], GOAL_RSS_MIB, unit=" MiB")
+
+        def ratio_of_medians_inc(v: str) -> float:
+            b_inc = med["b"]["add1"] - med["a"]["add1"]
+            return (med[v]["add1"] - med["a"]["add1"]) / b_inc if b_inc > 0 else float("inf")
+
+        verdicts.goal("resident increment per NIC, one NIC ADD, (d-a)/(b-a)", statistics.median(r_res),
+                      GOAL_RESIDENT_INC, kind="warm", alt=ratio_of_medians_inc("d"))
+        verdicts.info("cross-check, per NIC of the 8-rail pod ADD", statistics.median(r_res8))
+        verdicts.goal("in-process increment per NIC, one NIC ADD, (c-a)/(b-a)", statistics.median(r_inp),
+                      GOAL_INPROC_INC, kind="cold", alt=ratio_of_medians_inc("c"))
+        verdicts.info("cross-check, per NIC of the 8-rail pod ADD", statistics.median(r_inp8))
+        verdicts.goal("VERSION start-up, route-tune/sbr", statistics.median(ratio(ver["route-tune"], ver["sbr"])),
+                      GOAL_VERSION, kind="version",
+                      alt=statistics.median(ver["route-tune"]) / statistics.median(ver["sbr"]))
+        burst_name = f"burst {burst_pods} pods x 8 rails" + (" (QUICK: the goal is for 16 pods)" if quick else "")
+        verdicts.goal(f"{burst_name}, resident ADD wall time, d/b",
+                      statistics.median(ratio(burst["d"]["add"], burst["b"]["add"])), GOAL_BURST, kind="warm",
+                      alt=statistics.median(burst["d"]["add"]) / statistics.median(burst["b"]["add"]))
+        verdicts.info("the same burst's DEL, d/b", statistics.median(ratio(burst["d"]["del"], burst["b"]["del"])),
+                      note=f"no goal; {GOAL_BURST:g}x would be ADD's")
+        verdicts.info("resident 8-rail pod ADD, d/b", statistics.median(r_pod),
+                      note=f"no goal; issue 7's was <= {OLD_GOAL_RESIDENT_POD:g}x")
+        verdicts.goal("5,000 foreign routes, resident 8-rail pod ADD full/empty", statistics.median(r_for["d8"]),
+                      GOAL_FOREIGN, kind="foreign")
+        verdicts.goal("5,000 foreign routes, in-process one NIC ADD full/empty", statistics.median(r_for["c1"]),
+                      GOAL_FOREIGN, kind="foreign")
+        verdicts.goal(f"server VmRSS after {mem_series[-1][0]} requests", mem_series[-1][1], GOAL_RSS_MIB,
+                      unit=" MiB")
         growth = mem_series[-1][1] - mem_series[1][1]
-        verdict(f"server VmRSS flat: growth from {mem_series[1][0]} to {mem_series[-1][0]} requests", growth,
-                FLAT_MIB, unit=" MiB")
+        verdicts.goal(f"server VmRSS flat: growth from {mem_series[1][0]} to {mem_series[-1][0]} requests", growth,
+                      FLAT_MIB, unit=" MiB")
+        for v, process, kind in (("c", "route-tune in-process plugin", "cold"), ("d", "route-tune native forwarder",
+                                                                                  "warm")):
+            peak_mib = max(peak.get((v, "route-tune", c), 0) for c in ("ADD", "DEL")) / 1024
+            verdicts.goal(f"peak RSS of the {process} (max of ADD, DEL; wrapper floor {floor:.1f} MiB included)",
+                          peak_mib, COORDINATOR_PEAK_RSS_MIB, unit=" MiB", kind=kind, strict=True,
+                          note=", the coordinator's")
         if quick:
             emit("- (QUICK smoke: few rounds, 4 burst pods, 1,000 requests; the README quotes a full run)")
         emit("")
@@ -741,7 +826,7 @@ def inner(cfg_file: str) -> int:
         emit("Phase times: " + ", ".join(f"{name.split(':')[0]} {t2 - t1:.0f} s"
                                          for (name, t1), (_, t2) in zip(phases, phases[1:])))
         print("\n" + "\n".join(out), flush=True)
-        kinds = ["cold", "warm", "foreign"] if profile_always else misses
+        kinds = ["cold", "warm", "version", "foreign"] if profile_always else verdicts.misses
         if kinds:
             print(f"\n## Profiles of the missed goals ({', '.join(kinds)}), in the node netns, net1 attached\n", flush=True)
             bench.profile(kinds)
