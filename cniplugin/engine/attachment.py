@@ -4,13 +4,13 @@ that, the pod itself) describes them (design.md "Names")."""
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 
 from cniplugin.protocol.errors import InvalidConfig
 from cniplugin.engine.facts import PodFacts
+from cniplugin.engine.values import value
 
 
-@dataclass(frozen=True)
+@value
 class Attachment:
     """The interface being attached, as the previous plugins described it."""
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from cniplugin.engine import faults as _faults
 from cniplugin.kernel import netlink as _netlink
@@ -28,11 +27,12 @@ from cniplugin.engine.gather import (Gathered, gather_invocation, owned_node_obj
 from cniplugin.engine.invocation import Invocation
 from cniplugin.engine.planner import plan
 from cniplugin.engine.store import PHASE_APPLIED, AttachmentState, Store, key_text
+from cniplugin.engine.values import value
 
 _fault = _faults.point  # test-only fault points (see _faults and docs/routing.md)
 
 
-@dataclass(frozen=True)
+@value
 class Drift:
     """One difference between recorded intent and the kernel."""
 

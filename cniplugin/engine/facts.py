@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from cniplugin.engine.values import value
 from cniplugin.engine.objects import Neighbour, Route, Rule, object_from_dict, to_dict
 
 #: Node links whose addresses are not "node IPs" (coordinator's exclusion list, §2.1 step 11).
@@ -18,7 +19,7 @@ NODE_LINK_EXCLUDE = re.compile(
     r"|^lo$")
 
 
-@dataclass(frozen=True)
+@value
 class Link:
     index: int
     name: str
@@ -32,7 +33,7 @@ class Link:
     alias: str = ""              # IFLA_IFALIAS
 
 
-@dataclass(frozen=True)
+@value
 class Addr:
     ifname: str
     family: int
@@ -50,7 +51,7 @@ _RULE_FACT_FIELDS = ("family", "priority", "table", "src", "proto", "fwmark", "f
                      "selectors")
 
 
-@dataclass(frozen=True)
+@value
 class PodFacts:
     links: tuple[Link, ...] = ()
     addrs: tuple[Addr, ...] = ()
@@ -72,7 +73,7 @@ class PodFacts:
         return [r for r in self.main_routes if r.dev == dev and r.family == family]
 
 
-@dataclass(frozen=True)
+@value
 class NodeFacts:
     host_peer: Link | None                     # None: underlay veth not created yet
     node_ips: tuple[str, ...] = ()             # ordered; the first of a family = hijack gateway
@@ -84,7 +85,7 @@ class NodeFacts:
     claims: tuple[tuple[str, str], ...] = ()   # (pod address, node device that has it)
 
 
-@dataclass(frozen=True)
+@value
 class Facts:
     pod: PodFacts
     node: NodeFacts | None = None

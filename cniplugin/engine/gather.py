@@ -12,13 +12,14 @@ import contextlib
 import ipaddress
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from cniplugin._version import RTPROT_ROUTE_TUNE
 from cniplugin.engine.attachment import Attachment, attachment_from_result
 from cniplugin.engine.facts import NODE_LINK_EXCLUDE, Addr, Facts, Link, NodeFacts, PodFacts
 from cniplugin.engine.objects import LOCAL_TABLE, MAIN_TABLE, KernelObject
+from cniplugin.engine.values import value
 from cniplugin.engine.planner import UNDERLAY_VETH, resolve_mode
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.kernel import netns as _netns
@@ -143,7 +144,7 @@ def owned_pod_objects(nl: Netlink) -> list[KernelObject]:
 
 
 # -- the gatherer ------------------------------------------------------------------------
-@dataclass(frozen=True)
+@value
 class Gathered:
     """What one gather found: the resolved mode (the only place it is resolved for a request),
     the facts, and the attachment (None without a prevResult)."""

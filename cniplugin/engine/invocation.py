@@ -8,10 +8,11 @@ raw CNI variables, never re-derives a default and never duck-types a caller's ob
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from cniplugin.engine.defaults import require_chained
+from cniplugin.engine.values import value
 
 if TYPE_CHECKING:
     from cniplugin.protocol.config import PluginConfig
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Invocation"]
 
-@dataclass(frozen=True)
+@value
 class Invocation:
     """One engine command.
 

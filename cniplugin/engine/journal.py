@@ -8,16 +8,16 @@ after errors (a rollback must try every step).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cniplugin.engine import faults as _faults
 from cniplugin.engine.objects import KernelObject, LinkAttr, NftTable, Route, Sysctl, Veth
+from cniplugin.engine.values import value
 
 #: Kinds whose live value is read one by one (the others come from the request's dumps).
 READ_KINDS = (Sysctl, LinkAttr, Veth, NftTable)
 
 
-@dataclass
+@value(frozen=False)
 class Step:
     side: str               # pod | node
     action: str             # applied | displaced

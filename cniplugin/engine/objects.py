@@ -19,10 +19,11 @@ differ from their defaults, and the kernel's number -> name tables below are the
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Union
 
 from cniplugin._version import RTPROT_ROUTE_TUNE
+from cniplugin.engine.values import value
 
 LOCAL_TABLE, MAIN_TABLE, DEFAULT_TABLE = 255, 254, 253
 #: unspec, default, main, local: never a hostRuleTable and never a pod table.
@@ -63,7 +64,7 @@ def _table_word(table: int) -> str:
     return "main" if table == MAIN_TABLE else str(table)
 
 
-@dataclass(frozen=True, order=True)
+@value(order=True)
 class Rule:
     """``from <src> [fwmark <fwmark>/<fwmask>] lookup <table> pref <priority>``.
 
@@ -105,7 +106,7 @@ class Rule:
                 f"lookup {_table_word(self.table)} pref {self.priority} proto {self.proto}")
 
 
-@dataclass(frozen=True, order=True)
+@value(order=True)
 class Route:
     """A unicast route. ``metric`` is explicit (IPv6 routes default to 1024 in the kernel)."""
 
@@ -161,7 +162,7 @@ class Route:
         return dataclasses.replace(self, **changes)
 
 
-@dataclass(frozen=True, order=True)
+@value(order=True)
 class Neighbour:
     """A PERMANENT neighbour entry ``<ip> lladdr <lladdr> dev <dev>``."""
 
@@ -186,7 +187,7 @@ class Neighbour:
                 f"dev {self.dev} nud permanent proto {RTPROT_ROUTE_TUNE}")
 
 
-@dataclass(frozen=True, order=True)
+@value(order=True)
 class Sysctl:
     """A /proc/sys value, by its slash path (``net/ipv4/conf/net1/rp_filter``).
 
@@ -205,7 +206,7 @@ class Sysctl:
         return f"sysctl -w {self.path}={self.value}"
 
 
-@dataclass(frozen=True, order=True)
+@value(order=True)
 class LinkAttr:
     """A link attribute: ``attr`` is ``txqlen`` or ``address``."""
 
@@ -223,7 +224,7 @@ class LinkAttr:
         return f"ip link set dev {self.ifname} {word} {self.value}"
 
 
-@dataclass(frozen=True, order=True)
+@value(order=True)
 class Veth:
     """The underlay veth pair: ``name`` (veth0) in the pod, ``peer`` on the node.
 
@@ -260,7 +261,7 @@ class Veth:
         return "; ".join(lines)
 
 
-@dataclass(frozen=True, order=True)
+@value(order=True)
 class NftTable:
     """route-tune's nftables table (``inet route_tune``, see ``kernel.nft``): reply steering."""
 
@@ -332,7 +333,7 @@ def apply_order(objs) -> list[KernelObject]:
     return sorted(objs, key=lambda o: (_rank(o), o.key()))
 
 
-@dataclass(frozen=True)
+@value
 class Desired:
     """What one attachment needs, split by side and by ownership.
 

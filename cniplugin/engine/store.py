@@ -12,10 +12,11 @@ import json
 import os
 from contextlib import suppress
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from cniplugin.protocol.errors import IOFailure
 from cniplugin.engine.objects import Desired, KernelObject
+from cniplugin.engine.values import value
 
 STATE_VERSION = 1
 PHASE_APPLYING = "applying"
@@ -27,7 +28,7 @@ def key_text(obj: KernelObject) -> str:
     return "|".join(map(str, obj.key()))
 
 
-@dataclass
+@value(frozen=False)
 class AttachmentState:
     container_id: str
     ifname: str

@@ -20,7 +20,6 @@ import errno
 import ipaddress
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from cniplugin.kernel import netns as _netns
 from cniplugin.kernel import rtnl as _rtnl
@@ -34,6 +33,7 @@ from cniplugin.kernel.decode import link as _link
 from cniplugin.kernel.decode import routes as _routes
 from cniplugin.kernel.decode import rule as _rule
 from cniplugin.kernel.rtnl import NetlinkError
+from cniplugin.engine.values import value
 from cniplugin._version import RTPROT_ROUTE_TUNE
 
 _AF, _FAMILY = _rtnl.AF_OF_FAMILY, _rtnl.FAMILY_OF_AF
@@ -43,7 +43,7 @@ _FULL = {4: 32, 6: 128}
 _PROBE_DST = {4: "192.0.2.1", 6: "2001:db8::1"}
 
 
-@dataclass(frozen=True)
+@value
 class RouteGet:
     """What ``ip route get`` says: the table really used, the device, next hop and source."""
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
+
+from cniplugin.engine.values import value
 
 __all__ = [
     "ETH_P_ARP", "ETH_P_IPV6", "ARP_REQUEST", "ARP_REPLY", "ND_NS", "ND_NA", "BROADCAST",
@@ -36,7 +37,7 @@ _IP6 = struct.Struct("!IHBB16s16s")
 ALL_NODES = ipaddress.IPv6Address("ff02::1")
 
 
-@dataclass(frozen=True)
+@value
 class ArpPacket:
     """An Ethernet/IPv4 ARP packet (addresses as ``ipaddress`` objects, MACs as 6 bytes)."""
 
@@ -48,7 +49,7 @@ class ArpPacket:
     target_ip: ipaddress.IPv4Address
 
 
-@dataclass(frozen=True)
+@value
 class NdPacket:
     """A validated Neighbor Solicitation or Advertisement.
 

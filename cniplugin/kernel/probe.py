@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+from cniplugin.engine.values import value
 from cniplugin.kernel import packets as pk
 from cniplugin.protocol.errors import (CNIError, GatewayUnreachable, InterfaceNotFound, IPConflict, PluginError,
                       TryAgainLater)
@@ -37,7 +38,7 @@ _IFA_F_OPTIMISTIC, _IFA_F_DADFAILED, _IFA_F_TENTATIVE = 0x04, 0x08, 0x40
 _DAD_POLL = 0.005
 
 
-@dataclass(frozen=True)
+@value
 class ProbeOptions:
     """``detectOptions``: ``retries`` probes, ``interval`` apart (capped at ``timeout``), and
     ``timeout`` to wait after the last one. All in seconds."""
@@ -193,7 +194,7 @@ class _Channel:
                 yield frame
 
 
-@dataclass
+@value(frozen=False)
 class _Channels:
     """Opens at most one channel per family for a check and closes them all at the end."""
 

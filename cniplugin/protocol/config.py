@@ -164,7 +164,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
 
-class PolicyRoute(_Model):
+class _Nested(_Model):
+    # Validated inside PluginConfig's own schema: a validator of its own is built only on first
+    # direct use (saves building one per class in every plugin process).
+    model_config = ConfigDict(defer_build=True)
+
+
+class PolicyRoute(_Nested):
     """A static route put into the attachment's policy table: ``dst via gw dev netK``."""
 
     dst: Network
@@ -177,7 +183,7 @@ class PolicyRoute(_Model):
         return self
 
 
-class DetectOptions(_Model):
+class DetectOptions(_Nested):
     retries: int = Field(3, ge=1)
     interval: Duration = Field(0.010, ge=0)  # seconds
     timeout: Duration = Field(0.100, gt=0)  # seconds

@@ -68,7 +68,13 @@ class _WireModel(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
 
-class Interface(_WireModel):
+class _Nested(_WireModel):
+    # Validated inside Result's own schema: a validator of its own is built only on first direct
+    # use (saves building one per class in every plugin process).
+    model_config = ConfigDict(defer_build=True)
+
+
+class Interface(_Nested):
     name: str
     mac: str = ""
     mtu: int = 0
@@ -77,7 +83,7 @@ class Interface(_WireModel):
     pci_id: str = Field("", alias="pciID")
 
 
-class IPConfig(_WireModel):
+class IPConfig(_Nested):
     address: CIDRField
     gateway: AddressField = None
     interface: int | None = Field(None, ge=0)
@@ -87,7 +93,7 @@ class IPConfig(_WireModel):
         return self.address.version
 
 
-class Route(_WireModel):
+class Route(_Nested):
     dst: CIDRField
     gw: AddressField = None
     mtu: int = 0
@@ -97,7 +103,7 @@ class Route(_WireModel):
     scope: int | None = None
 
 
-class DNS(_WireModel):
+class DNS(_Nested):
     nameservers: list[str] = []
     domain: str = ""
     search: list[str] = []
