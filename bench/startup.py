@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python bench/startup.py [--runs 20] [--lab]
 Prints a Markdown table (median and min over the runs, in milliseconds) for the README.
-Each command runs as a runtime would run it: the installed console script, env + stdin only.
+Each command runs as a runtime would run it: the installed executables (the venv's `route-tune` is the native forwarder), env + stdin only.
 
 ``--lab`` (root) adds a real in-process ADD and DEL of rail 1 on a 1-rail lab (docs/lab.md):
 the lab is built, macvlan + host-local attach net1, and every row, the bare interpreter

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
-ROUTE_TUNE = VENV_BIN / "route-tune"  # the installed console script (shebang: venv python)
+ROUTE_TUNE = VENV_BIN / "route-tune"  # the native forwarder bin/dev setup builds (execs the venv python)
 CNI_ROUTE_TUNE = VENV_BIN / "cni-route-tune"
 PYTHON = VENV_BIN / "python"
 
