@@ -261,29 +261,29 @@ class Netlink:
     def route_match(self, dst: str) -> tuple[int, str] | None:
         """The route this netns would use for ``dst`` (a FIB-match lookup through the rules):
         ``(prefix length, device)``, or None when nothing routes it."""
+        msg = self._fib_match(dst)
+        if msg is None:
+            return None
+        oif = msg.u32(_rtnl.RTA_OIF)
+        return msg.fields[1], self.name_of(oif) if oif else ""
+
+    def _fib_match(self, dst: str):
+        """The route entry that matches ``dst`` through the rules (RTM_F_FIB_MATCH: one message,
+        however large the tables are), or None when nothing routes it."""
         family = 6 if ":" in dst else 4
         body = (_rtnl.rtmsg(_AF[family], dst_len=_FULL[family],
                             flags=_lookup_flags(family) | _RTM_F_FIB_MATCH)
                 + _rtnl.attr(_rtnl.RTA_DST, _rtnl.ip_bytes(dst)))
         try:
-            msg = self.sock.get(_rtnl.RTM_GETROUTE, body)
+            return self.sock.get(_rtnl.RTM_GETROUTE, body)
         except NetlinkError:
             return None
-        oif = msg.u32(_rtnl.RTA_OIF)
-        return msg.fields[1], self.name_of(oif) if oif else ""
 
     def default_gateways(self, family: int) -> list[str]:
         """Gateways of the default route this netns uses (a FIB-match lookup: one message,
         however large the main table is)."""
-        dst = _PROBE_DST[family]
-        body = (_rtnl.rtmsg(_AF[family], dst_len=_FULL[family],
-                            flags=_lookup_flags(family) | _RTM_F_FIB_MATCH)
-                + _rtnl.attr(_rtnl.RTA_DST, _rtnl.ip_bytes(dst)))
-        try:
-            msg = self.sock.get(_rtnl.RTM_GETROUTE, body)
-        except NetlinkError:
-            return []
-        if msg.fields[1] != 0:   # a more specific route matched: not a default route
+        msg = self._fib_match(_PROBE_DST[family])
+        if msg is None or msg.fields[1] != 0:   # nothing, or a more specific route: no default
             return []
         legs = msg.attrs.get(_rtnl.RTA_MULTIPATH)
         if legs:

@@ -133,18 +133,6 @@ def _netns_gone(env: CniEnv, pod_netns_fd: int | None) -> bool:
 def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = None,
         node_netns_fd: int | None = None, via: str = "") -> Outcome:
     """Serve one CNI invocation; never raises."""
-    outcome = _run(environ, stdin, pod_netns_fd, node_netns_fd, via)
-    if via == "in-process":
-        # The one-shot executable exits right after this reply. Interpreter shutdown would run a
-        # full cyclic collection over every object pydantic and the engine created (~35 ms, a
-        # fifth of an in-process ADD); frozen objects are skipped by it. Never in a server.
-        import gc
-        gc.freeze()
-    return outcome
-
-
-def _run(environ: Mapping[str, str], stdin: bytes, pod_netns_fd: int | None,
-         node_netns_fd: int | None, via: str) -> Outcome:
     command = environ.get("CNI_COMMAND", "")
     if not command:
         return Outcome(b"", 0, about_text().encode())

@@ -20,12 +20,13 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from cniplugin._version import PLUGIN_NAME, __version__
+
 __all__ = ["SOURCE", "BuildError", "build", "built_for", "compile_forwarder", "compiler", "default_paths", "inprocess_argv",
            "inprocess_code", "is_native"]
 
 SOURCE = Path(__file__).with_name("forwarder.c")
 ENTRY_MODULE = "cniplugin.transport.plugin"
-PROGRAM_NAME = "route-tune"
 CFLAGS = ("-O2", "-static", "-s", "-Wall", "-Wextra", "-Werror")
 
 
@@ -44,7 +45,7 @@ def default_paths() -> list[str]:
 def inprocess_code(paths: list[str]) -> str:
     """The ``-c`` program of the in-process plugin: no ``site`` (``-S``), our paths appended
     after the standard library so nothing there can shadow it."""
-    return (f"import sys;sys.argv[0]={PROGRAM_NAME!r};sys.path.extend({paths!r});"
+    return (f"import sys;sys.argv[0]={PLUGIN_NAME!r};sys.path.extend({paths!r});"
             f"from {ENTRY_MODULE} import main;sys.exit(main())")
 
 
@@ -89,8 +90,6 @@ def compile_forwarder(*, python: str | None = None, paths: list[str] | None = No
     node sees them* (default: this interpreter's); ``version`` is the runtime label that
     ``cni-route-tune install`` reads back from the binary.
     """
-    from cniplugin._version import __version__
-
     cc = cc or compiler()
     if not cc:
         raise BuildError("no C compiler: install gcc and libc6-dev (apt-get install gcc "
@@ -102,7 +101,7 @@ def compile_forwarder(*, python: str | None = None, paths: list[str] | None = No
     with tempfile.TemporaryDirectory(prefix="route-tune-build-") as tmp:
         header = Path(tmp) / "runtime.h"
         header.write_text(defines)
-        out = Path(tmp) / PROGRAM_NAME
+        out = Path(tmp) / PLUGIN_NAME
         proc = subprocess.run([cc, *CFLAGS, "-include", str(header), "-o", str(out), str(SOURCE)],
                               capture_output=True, text=True)
         if proc.returncode != 0:

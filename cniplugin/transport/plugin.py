@@ -72,7 +72,12 @@ def main() -> None:
     from cniplugin.transport.pydantic_setup import disable_plugin_discovery
     disable_plugin_discovery()
     from cniplugin.protocol import dispatch as _protocol
-    _emit(_protocol.run(environ, stdin, via="in-process" if command in _READS_STDIN else ""))
+    outcome = _protocol.run(environ, stdin, via="in-process" if command in _READS_STDIN else "")
+    # Exit follows the reply. Interpreter shutdown would run a full cyclic collection over every
+    # object pydantic and the engine created (~35 ms, a fifth of an in-process ADD); it skips
+    # frozen objects.
+    gc.freeze()
+    _emit(outcome)
 
 
 def _read_stdin(command: str) -> bytes:
