@@ -216,7 +216,7 @@ def with_floors(cases: dict[str, tuple[list[str], dict]], n: int,
 
 
 def warm(env: dict, stdin: bytes, n: int, title: str) -> None:
-    from cniplugin.protocol import dispatch as _protocol
+    from cniplugin.transport.plugin import serve_request
     add_env, del_env = {**env, "CNI_COMMAND": "ADD"}, {**env, "CNI_COMMAND": "DEL"}
 
     def cycle(profiler: cProfile.Profile | None = None) -> tuple[float, float]:
@@ -225,7 +225,7 @@ def warm(env: dict, stdin: bytes, n: int, title: str) -> None:
             start = time.perf_counter()
             if profiler:
                 profiler.enable()
-            out = _protocol.run(e, stdin, via="bench-profile")
+            out = serve_request(e, stdin, via="bench-profile")
             if profiler:
                 profiler.disable()
             times.append((time.perf_counter() - start) * 1000)

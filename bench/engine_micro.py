@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cniplugin.engine import commands as _engine  # noqa: E402  (imports done before timing)
-from cniplugin.engine.invocation import Invocation  # noqa: E402
+from cniplugin.protocol.invocation import Invocation  # noqa: E402
 from cniplugin.kernel import netns as _netns  # noqa: E402
 from cniplugin.protocol import config as _config  # noqa: E402
 from cniplugin.protocol import wire as _wire  # noqa: E402

@@ -24,8 +24,8 @@ __all__ = [
 
 #: public name -> (module under cniplugin, attribute there)
 _LAZY = {
-    "run": ("protocol.dispatch", "run"), "Outcome": ("protocol.dispatch", "Outcome"),
-    "Invocation": ("engine.invocation", "Invocation"),
+    "run": ("transport.plugin", "serve_request"), "Outcome": ("protocol.dispatch", "Outcome"),
+    "Invocation": ("protocol.invocation", "Invocation"),
     "Result": ("protocol.wire", "Result"), "Interface": ("protocol.wire", "Interface"),
     "IPConfig": ("protocol.wire", "IPConfig"), "Route": ("protocol.wire", "Route"), "DNS": ("protocol.wire", "DNS"),
     "parse_result": ("protocol.wire", "parse_result"), "dump_result": ("protocol.wire", "dump_result"),

@@ -35,7 +35,7 @@ def _node_netns(p: argparse.ArgumentParser) -> None:
 
 
 def _state_dir_option(p: argparse.ArgumentParser) -> None:
-    from cniplugin.engine.defaults import STATE_DIR
+    from cniplugin.records.defaults import STATE_DIR
     p.add_argument("--state-dir", metavar="DIR",
                    help="route-tune state dir (default: stateDir of the node defaults file "
                         "$ROUTE_TUNE_DEFAULTS or /etc/cni/route-tune/defaults.json, else "
@@ -107,12 +107,12 @@ def node_defaults(environ=None):
 
 
 def state_dir(args) -> str:
-    from cniplugin.engine.defaults import STATE_DIR
+    from cniplugin.records.defaults import STATE_DIR
     return args.state_dir or node_defaults().values.get("stateDir") or STATE_DIR
 
 
 def host_rule_table() -> int:
-    from cniplugin.engine.defaults import HOST_RULE_TABLE
+    from cniplugin.records.defaults import HOST_RULE_TABLE
     return int(node_defaults().values.get("hostRuleTable") or HOST_RULE_TABLE)
 
 

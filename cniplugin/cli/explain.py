@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from cniplugin.cli.iptext import short, text
 from cniplugin.cli.live import Snapshot, snapshot
-from cniplugin.engine.objects import Route, Rule, table_name
+from cniplugin.records.objects import Route, Rule, table_name
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.protocol.errors import InterfaceNotFound, RouteConflict
 

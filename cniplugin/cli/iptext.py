@@ -1,4 +1,4 @@
-"""Live kernel objects (``engine.objects`` Rule/Route/Neighbour) as ``ip`` prints them, and as JSON.
+"""Live kernel objects (``records.objects`` Rule/Route/Neighbour) as ``ip`` prints them, and as JSON.
 
 ``render()`` on an object is the command that installs it; ``text()`` here is what ``ip rule`` /
 ``ip route`` / ``ip neigh`` show for it, with every live-only field (actions, selectors, route
@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 
 from cniplugin._version import RTPROT_ROUTE_TUNE
-from cniplugin.engine.objects import PROTO_NAMES, Neighbour, Route, Rule, table_name
+from cniplugin.records.objects import PROTO_NAMES, Neighbour, Route, Rule, table_name
 
 
 def owner_of(proto: int) -> str:

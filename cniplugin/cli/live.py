@@ -3,7 +3,7 @@
 The engine's readers take only what the planner needs (lookup rules with a source, unicast
 routes). An operator needs everything: ``goto``/``unreachable`` rules, ``iif``/``fwmark``
 selectors, blackhole and local routes. The adapter's full reads (``kernel.netlink`` ``all_rules``,
-``all_routes``, ``configured_neighbours``) return them as the engine's own ``engine.objects`` types;
+``all_routes``, ``configured_neighbours``) return them as the engine's own ``records.objects`` types;
 this module gathers them into a ``Snapshot`` and finds netns and state files. Planning and
 checking are never redone here: drift comes from ``engine.commands.diff_state``, facts from the engine's
 gatherers. ``show`` builds views (``cli.show``), ``orphans`` finds leftovers (``cli.orphans``),
@@ -16,8 +16,8 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from cniplugin.engine.facts import Addr, Facts, Link
-from cniplugin.engine.objects import Neighbour, Route, Rule
+from cniplugin.records.facts import Addr, Facts, Link
+from cniplugin.records.objects import Neighbour, Route, Rule
 from cniplugin.engine.store import AttachmentState, Store
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.kernel import netns as _netns

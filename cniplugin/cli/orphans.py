@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from cniplugin.cli.iptext import text
 from cniplugin.cli.live import netns_inode, read_neighbours, read_routes, read_rules, state_file
-from cniplugin.engine.objects import Neighbour, Route, Rule
+from cniplugin.records.objects import Neighbour, Route, Rule
 from cniplugin.engine.store import AttachmentState, Store
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.kernel import netns as _netns
@@ -66,7 +66,7 @@ def remove_orphans(found: Orphans, store: Store, node_fd: int | None) -> None:
     """Clean up what ``find_orphans`` found: stale states through the engine's DEL (node side
     only: their pod is gone), then unreferenced objects, re-checked under the node lock."""
     from cniplugin.engine import commands as _engine
-    from cniplugin.engine.invocation import Invocation
+    from cniplugin.protocol.invocation import Invocation
 
     for state, _why in found.stale_states:
         inv = Invocation("DEL", state.container_id, state.ifname, "", state.network, "",

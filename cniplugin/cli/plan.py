@@ -18,7 +18,7 @@ def _plan_options(p) -> None:
 
 
 def _saved_facts(path: str):
-    from cniplugin.engine.facts import Facts
+    from cniplugin.records.facts import Facts
     data = read_json(path, "facts")
     if isinstance(data, dict) and isinstance(data.get("facts"), dict):
         data = data["facts"]  # a saved `show --json`

@@ -81,7 +81,7 @@ cmd_facts = subcommand(
 
 # -- orphans -------------------------------------------------------------------------------
 def _orphans_options(p) -> None:
-    from cniplugin.engine.defaults import HOST_RULE_TABLE
+    from cniplugin.records.defaults import HOST_RULE_TABLE
     p.add_argument("--remove", action="store_true", help="remove what was found")
     p.add_argument("--host-rule-table", type=int, action="append", metavar="T",
                    help="also look in this table (default: the node defaults' hostRuleTable, "

@@ -15,7 +15,7 @@ from cniplugin.cli.explain import Explanation
 from cniplugin.cli.iptext import text, to_json
 from cniplugin.cli.orphans import Orphans
 from cniplugin.cli.show import InterfaceView, NodeView, PodView, Problem
-from cniplugin.engine.objects import Rule, table_name
+from cniplugin.records.objects import Rule, table_name
 
 _TAG_COLUMN = 70
 

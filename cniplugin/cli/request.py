@@ -98,7 +98,7 @@ def build_invocation(args, command: str, need_ifname: bool = True):
 
     Without ``need_ifname`` a missing interface name becomes the placeholder ``-`` (verify
     then finds the attachment by network name)."""
-    from cniplugin.engine.invocation import Invocation
+    from cniplugin.protocol.invocation import Invocation
     from cniplugin.protocol import config as _config
     from cniplugin.protocol import wire as _wire
     from cniplugin.protocol.env import parse_env

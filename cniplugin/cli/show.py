@@ -1,6 +1,6 @@
 """``cni-route-tune show``: a pod's routing grouped by interface, and what looks wrong in it.
 
-Objects are the engine's own (``engine.objects``), read by ``cli.live``; drift comes from the engine's
+Objects are the engine's own (``records.objects``), read by ``cli.live``; drift comes from the engine's
 CHECK (``live.state_drift``). ``render`` prints the views.
 """
 
@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from cniplugin.cli.iptext import short, text
 from cniplugin.cli.live import (Snapshot, gather_facts, netns_inode, read_neighbours,
                                 read_routes, read_rules, snapshot, state_drift, states_of_pod)
-from cniplugin.engine.facts import Addr, Facts, Link
-from cniplugin.engine.objects import (LOCAL_TABLE, MAIN_TABLE, RESERVED_TABLES, Neighbour,
+from cniplugin.records.facts import Addr, Facts, Link
+from cniplugin.records.objects import (LOCAL_TABLE, MAIN_TABLE, RESERVED_TABLES, Neighbour,
                                       Route, Rule, table_name)
 from cniplugin.engine.store import AttachmentState, Store
 from cniplugin.kernel import netlink as _netlink

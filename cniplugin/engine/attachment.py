@@ -6,8 +6,8 @@ from __future__ import annotations
 import ipaddress
 
 from cniplugin.protocol.errors import InvalidConfig
-from cniplugin.engine.facts import PodFacts
-from cniplugin.engine.values import value
+from cniplugin.records.facts import PodFacts
+from cniplugin.records.values import value
 
 
 @value

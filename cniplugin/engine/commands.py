@@ -19,15 +19,15 @@ from cniplugin.kernel import netlink as _netlink
 from cniplugin.kernel import netns as _netns
 from cniplugin.protocol.errors import (CheckFailed, IOFailure, PluginError, PluginNotAvailable,
                                        UnknownContainer)
-from cniplugin.engine.facts import Facts
+from cniplugin.records.facts import Facts
 from cniplugin.engine.journal import READ_KINDS, Applier, Step, undo
-from cniplugin.engine.objects import Desired, KernelObject, LinkAttr, Route, Sysctl, Veth, apply_order
+from cniplugin.records.objects import Desired, KernelObject, LinkAttr, Route, Sysctl, Veth, apply_order
 from cniplugin.engine.gather import (Gathered, gather_invocation, owned_node_objects,
                                      owned_pod_objects, sessions)
-from cniplugin.engine.invocation import Invocation
+from cniplugin.protocol.invocation import Invocation
 from cniplugin.engine.planner import plan
 from cniplugin.engine.store import PHASE_APPLIED, AttachmentState, Store, key_text
-from cniplugin.engine.values import value
+from cniplugin.records.values import value
 
 _fault = _faults.point  # test-only fault points (see _faults and docs/routing.md)
 
@@ -432,3 +432,13 @@ def owned_objects(netns_fd: int | None) -> list[KernelObject]:
     """Every rule/route/neighbour route-tune owns in a netns (protocol 231)."""
     with _netlink.session(netns_fd) as nl:
         return owned_pod_objects(nl)
+
+
+_COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc,
+             "STATUS": cmd_status}
+
+
+def execute(inv: Invocation):
+    """Run ``inv.command``: ADD returns the result to print, the other commands None. This is
+    the ``engine`` a transport hands to ``protocol.dispatch.run``."""
+    return _COMMANDS[inv.command](inv)

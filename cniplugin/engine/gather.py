@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING
 
 from cniplugin._version import RTPROT_ROUTE_TUNE
 from cniplugin.engine.attachment import Attachment, attachment_from_result
-from cniplugin.engine.facts import NODE_LINK_EXCLUDE, Addr, Facts, Link, NodeFacts, PodFacts
-from cniplugin.engine.objects import LOCAL_TABLE, MAIN_TABLE, KernelObject
-from cniplugin.engine.values import value
+from cniplugin.records.facts import NODE_LINK_EXCLUDE, Addr, Facts, Link, NodeFacts, PodFacts
+from cniplugin.records.objects import LOCAL_TABLE, MAIN_TABLE, KernelObject
+from cniplugin.records.values import value
 from cniplugin.engine.planner import UNDERLAY_VETH, resolve_mode
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.kernel import netns as _netns
 from cniplugin.protocol.errors import InterfaceNotFound, RouteConflict
 
 if TYPE_CHECKING:
-    from cniplugin.engine.invocation import Invocation
+    from cniplugin.protocol.invocation import Invocation
     from cniplugin.kernel.netlink import Netlink
 
 
@@ -256,7 +256,7 @@ def assumed_facts(inv: Invocation) -> Facts:
     prevResult's routes via netK (as IPAM installs them); no rules or tables besides main and
     local; no node facts. So the plan has no table 100, no cluster routes and no node side.
     """
-    from cniplugin.engine.objects import Route
+    from cniplugin.records.objects import Route
     ifname, eth0, prev = inv.ifname, inv.config.pod_default_cni_nic, inv.prev_result
     mac = next((i.mac for i in prev.interfaces if i.name == ifname and i.mac), "")
     links = (Link(2, eth0, "veth"), Link(3, ifname, "", mac or ""))

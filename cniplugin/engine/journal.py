@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cniplugin.engine import faults as _faults
-from cniplugin.engine.objects import KernelObject, LinkAttr, NftTable, Route, Sysctl, Veth
-from cniplugin.engine.values import value
+from cniplugin.records.objects import KernelObject, LinkAttr, NftTable, Route, Sysctl, Veth
+from cniplugin.records.values import value
 
 #: Kinds whose live value is read one by one (the others come from the request's dumps).
 READ_KINDS = (Sysctl, LinkAttr, Veth, NftTable)

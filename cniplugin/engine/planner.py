@@ -11,10 +11,10 @@ import hashlib
 import ipaddress
 
 from cniplugin.engine.attachment import Attachment, attachment_from_result
-from cniplugin.engine.defaults import normalise_mode
+from cniplugin.records.defaults import normalise_mode
 from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
-from cniplugin.engine.facts import Facts, NodeFacts, PodFacts
-from cniplugin.engine.objects import (MAIN_TABLE, SCOPE_LINK, SCOPE_UNIVERSE, Desired, KernelObject,
+from cniplugin.records.facts import Facts, NodeFacts, PodFacts
+from cniplugin.records.objects import (MAIN_TABLE, SCOPE_LINK, SCOPE_UNIVERSE, Desired, KernelObject,
                        RESERVED_TABLES, LinkAttr, Neighbour, NftTable, Route, Rule, Sysctl, Veth, default_dst)
 from cniplugin._version import RTPROT_ROUTE_TUNE
 

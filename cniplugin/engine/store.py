@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import field
 
 from cniplugin.protocol.errors import IOFailure
-from cniplugin.engine.objects import Desired, KernelObject
-from cniplugin.engine.values import value
+from cniplugin.records.objects import Desired, KernelObject
+from cniplugin.records.values import value
 
 STATE_VERSION = 1
 PHASE_APPLYING = "applying"

@@ -1,4 +1,4 @@
-"""Netlink messages as ``engine.facts``/``engine.objects`` values: the adapter's only decoders.
+"""Netlink messages as ``records.facts``/``records.objects`` values: the adapter's only decoders.
 
 ``routes`` is the one route decoder, for the engine's filtered dumps (unicast, one Route per next
 hop) and the CLI's full ones (any type, legs kept together). ``rule`` reads the engine's lookup
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from cniplugin.engine.facts import Link
-from cniplugin.engine.objects import (ROUTE_TYPES, RULE_ACTIONS, SCOPE_NAMES, Route, Rule,
+from cniplugin.records.facts import Link
+from cniplugin.records.objects import (ROUTE_TYPES, RULE_ACTIONS, SCOPE_NAMES, Route, Rule,
                                       default_dst)
 from cniplugin.kernel import rtnl as _rtnl
 

@@ -1,4 +1,4 @@
-"""The netlink adapter: kernel state in and out as ``engine.facts``/``engine.objects`` values.
+"""The netlink adapter: kernel state in and out as ``records.facts``/``records.objects`` values.
 
 A ``Netlink`` session owns one rtnetlink socket (``kernel.rtnl``) bound to one netns for its whole
 life, whatever netns the calling thread is in later; file-based work (sysctls, nftables) enters
@@ -8,7 +8,7 @@ session caches anything beyond its request (the resident server is long-lived).
 
 Every route message, the engine's and the CLI's, goes through one decoder (``decode.routes``); the
 CLI's full reads (``all_routes``, ``all_rules``, ``configured_neighbours``) return the same
-``engine.objects`` types as the engine's, with their live-only fields filled. It is still the only
+``records.objects`` types as the engine's, with their live-only fields filled. It is still the only
 module that imports pyroute2: lazily, for the CLI's rule dump (``all_rules``; the engine never
 touches it). docs/design.md ("Netlink paths") says why each path exists.
 """
@@ -25,15 +25,15 @@ from cniplugin.kernel import netns as _netns
 from cniplugin.kernel import rtnl as _rtnl
 from cniplugin.kernel import veth as _veth
 from cniplugin.protocol.errors import InterfaceNotFound, RouteConflict
-from cniplugin.engine.facts import Addr, Link
-from cniplugin.engine.objects import (SCOPE_NUMBERS, KernelObject, LinkAttr, Neighbour, NftTable,
+from cniplugin.records.facts import Addr, Link
+from cniplugin.records.objects import (SCOPE_NUMBERS, KernelObject, LinkAttr, Neighbour, NftTable,
                                       Route, Rule, Sysctl, Veth)
 from cniplugin.kernel.decode import full_rule as _full_rule
 from cniplugin.kernel.decode import link as _link
 from cniplugin.kernel.decode import routes as _routes
 from cniplugin.kernel.decode import rule as _rule
 from cniplugin.kernel.rtnl import NetlinkError
-from cniplugin.engine.values import value
+from cniplugin.records.values import value
 from cniplugin._version import RTPROT_ROUTE_TUNE
 
 _AF, _FAMILY = _rtnl.AF_OF_FAMILY, _rtnl.FAMILY_OF_AF
@@ -347,7 +347,7 @@ class Netlink:
                 self.sock.change(_rtnl.RTM_NEWNEIGH, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_REPLACE,
                                  self._neigh_body(obj, self._require_index(obj.dev), True))
             elif isinstance(obj, Sysctl):
-                self._write_sysctl(obj.path, obj.value)
+                self.write_sysctl(obj.path, obj.value)
             elif isinstance(obj, LinkAttr):
                 self._link_set(obj, obj.value)
             elif isinstance(obj, Veth):
@@ -421,7 +421,7 @@ class Netlink:
                     self.sock.change(_rtnl.RTM_NEWROUTE, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_EXCL,
                                      self._route_body(obj))
             elif isinstance(obj, Sysctl) and original is not None:
-                self._write_sysctl(obj.path, original)
+                self.write_sysctl(obj.path, original)
             elif isinstance(obj, LinkAttr) and original is not None:
                 if self._index(obj.ifname) is not None:
                     self._link_set(obj, original)
@@ -466,7 +466,7 @@ class Netlink:
             raise InterfaceNotFound(f"interface {name!r} is gone")
         return index
 
-    def _write_sysctl(self, path: str, value: str) -> None:
+    def write_sysctl(self, path: str, value: str) -> None:
         with _netns.entered(self.fd), open(f"/proc/sys/{path}", "w") as f:
             f.write(value)
 

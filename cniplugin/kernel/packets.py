@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from cniplugin.engine.values import value
+from cniplugin.records.values import value
 
 __all__ = [
     "ETH_P_ARP", "ETH_P_IPV6", "ARP_REQUEST", "ARP_REPLY", "ND_NS", "ND_NA", "BROADCAST",

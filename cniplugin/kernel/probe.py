@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from cniplugin.engine.values import value
+from cniplugin.records.values import value
 from cniplugin.kernel import packets as pk
 from cniplugin.protocol.errors import (CNIError, GatewayUnreachable, InterfaceNotFound, IPConflict, PluginError,
                       TryAgainLater)

@@ -5,8 +5,8 @@ call, every attribute of every message decoded, dump filters applied in user spa
 kernel sent everything). Here a request costs tens of microseconds, only the attributes asked
 for are decoded, and dumps carry kernel-side filters (``NETLINK_GET_STRICT_CHK``: table,
 protocol, output device, ifindex), so 5,000 foreign routes in a node table are skipped by the
-kernel. ``kernel.netlink`` is the only user; ``decode`` maps these raw messages to ``engine.facts``/
-``engine.objects``.
+kernel. ``kernel.netlink`` is the only user; ``decode`` maps these raw messages to ``records.facts``/
+``records.objects``.
 
 A ``Socket`` is bound to the netns the calling thread is in when it is created and stays there.
 """

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from cniplugin.kernel import rtnl as _rtnl
 from cniplugin.protocol.errors import RouteConflict
-from cniplugin.engine.objects import Veth
+from cniplugin.records.objects import Veth
 from cniplugin.kernel.rtnl import NetlinkError
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def apply(nl: Netlink, veth: Veth) -> None:
             f"the node end {veth.peer!r} of {veth.name} is missing or is another pod's "
             f"link (node link names use the first 11 characters of the container id)")
     try:
-        node._write_sysctl(f"net/ipv6/conf/{veth.peer}/accept_ra", "0")
+        node.write_sysctl(f"net/ipv6/conf/{veth.peer}/accept_ra", "0")
     except FileNotFoundError:
         pass  # IPv6 is disabled on the node: no router advertisement to refuse
     node.set_link(peer.index, True,

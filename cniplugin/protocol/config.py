@@ -23,9 +23,9 @@ from typing import Annotated, Any, Literal, Mapping, Union
 from cniplugin.protocol.pydantic_base import BaseModel, Before, ConfigDict, Dump, Field, ValidationError, \
     ValidationInfo, field_validator, model_validator
 
-from cniplugin.engine.defaults import HOST_RULE_PRIORITY, HOST_RULE_TABLE, SOCKET_PATH, STATE_DIR, \
+from cniplugin.records.defaults import HOST_RULE_PRIORITY, HOST_RULE_TABLE, SOCKET_PATH, STATE_DIR, \
     normalise_mode
-from cniplugin.engine.objects import RESERVED_TABLES
+from cniplugin.records.objects import RESERVED_TABLES
 from cniplugin.protocol.env import NodeDefaults, read_node_defaults, validate_ifname
 from cniplugin.protocol.errors import InvalidConfig, InvalidEnvironment
 from cniplugin.protocol.log import DEFAULT_LOG_DIR, LogOptions, effective_log_options

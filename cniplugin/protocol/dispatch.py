@@ -34,8 +34,13 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Mapping
 
+    from typing import Callable
+
     from cniplugin.protocol.env import CniEnv, NodeDefaults
+    from cniplugin.protocol.invocation import Invocation
     from cniplugin.protocol.wire import Result
+
+    Engine = Callable[[Invocation], "Result | None"]
 
 __all__ = ["Outcome", "run", "error_outcome", "about_text", "version_reply"]
 
@@ -130,9 +135,14 @@ def _netns_gone(env: CniEnv, pod_netns_fd: int | None) -> bool:
 
 # ---------------------------------------------------------------- dispatch
 
-def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = None,
-        node_netns_fd: int | None = None, via: str = "") -> Outcome:
-    """Serve one CNI invocation; never raises."""
+def run(environ: Mapping[str, str], stdin: bytes, engine: Engine, *,
+        pod_netns_fd: int | None = None, node_netns_fd: int | None = None,
+        via: str = "") -> Outcome:
+    """Serve one CNI invocation through ``engine``; never raises.
+
+    ``engine`` runs a checked ``Invocation`` and returns ADD's result (None for the other
+    commands). The caller passes it, as Go plugins pass their commands to ``skel``: the protocol
+    layer never imports the engine, and a transport loads it lazily."""
     command = environ.get("CNI_COMMAND", "")
     if not command:
         return Outcome(b"", 0, about_text().encode())
@@ -164,7 +174,7 @@ def run(environ: Mapping[str, str], stdin: bytes, *, pod_netns_fd: int | None = 
             if via:
                 logger.info("served %s", via)
             return _dispatch(_Parsed(command, env, raw, reply_version, node_defaults,
-                                     pod_netns_fd, node_netns_fd), logger)
+                                     pod_netns_fd, node_netns_fd), engine, logger)
         except CNIError as error:
             logger.warning("%s failed: code %d: %s%s", command, error.code, error.msg,
                            f" ({error.details})" if error.details else "")
@@ -190,8 +200,8 @@ class _Parsed:
         self.pod_netns_fd, self.node_netns_fd = pod_netns_fd, node_netns_fd
 
 
-def _dispatch(parsed: _Parsed, logger) -> Outcome:
-    from cniplugin.engine import defaults as _defaults
+def _dispatch(parsed: _Parsed, engine: Engine, logger) -> Outcome:
+    from cniplugin.records import defaults as _defaults
     command, env, raw, cni_version = parsed.command, parsed.env, parsed.raw, parsed.cni_version
     node_defaults, pod_netns_fd = parsed.node_defaults, parsed.pod_netns_fd
     config = prev_result = None
@@ -209,22 +219,20 @@ def _dispatch(parsed: _Parsed, logger) -> Outcome:
         mode, state_dir = config.mode, config.state_dir
     logger.debug("%s: config version %s", command, cni_version)
     if command == "ADD":
-        _defaults.require_chained(prev_result)
+        from cniplugin.protocol.invocation import require_chained
+        require_chained(prev_result)
     if mode == "disabled":  # pass-through without importing the engine
         if command == "ADD":
             return _result_outcome(prev_result, cni_version)
         return Outcome(b"", 0)
 
-    from cniplugin.engine.invocation import Invocation
+    from cniplugin.protocol.invocation import Invocation
     inv = Invocation(command, env.container_id, env.ifname, env.netns, str(raw.get("name", "")),
                      cni_version, state_dir, config, prev_result, raw, pod_netns_fd,
                      parsed.node_netns_fd)
-    from cniplugin.engine import commands as _engine
+    result = engine(inv)
     if command == "ADD":
-        return _result_outcome(_engine.cmd_add(inv), cni_version)
-    handler = {"DEL": _engine.cmd_del, "CHECK": _engine.cmd_check, "GC": _engine.cmd_gc,
-               "STATUS": _engine.cmd_status}[command]
-    handler(inv)
+        return _result_outcome(result, cni_version)
     return Outcome(b"", 0)
 
 

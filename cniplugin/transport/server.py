@@ -455,11 +455,11 @@ def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THR
           runner: Runner | None = None) -> int:
     """Run the resident engine until SIGTERM/SIGINT; returns the exit status (0 = clean stop).
 
-    ``runner`` replaces ``protocol.dispatch.run`` (tests only); the default is the real engine, warmed up
+    ``runner`` replaces ``transport.plugin.serve_request`` (tests only); the default is the real engine, warmed up
     before the socket appears.
     """
     if runner is None:
-        from cniplugin.protocol.dispatch import run as runner
+        from cniplugin.transport.plugin import serve_request as runner
     server = Server(socket_path, threads=threads, runner=runner)
     # Handlers first: a SIGTERM during warm-up or bind is a clean stop too (the pipe remembers it).
     for sig in (signal.SIGTERM, signal.SIGINT):

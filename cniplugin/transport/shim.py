@@ -30,7 +30,7 @@ FLAG_NODE_NETNS = 2
 #: Env variables forwarded to the engine (the CNI ones and route-tune's own node settings).
 ENV_PREFIXES = ("CNI_", "ROUTE_TUNE_")
 
-#: engine/defaults.py's SOCKET_PATH, spelled out: importing cniplugin.engine.defaults here costs
+#: records/defaults.py's SOCKET_PATH, spelled out: importing cniplugin.records.defaults here costs
 #: ~1 ms (two more module loads) on every CNI call, about 10% of the shim's start.
 #: tests/unit/test_single_source.py keeps the two equal.
 DEFAULT_SOCKET = "/run/route-tune/engine.sock"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cniplugin.engine.facts import Facts
+from cniplugin.records.facts import Facts
 from cniplugin.lab.runtime import PluginEnv, PyRuntime, RailPod
 from cniplugin.lab.topology import OverlayLab, ip_batch
 from harness.snapshot import owned_objects

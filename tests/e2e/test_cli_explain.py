@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from cniplugin.cli import explain as _explain
-from cniplugin.engine.facts import Addr
+from cniplugin.records.facts import Addr
 from cniplugin.cli.live import LiveRoute, LiveRule, Snapshot
 from cniplugin.kernel.netlink import RouteGet
 from cniplugin.cli.render import explain_text

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cniplugin.engine.objects import Desired, LinkAttr, NftTable, Sysctl, Veth
+from cniplugin.records.objects import Desired, LinkAttr, NftTable, Sysctl, Veth
 from cniplugin.engine.gather import sessions
 from cniplugin.kernel import netns as _netns
 from harness.snapshot import owned_objects

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cniplugin.engine.objects import Desired, apply_order
+from cniplugin.records.objects import Desired, apply_order
 from cniplugin.protocol.config import PluginConfig, build
 from cniplugin.protocol.env import NodeDefaults
 

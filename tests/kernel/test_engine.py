@@ -336,7 +336,7 @@ def test_failed_add_rolls_back_everything(topo):
     """A fault at every apply step leaves pod, node and state exactly as before."""
     from cniplugin.engine import faults as _faults
     from cniplugin.kernel import netns as _netns
-    from cniplugin.protocol import dispatch as _protocol
+    from cniplugin.transport.plugin import serve_request
     add(topo, 1)
     prev = topo.attach(2)
     pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
@@ -348,7 +348,7 @@ def test_failed_add_rolls_back_everything(topo):
     node_fd = _netns.open_netns(f"/var/run/netns/{topo.node}")
     try:
         _faults.hook = points.append
-        assert _protocol.run(environ, stdin, node_netns_fd=node_fd).exit_code == 0
+        assert serve_request(environ, stdin, node_netns_fd=node_fd).exit_code == 0
         ok(run(topo, "DEL", "net2", conf(topo)))
         assert ns_state(topo.pod) == pod_before and ns_state(topo.node) == node_before
         assert "state" in points and any(p.startswith("node:") for p in points)
@@ -357,7 +357,7 @@ def test_failed_add_rolls_back_everything(topo):
                 if here == point:
                     raise RuntimeError(f"injected fault at {here}")
             _faults.hook = fail_at
-            outcome = _protocol.run(environ, stdin, node_netns_fd=node_fd)
+            outcome = serve_request(environ, stdin, node_netns_fd=node_fd)
             assert outcome.exit_code == 1, point
             assert ns_state(topo.pod) == pod_before, point
             assert ns_state(topo.node) == node_before, point

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cniplugin.protocol import dispatch as _protocol
+from cniplugin.transport.plugin import serve_request
 from conftest import ROUTE_TUNE, require_root, run_plugin
 
 
@@ -162,7 +163,7 @@ def test_unexpected_exception_is_999_with_traceback_only_in_the_log(env, monkeyp
         raise ZeroDivisionError("boom")
 
     monkeypatch.setattr(_protocol, "_dispatch", explode)
-    outcome = _protocol.run(env, json.dumps(conf(prevResult=PREV)).encode())
+    outcome = serve_request(env, json.dumps(conf(prevResult=PREV)).encode())
     assert outcome.exit_code == 1
     assert outcome.stdout == exact({
         "cniVersion": "1.0.0", "code": 999, "msg": "internal error: ZeroDivisionError: boom",

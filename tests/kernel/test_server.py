@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cniplugin.protocol import dispatch as _protocol
+from cniplugin.transport.plugin import serve_request
 from cniplugin.lab.runtime import PluginEnv
 from cniplugin.transport import shim as _shim
 from conftest import require_root
@@ -62,7 +63,7 @@ def netns(make_netns):
 
 
 def _inprocess(env: dict[str, str], stdin: bytes) -> tuple[int, bytes, bytes]:
-    out = _protocol.run(env, stdin)
+    out = serve_request(env, stdin)
     return out.exit_code, out.stdout, out.stderr
 
 

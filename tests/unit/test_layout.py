@@ -1,7 +1,7 @@
 """docs/design.md's module table is the import contract, and this test holds the code to it.
 
 Each row of the table names a module (``engine/planner.py``), what it owns, and what it may import:
-route-tune modules as dotted names under ``cniplugin`` (``engine.objects``; ``kernel.*`` for a whole
+route-tune modules as dotted names under ``cniplugin`` (``records.objects``; ``kernel.*`` for a whole
 subpackage), third-party packages by name (``pydantic``), and after the word "lazily" the names it
 may import only inside a function (the hot path stays cheap). The standard library is always allowed.
 """
@@ -87,7 +87,7 @@ def _target(name: str, modules: dict[str, Path]) -> str | None:
         return None
     parts = name.split(".")[1:]
     while parts and ".".join(parts) not in modules:
-        parts.pop()  # `from cniplugin.engine.objects import Rule` names engine.objects
+        parts.pop()  # `from cniplugin.records.objects import Rule` names records.objects
     return ".".join(parts) or "__init__"
 
 
@@ -117,6 +117,66 @@ def test_imports_follow_the_table():
             broken.append(f"{module} imports {target}" + ("" if at_top else " (lazily)"))
     broken = sorted(set(broken))
     assert broken == [], "imports docs/design.md does not allow:\n" + "\n".join(broken)
+
+
+def _layers() -> dict[str, int]:
+    """design.md's layer list: top-level name (``records``, ``_version``) -> its rank, lowest 0."""
+    text = DESIGN.read_text()
+    block = text[text.index("<!-- layers -->"):text.index("<!-- /layers -->")]
+    ranks = {}
+    for rank, line in enumerate(re.findall(r"^\d+\. (.+)$", block, re.M)):
+        for name in re.findall(r"`(\w+)/?`", line):
+            ranks[name] = rank
+    return ranks
+
+
+def test_every_import_points_down_the_layers():
+    """Eager or lazy, an import stays in its own subpackage or goes to a lower layer."""
+    modules, ranks = _modules(), _layers()
+    assert sorted({m.split(".")[0] for m in modules} - set(ranks)) == [], "modules with no layer"
+    upward = []
+    for module, path in modules.items():
+        here = module.split(".")[0]
+        for name, _ in _imports(path):
+            target = _target(name, modules)
+            if target is None or target in THIRD_PARTY:
+                continue
+            there = target.split(".")[0]
+            if there != here and ranks[there] >= ranks[here]:
+                upward.append(f"{module} imports {target}")
+    assert sorted(set(upward)) == [], "imports that do not point down:\n" + "\n".join(upward)
+
+
+_PUBLIC = {"_asdict", "_replace", "_make"}  # namedtuple's public methods
+
+
+def test_no_private_name_is_called_from_outside_its_module():
+    """A call ``x._name(...)`` or an import of ``_name`` reaches only into the module's own
+    definitions: another module's private functions and methods stay private. (Standard-library
+    internals such as ``os._exit``, and a namedtuple's ``_asdict``/``_replace``, are not
+    route-tune's to keep private.)"""
+    leaks = []
+    for module, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        own = {n.name for n in ast.walk(tree)
+               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        own |= {t.attr for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                for t in n.targets if isinstance(t, ast.Attribute)}
+        stdlib = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+                  for a in n.names if a.name.split(".")[0] in sys.stdlib_module_names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cniplugin"):
+                leaks += [f"{module}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            name, base = node.func.attr, node.func.value
+            if not name.startswith("_") or name.startswith("__") or name in own | _PUBLIC:
+                continue
+            if isinstance(base, ast.Name) and (base.id in ("self", "cls") or base.id in stdlib):
+                continue
+            leaks.append(f"{module}: {ast.unparse(node.func)}()")
+    assert sorted(set(leaks)) == [], "private names used across modules:\n" + "\n".join(leaks)
 
 
 def test_module_level_imports_have_no_cycles():

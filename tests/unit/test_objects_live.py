@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from cniplugin.cli.iptext import text, to_json
-from cniplugin.engine.facts import Facts, PodFacts
-from cniplugin.engine.objects import Neighbour, Route, Rule, object_from_dict, to_dict
+from cniplugin.records.facts import Facts, PodFacts
+from cniplugin.records.objects import Neighbour, Route, Rule, object_from_dict, to_dict
 from cniplugin.kernel.decode import _range
 
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
-from cniplugin.engine.facts import Addr, Facts, Link, NodeFacts, PodFacts
-from cniplugin.engine.objects import MAIN_TABLE, Desired, Neighbour, Route, Rule, Sysctl
+from cniplugin.records.facts import Addr, Facts, Link, NodeFacts, PodFacts
+from cniplugin.records.objects import MAIN_TABLE, Desired, Neighbour, Route, Rule, Sysctl
 from cniplugin.engine.planner import Attachment, plan
 from harness.plans import assert_plan, config
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cniplugin.protocol.errors import InvalidConfig, UnderlayNotReady
-from cniplugin.engine.facts import Addr, Facts, Link, NodeFacts, PodFacts
-from cniplugin.engine.objects import MAIN_TABLE, Desired, Route, Veth
+from cniplugin.records.facts import Addr, Facts, Link, NodeFacts, PodFacts
+from cniplugin.records.objects import MAIN_TABLE, Desired, Route, Veth
 from cniplugin.engine.planner import (Attachment, node_veth_name, plan, planned_mac, resolve_mode)
 from harness.plans import assert_plan, config
 

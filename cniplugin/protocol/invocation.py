@@ -11,14 +11,25 @@ from collections.abc import Mapping
 from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
-from cniplugin.engine.defaults import require_chained
-from cniplugin.engine.values import value
+from cniplugin.protocol.errors import NotChained
+from cniplugin.records.values import value
 
 if TYPE_CHECKING:
     from cniplugin.protocol.config import PluginConfig
     from cniplugin.protocol.wire import Result
 
-__all__ = ["Invocation"]
+__all__ = ["Invocation", "require_chained"]
+
+
+def require_chained(prev_result: object) -> None:
+    """The must-be-chained check (ADD, and the CLI's ``plan``): route-tune tunes what a previous
+    plugin attached, so it needs that plugin's result."""
+    if prev_result is None:
+        raise NotChained(
+            "route-tune must be chained: it needs a prevResult",
+            "put route-tune last in a conflist's plugins, after an interface plugin such as "
+            "macvlan (with its IPAM)")
+
 
 @value
 class Invocation:

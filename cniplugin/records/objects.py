@@ -23,7 +23,7 @@ from dataclasses import field
 from typing import Union
 
 from cniplugin._version import RTPROT_ROUTE_TUNE
-from cniplugin.engine.values import value
+from cniplugin.records.values import value
 
 LOCAL_TABLE, MAIN_TABLE, DEFAULT_TABLE = 255, 254, 253
 #: unspec, default, main, local: never a hostRuleTable and never a pod table.

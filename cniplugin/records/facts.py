@@ -10,8 +10,8 @@ import dataclasses
 import re
 from dataclasses import field
 
-from cniplugin.engine.values import value
-from cniplugin.engine.objects import Neighbour, Route, Rule, object_from_dict, to_dict
+from cniplugin.records.values import value
+from cniplugin.records.objects import Neighbour, Route, Rule, object_from_dict, to_dict
 
 #: Node links whose addresses are not "node IPs" (coordinator's exclusion list, §2.1 step 11).
 NODE_LINK_EXCLUDE = re.compile(

@@ -11,20 +11,10 @@ SOCKET_PATH = STATE_DIR + "/engine.sock"
 HOST_RULE_TABLE = 500
 HOST_RULE_PRIORITY = 1000
 # The reserved tables (never a hostRuleTable, never a pod table) are kernel vocabulary:
-# engine/objects.py's RESERVED_TABLES.
+# records/objects.py's RESERVED_TABLES.
 
 
 def normalise_mode(value):
     """``disable`` is accepted for ``disabled`` (coordinator spells it both ways)."""
     return "disabled" if value == "disable" else value
 
-
-def require_chained(prev_result: object) -> None:
-    """The must-be-chained check (ADD, and the CLI's ``plan``): route-tune tunes what a previous
-    plugin attached, so it needs that plugin's result."""
-    if prev_result is None:
-        from cniplugin.protocol.errors import NotChained
-        raise NotChained(
-            "route-tune must be chained: it needs a prevResult",
-            "put route-tune last in a conflist's plugins, after an interface plugin such as "
-            "macvlan (with its IPAM)")
