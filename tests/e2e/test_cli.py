@@ -9,97 +9,26 @@ macvlan/host-local), so these tests need no Go toolchain.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from cniplugin.records.facts import Facts
-from cniplugin.lab.runtime import PluginEnv, PyRuntime, RailPod
+from cniplugin.lab.runtime import PyRuntime
 from cniplugin.lab.topology import OverlayLab, ip_batch
-from harness.snapshot import owned_objects
-from conftest import CNI_ROUTE_TUNE, require_root
+from cniplugin.records.facts import Facts
+from harness.cli import CID, CliPod, cli, make_pod, require_lab
 from harness.lab import NAMES
+from harness.snapshot import owned_objects
 
 pytestmark = [pytest.mark.netns]
-
-CID = "cli-pod-1"
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self):
-        return json.loads(self.out)
-
-
-def cli(*args: str, defaults: Path | None = None, user: int | None = None,
-        inside: str | None = None) -> Run:
-    """Run the installed ``cni-route-tune`` (optionally as another uid, via setpriv, or inside
-    netns ``inside``, as an operator on the node would)."""
-    env = dict(os.environ)
-    if defaults is not None:
-        env["ROUTE_TUNE_DEFAULTS"] = str(defaults)
-    cmd = [str(CNI_ROUTE_TUNE), *args]
-    if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    if inside is not None:
-        cmd = ["ip", "netns", "exec", inside, *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/")
-    return Run(proc.returncode, proc.stdout, proc.stderr)
-
-
-@dataclass
-class CliPod:
-    """A lab, its plugin environment and its rail chains, plus the CLI pointed at them."""
-
-    lab: OverlayLab
-    penv: PluginEnv
-    pod: RailPod
-
-    @property
-    def node_netns(self) -> str:
-        return f"/run/netns/{self.lab.node}"
-
-    def cli(self, *args: str, user: int | None = None, on_node: bool = False) -> Run:
-        return cli(*args, defaults=self.penv.defaults_file, user=user,
-                   inside=self.lab.node if on_node else None)
-
-    def conflist_file(self, k: int) -> Path:
-        path = self.penv.workdir / f"rail{k}.conflist"
-        path.write_text(json.dumps(self.pod.conflist(k), indent=1))
-        return path
-
-
-def make_pod(workdir: Path, family: str, rails: int, add: bool = True) -> CliPod:
-    lab = OverlayLab(NAMES.next(), rails=rails, family=family).__enter__()
-    penv = PluginEnv(workdir / lab.prefix, family=family)
-    pod = RailPod(lab, penv, PyRuntime(lab.node, penv), container_id=CID)
-    if add:
-        pod.add_all()
-    return CliPod(lab, penv, pod)
-
-
-def _require_lab() -> None:
-    require_root("ip", "setpriv")
-    if not Path("/usr/lib/cni/macvlan").exists():
-        msg = "needs containernetworking-plugins (/usr/lib/cni/macvlan)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
 
 
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory, lab_session) -> CliPod:
     """A dual-stack pod with three rails, all attached; shared by the read-only tests."""
-    _require_lab()
+    require_lab()
     pod = make_pod(tmp_path_factory.mktemp("cli"), "dual", 3)
     try:
         yield pod
@@ -110,7 +39,7 @@ def healthy(tmp_path_factory, lab_session) -> CliPod:
 @pytest.fixture
 def fresh(tmp_path, lab_session):
     """Factory of private pods for tests that break things."""
-    _require_lab()
+    require_lab()
     pods: list[CliPod] = []
 
     def make(family: str = "4", rails: int = 3, add: bool = True) -> CliPod:

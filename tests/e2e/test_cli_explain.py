@@ -16,7 +16,7 @@ from cniplugin.records.facts import Addr
 from cniplugin.cli.live import LiveRoute, LiveRule, Snapshot
 from cniplugin.kernel.netlink import RouteGet
 from cniplugin.cli.render import explain_text
-from conftest import CNI_ROUTE_TUNE, require_root
+from harness.host import CNI_ROUTE_TUNE, require_root
 
 NS = f"rtH{os.getpid():x}e"
 

@@ -5,7 +5,7 @@ then the whole planned object set is compared with the whole set read back from 
 every protocol-231 rule, route and neighbour in the pod and on the node (installed = before |
 planned, nothing more, nothing less), and every sysctl, link attribute, veth and nft table of
 the plan as the kernel now reports it. Overlay (v4, dual stack) runs in the namespace lab;
-underlay (v4, dual stack) in test_underlay's topology, whose net1 plan needs the underlay veth's
+underlay (v4, dual stack) in the harness's ``Underlay`` topology, whose net1 plan needs the underlay veth's
 host peer (``rt<container id>``) that eth0's ADD created.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,9 @@ import pytest
 from cniplugin.records.objects import Desired, LinkAttr, NftTable, Sysctl, Veth
 from cniplugin.engine.gather import sessions
 from cniplugin.kernel import netns as _netns
+from harness.cli import CID, cli, make_pod, require_lab
 from harness.snapshot import owned_objects
-from test_cli import CID, _require_lab, cli, make_pod
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel"))
-from test_underlay import CID as UNDERLAY_CID  # noqa: E402
-from test_underlay import underlay_factory  # noqa: E402,F401  (the fixture)
+from harness.topologies import UNDERLAY_CID
 
 pytestmark = pytest.mark.netns
 
@@ -87,7 +83,7 @@ def plan_then_add(workdir: Path, defaults: Path, pod_netns: str, node_netns: str
 
 @pytest.mark.parametrize("family", ["4", "dual"])
 def test_overlay_plan_is_what_add_installs(tmp_path, family):
-    _require_lab()
+    require_lab()
     pod = make_pod(tmp_path, family, rails=2, add=False)
     lab, rt = pod.lab, pod.pod.runtime
     try:
@@ -105,7 +101,7 @@ def test_overlay_plan_is_what_add_installs(tmp_path, family):
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["4", "dual"])
-def test_underlay_plan_is_what_add_installs(tmp_path, underlay_factory, v6):  # noqa: F811
+def test_underlay_plan_is_what_add_installs(tmp_path, underlay_factory, v6):
     topo = underlay_factory(v4=True, v6=v6, rails=1)
     defaults = tmp_path / "cli-defaults.json"
     defaults.write_text(json.dumps({"stateDir": os.path.join(topo.tmp, "state"),

@@ -9,8 +9,10 @@
 - ``libcni``: the built Go runner binary (built once per session, offline).
 - ``rail_pod(family="4", rails=8, **RailPod kw)``: a fresh lab's ``RailPod`` through libcni.
 - ``make_rig(family="4", rails=2, lab_class=OverlayLab, **defaults)``: a ``harness.plugin.Rig``.
-- ``netns_group(cls, **fields)``: a built ``harness.kernel.NetnsGroup`` topology of the kernel
+- ``netns_group(cls, **fields)``: a built ``harness.topologies.NetnsGroup`` topology of the kernel
   suites (tag from ``NAMES``, ``tmp`` the test's tmp_path), cleaned up at teardown.
+- ``calico_rails(rails=3, v4=True, v6=False)``, ``underlay_factory(v4=True, v6=False, rails=1)``,
+  ``fabric(layout, rails, families)``: built ``harness.topologies`` of the kernel suites.
 - ``make_netns(role="ns", lines=(), lines6=())``: an empty throwaway netns (lo up, no DAD, then
   ``ip -batch`` ``lines`` and ``ip -6 -batch`` ``lines6``), named by ``NAMES``; returns its name.
 """
@@ -18,7 +20,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Callable, Iterator
 
@@ -26,15 +27,16 @@ import pytest
 
 from cniplugin.lab.runtime import Libcni, PluginEnv, RailPod, build_cnirunner
 from cniplugin.lab.topology import OverlayLab, ip_batch, netns_names, run
-from harness.kernel import NetnsGroup
+from harness.host import require
 from harness.lab import NAMES, lab_session
 from harness.plugin import Rig
 from harness.resident import Resident
+from harness.topologies import CalicoRails, Fabric, NetnsGroup, Underlay
 
 ENGINES = ("inprocess", "resident")
 
-__all__ = ["ENGINES", "engine", "lab_session", "libcni", "make_netns", "make_rig", "netns_group",
-           "overlay_lab", "plugin_env", "rail_pod"]
+__all__ = ["ENGINES", "calico_rails", "engine", "fabric", "lab_session", "libcni", "make_netns",
+           "make_rig", "netns_group", "overlay_lab", "plugin_env", "rail_pod", "underlay_factory"]
 
 
 @pytest.fixture(params=ENGINES)
@@ -62,11 +64,8 @@ def overlay_lab(lab_session: None) -> Iterator[Callable[..., OverlayLab]]:
 @pytest.fixture(scope="session")
 def libcni() -> str:
     """Path of the Go libcni runner (built offline in GOPATH mode once)."""
-    if not shutil.which("go"):
-        msg = "needs Go and golang-github-appc-cni-dev to build the libcni runner"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require("" if shutil.which("go") else
+            "needs Go and golang-github-appc-cni-dev to build the libcni runner")
     return str(build_cnirunner())
 
 
@@ -158,3 +157,24 @@ def netns_group(tmp_path, lab_session: None) -> Iterator[Callable[..., NetnsGrou
     finally:
         for group in made:
             group.cleanup()
+
+
+@pytest.fixture
+def calico_rails(netns_group) -> Callable[..., CalicoRails]:
+    def make(rails: int = 3, v4: bool = True, v6: bool = False) -> CalicoRails:
+        return netns_group(CalicoRails, rails=rails, v4=v4, v6=v6)
+    return make
+
+
+@pytest.fixture
+def underlay_factory(netns_group) -> Callable[..., Underlay]:
+    def make(v4: bool = True, v6: bool = False, rails: int = 1) -> Underlay:
+        return netns_group(Underlay, v4=v4, v6=v6, rails=rails)
+    return make
+
+
+@pytest.fixture
+def fabric(netns_group) -> Callable[..., Fabric]:
+    def make(layout: str, rails: int, families: tuple[int, ...]) -> Fabric:
+        return netns_group(Fabric, layout=layout, rails=rails, families=families)
+    return make

@@ -12,7 +12,7 @@ import pytest
 
 from cniplugin.lab.sessions import LabNames
 from cniplugin.lab.topology import CALI_MAC, OverlayLab, _decode_many, cleanup, ip_batch, run
-from conftest import require_root
+from harness.host import require_root
 
 #: This session's lab names: rtC<pid base36>x<n> (at most 11 characters with the counter). Other
 #: sessions run at the same time, so only labs of dead owners are removed.

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from dataclasses import dataclass, field
 
 from cniplugin._version import SUPPORTED_VERSIONS
 from cniplugin.lab.runtime import PluginEnv, PyRuntime, RailPod, rail_conflist
 from cniplugin.lab.topology import OverlayLab
-from conftest import ROUTE_TUNE
+from harness.host import run_plugin
 from harness.resident import Resident, served_count
 from harness.snapshot import assert_same, snapshot, state_files
 
@@ -116,13 +115,8 @@ class Rig:
 
     def exec_plugin(self, env: dict[str, str], stdin: bytes | str | dict) -> Reply:
         """Run the installed ``route-tune`` inside the node netns with exactly ``env``/``stdin``."""
-        if isinstance(stdin, dict):
-            stdin = json.dumps(stdin)
-        if isinstance(stdin, str):
-            stdin = stdin.encode()
         self.plugins_called += 1
-        proc = subprocess.run(["ip", "netns", "exec", self.lab.node, str(ROUTE_TUNE)],
-                              input=stdin, env=env, capture_output=True, check=False)
+        proc = run_plugin(env, stdin, netns=self.lab.node)
         return Reply(proc.returncode, proc.stdout, proc.stderr)
 
     def rt(self, command: str, k: int, prev: dict | None = None, *, keys: dict | None = None,

@@ -12,7 +12,7 @@ from pathlib import Path
 from cniplugin.lab.runtime import PluginEnv
 from cniplugin.protocol import dispatch as _dispatch
 from cniplugin.transport import shim as _shim
-from conftest import CNI_ROUTE_TUNE
+from harness.host import CNI_ROUTE_TUNE
 
 
 def server_cmd(sock: Path) -> list[str]:

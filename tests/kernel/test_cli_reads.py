@@ -13,7 +13,7 @@ from cniplugin.cli import live as _live
 from cniplugin.cli.iptext import text
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.kernel import netns as _netns
-from conftest import require_root
+from harness.host import require_root
 
 NS = f"rtT{os.getpid()}c"
 

@@ -17,104 +17,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from dataclasses import dataclass, field
 
 import pytest
 
 from harness.plugin import details_repeat
-from harness.kernel import NetnsGroup, nsx, ok, pings, route_get, sh, table_of
+from harness.kernel import nsx, ok, pings, route_get, sh, table_of
+from harness.topologies import CALICO_CID as CID
+from harness.topologies import CalicoRails as Topology
 from harness.snapshot import ns_state, without_dev
 
 pytestmark = pytest.mark.netns
-CALICO_MAC = "ee:ee:ee:ee:ee:ee"
-CID = "c0ffee" * 4
-
-
-@dataclass
-class Topology(NetnsGroup):
-    cid = CID
-    tag: str
-    rails: int
-    v4: bool = True
-    v6: bool = False
-    tmp: str = ""
-    created: list[str] = field(default_factory=list)
-
-    def gw(self, k: int) -> str:
-        return f"{self.tag}g{k}"
-
-    def build(self) -> None:
-        self.add_ns(self.node)
-        self.add_ns(self.pod)
-        n, p = self.node, self.pod
-        for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
-            nsx(n, "sysctl", "-qw", key)
-        nsx(n, "ip", "link", "add", "rtBup0", "type", "veth", "peer", "name", "rtBup1")
-        for link in ("rtBup0", "rtBup1"):
-            nsx(n, "ip", "link", "set", link, "up")
-        nsx(n, "ip", "addr", "add", "10.1.20.4/24", "dev", "rtBup0")
-        nsx(n, "ip", "addr", "add", "fd00:1:20::4/64", "dev", "rtBup0", "nodad")
-        # Calico-style eth0.
-        nsx(n, "ip", "link", "add", "rtBcali0", "address", CALICO_MAC, "type", "veth",
-            "peer", "name", "eth0", "netns", p)
-        nsx(n, "ip", "link", "set", "rtBcali0", "up")
-        nsx(n, "sysctl", "-qw", "net.ipv4.conf.rtBcali0.proxy_arp=1")
-        nsx(p, "ip", "link", "set", "eth0", "up")
-        nsx(p, "ip", "addr", "add", "10.233.119.164/32", "dev", "eth0")
-        nsx(p, "ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
-        nsx(p, "ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
-        nsx(n, "ip", "route", "add", "10.233.119.164/32", "dev", "rtBcali0")
-        nsx(p, "ip", "addr", "add", "fd00:233::164/128", "dev", "eth0", "nodad")
-        nsx(p, "ip", "-6", "route", "add", "default", "via", "fe80::ecee:eeff:feee:eeee",
-            "dev", "eth0")
-        nsx(n, "ip", "-6", "route", "add", "fd00:233::164/128", "dev", "rtBcali0")
-        for k in range(1, self.rails + 1):
-            self.add_rail(k)
-
-    def add_rail(self, k: int) -> None:
-        g, n = self.gw(k), self.node
-        self.add_ns(g)
-        nsx(n, "ip", "link", "add", f"rtBr{k}", "type", "veth", "peer", "name", "gw", "netns", g)
-        nsx(n, "ip", "link", "set", f"rtBr{k}", "up")
-        nsx(g, "ip", "link", "set", "gw", "up")
-        nsx(g, "ip", "addr", "add", f"172.16.1{k}.254/24", "dev", "gw")
-        nsx(g, "ip", "addr", "add", f"fd00:16:1{k}::254/64", "dev", "gw", "nodad")
-        nsx(g, "ip", "addr", "add", f"10.100.{k}.1/32", "dev", "lo")
-        nsx(g, "ip", "addr", "add", f"fd00:100:{k}::1/128", "dev", "lo")
-
-    def attach(self, k: int, ifname: str = "") -> dict:
-        """What macvlan + host-local do: the link with its addresses; returns the prevResult."""
-        ifname = ifname or f"net{k}"
-        n, p = self.node, self.pod
-        nsx(n, "ip", "link", "add", ifname, "link", f"rtBr{k}", "type", "macvlan", "mode",
-            "bridge")
-        nsx(n, "ip", "link", "set", ifname, "netns", p)
-        ips = []
-        if self.v4:
-            nsx(p, "ip", "addr", "add", f"172.16.1{k}.10/24", "dev", ifname)
-            ips.append({"address": f"172.16.1{k}.10/24", "gateway": f"172.16.1{k}.254",
-                        "interface": 0})
-        if self.v6:
-            nsx(p, "ip", "addr", "add", f"fd00:16:1{k}::10/64", "dev", ifname, "nodad")
-            ips.append({"address": f"fd00:16:1{k}::10/64", "gateway": f"fd00:16:1{k}::254",
-                        "interface": 0})
-        nsx(p, "ip", "link", "set", ifname, "up")
-        mac = json.loads(nsx(p, "ip", "-j", "link", "show", ifname))[0]["address"]
-        return {"cniVersion": "1.0.0", "ips": ips, "dns": {},
-                "interfaces": [{"name": ifname, "mac": mac,
-                                "sandbox": f"/var/run/netns/{p}"}]}
-
-
 @pytest.fixture
-def topo_factory(netns_group):
-    def make(rails: int = 3, v4: bool = True, v6: bool = False) -> Topology:
-        return netns_group(Topology, rails=rails, v4=v4, v6=v6)
-    return make
-
-
-@pytest.fixture
-def topo(topo_factory) -> Topology:
-    return topo_factory()
+def topo(calico_rails) -> Topology:
+    return calico_rails()
 
 
 # -- running route-tune -----------------------------------------------------------------------
@@ -311,8 +226,8 @@ def test_pod_default_route_nic(topo, default_nic):
 
 
 @pytest.mark.parametrize("v4,v6", [(False, True), (True, True)], ids=["v6", "dual"])
-def test_ipv6_and_dual_stack(topo_factory, v4, v6):
-    topo = topo_factory(rails=2, v4=v4, v6=v6)
+def test_ipv6_and_dual_stack(calico_rails, v4, v6):
+    topo = calico_rails(rails=2, v4=v4, v6=v6)
     pod_before, node_before = ns_state(topo.pod), ns_state(topo.node)
     for k in (1, 2):
         add(topo, k)

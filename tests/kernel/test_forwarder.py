@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, ROUTE_TUNE, require_root, run_plugin
+from harness.host import REPO, ROUTE_TUNE, require_root, run_plugin
 from cniplugin.transport import native, server as _server, shim as _shim
 
 PYTHON_CLIENT = REPO / "bin" / "route-tune"  # the Python plugin from the checkout

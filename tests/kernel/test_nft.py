@@ -17,7 +17,6 @@ never touched and must never see route-tune's table.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import threading
@@ -26,7 +25,7 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import in_netns
+from harness.host import in_netns, require
 
 from cniplugin.kernel import nft as _nft
 from cniplugin.protocol.errors import NetfilterError
@@ -57,10 +56,7 @@ def netns(make_netns) -> Callable[[str], str]:
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both backends: the ctypes library, and the ``nft -f -`` fallback."""
     if request.param == "libnftables":
-        if _nft._library() is None:
-            if os.environ.get("CI"):
-                pytest.fail("libnftables.so.1 not loadable")
-            pytest.skip("libnftables.so.1 not loadable")
+        require("" if _nft._library() is not None else "libnftables.so.1 not loadable")
     else:
         monkeypatch.setattr(_nft, "_lib_state", [None])
     return request.param

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import pytest
 
-from conftest import in_netns, require_root
+from harness.host import in_netns, require_root
 
 from cniplugin.kernel import packets as pk
 from cniplugin.protocol.errors import GatewayUnreachable, InterfaceNotFound, IPConflict, TryAgainLater

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from cniplugin.protocol import dispatch as _protocol
 from cniplugin.transport.plugin import serve_request
-from conftest import ROUTE_TUNE, require_root, run_plugin
+from harness.host import require_root, run_plugin
 
 
 @pytest.fixture
@@ -131,9 +130,7 @@ def node_ns(make_netns):
 
 def run_in_fresh_netns(env: dict, config: dict):
     """The engine's node side must never touch the root netns: run the plugin under unshare -n."""
-    return subprocess.run(["unshare", "-n", str(ROUTE_TUNE)], input=json.dumps(config).encode(),
-                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env},
-                          capture_output=True, check=False)
+    return run_plugin({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env}, config, wrap=("unshare", "-n"))
 
 
 @pytest.mark.netns

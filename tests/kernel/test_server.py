@@ -24,8 +24,7 @@ from cniplugin.protocol import dispatch as _protocol
 from cniplugin.transport.plugin import serve_request
 from cniplugin.lab.runtime import PluginEnv
 from cniplugin.transport import shim as _shim
-from conftest import require_root
-from conftest import ROUTE_TUNE as PLUGIN
+from harness.host import require_root, run_plugin
 from harness.resident import Resident, server_cmd
 
 pytestmark = pytest.mark.netns
@@ -93,12 +92,11 @@ def test_plugin_executable_same_both_ways(server):
     for stdin in (b"{not json", b""):
         replies = []
         for mode in ("resident", "inprocess"):
-            proc = subprocess.run([str(PLUGIN)], input=stdin, capture_output=True,
-                                  env={**os.environ, **base, "ROUTE_TUNE_ENGINE": mode})
+            proc = run_plugin({**os.environ, **base, "ROUTE_TUNE_ENGINE": mode}, stdin)
             replies.append((proc.returncode, proc.stdout))
         assert replies[0] == replies[1]
-    version = subprocess.run([str(PLUGIN)], capture_output=True, env={
-        **os.environ, **server.request_env(CNI_COMMAND="VERSION"), "ROUTE_TUNE_ENGINE": "resident"})
+    version = run_plugin({**os.environ, **server.request_env(CNI_COMMAND="VERSION"),
+                          "ROUTE_TUNE_ENGINE": "resident"})
     assert (version.returncode, version.stdout) == (0, _protocol.version_reply())
 
 
@@ -123,7 +121,7 @@ def test_resident_without_server_is_code_11(workdir):
 def test_auto_without_server_falls_back(workdir):
     env = {"ROUTE_TUNE_SOCKET": str(workdir / "nothing.sock"), "CNI_COMMAND": "VERSION"}
     assert _shim.forward(env, b"") is None
-    proc = subprocess.run([str(PLUGIN)], capture_output=True, env={**os.environ, **env})
+    proc = run_plugin({**os.environ, **env})
     assert (proc.returncode, proc.stdout) == (0, _protocol.version_reply())
 
 

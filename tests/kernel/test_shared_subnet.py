@@ -1,6 +1,6 @@
 """Rails that share one subnet, on a real kernel: ARP/NDP answers, routing and announcements.
 
-Two layouts (every namespace carries the ``rtS<hex>`` tag and is removed afterwards)::
+Two layouts (``harness.topologies.Fabric``, named by the harness and removed afterwards)::
 
     segments: each rail its own L2 segment, every segment the same subnet
         peer ns sK: seg 172.16.0.1/16 (gateway) + 172.16.0.200 (a subnet peer), lo 198.18.0.1
@@ -24,162 +24,25 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import secrets
 import select
 import socket
 import struct
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import ROUTE_TUNE, in_netns, require_root
+from harness.host import in_netns
 from cniplugin.kernel import packets as pk
 from cniplugin.lab.topology import PING_SCRIPT
-from harness.kernel import nsx, sh
+from harness.kernel import nsx
+from harness.topologies import GW, REMOTE, SUBNET_PEER, Fabric
+from harness.topologies import fabric_ip as rail_ip
 
 pytestmark = pytest.mark.netns
-CALICO_MAC = "ee:ee:ee:ee:ee:ee"
-CID = "5ba4ed" * 4
-GW = {4: "172.16.0.1", 6: "fd00:16::1"}
-SUBNET_PEER = {4: "172.16.0.200", 6: "fd00:16::200"}
-REMOTE = {4: "198.18.0.1", 6: "fd00:198:18::1"}
 SUBNET = {4: "172.16.0.0/16", 6: "fd00:16::/64"}
-PLEN = {4: 16, 6: 64}
 ETH_P_ALL, PACKET_OUTGOING = 0x0003, 4
 ANSWER_WINDOW = 0.5  # seconds a peer listens for answers after its last request
-
-
-
-def rail_ip(k: int, family: int) -> str:
-    return f"172.16.0.1{k}" if family == 4 else f"fd00:16::1{k}"
-
-
-@dataclass
-class Fabric:
-    tag: str
-    layout: str          # segments | flat
-    rails: int
-    families: tuple[int, ...]
-    tmp: str
-    created: list[str] = field(default_factory=list)
-
-    node = property(lambda self: f"{self.tag}n")
-    pod = property(lambda self: f"{self.tag}p")
-
-    def peer(self, k: int) -> str:
-        """The peer namespace on rail k's segment (flat: the one shared segment)."""
-        return f"{self.tag}s{k if self.layout == 'segments' else 0}"
-
-    def lower(self, k: int) -> str:
-        return f"{self.tag}r{k if self.layout == 'segments' else 0}"
-
-    def add_ns(self, name: str) -> None:
-        sh("ip", "netns", "add", name)
-        self.created.append(name)
-        nsx(name, "ip", "link", "set", "lo", "up")
-
-    def build(self) -> None:
-        n, p = self.node, self.pod
-        self.add_ns(n)
-        self.add_ns(p)
-        nsx(n, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
-        nsx(n, "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1")
-        for link in ("up0", "up1"):
-            nsx(n, "ip", "link", "set", link, "up")
-        nsx(n, "ip", "addr", "add", "10.1.20.4/24", "dev", "up0")
-        nsx(n, "ip", "addr", "add", "fd00:1:20::4/64", "dev", "up0", "nodad")
-        nsx(n, "ip", "link", "add", "cali0", "address", CALICO_MAC, "type", "veth", "peer",
-            "name", "eth0", "netns", p)
-        nsx(n, "ip", "link", "set", "cali0", "up")
-        nsx(n, "sysctl", "-qw", "net.ipv4.conf.cali0.proxy_arp=1")
-        nsx(p, "ip", "link", "set", "eth0", "up")
-        nsx(p, "ip", "addr", "add", "10.233.119.164/32", "dev", "eth0")
-        nsx(p, "ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
-        nsx(p, "ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
-        nsx(p, "ip", "addr", "add", "fd00:233::164/128", "dev", "eth0", "nodad")
-        nsx(p, "ip", "-6", "route", "add", "default", "via", "fe80::ecee:eeff:feee:eeee",
-            "dev", "eth0")
-        nsx(n, "ip", "route", "add", "10.233.119.164/32", "dev", "cali0")
-        nsx(n, "ip", "-6", "route", "add", "fd00:233::164/128", "dev", "cali0")
-        for k in sorted({int(self.peer(k)[-1]) for k in range(1, self.rails + 1)}):
-            self._segment(k)
-
-    def _segment(self, k: int) -> None:
-        s, n = f"{self.tag}s{k}", self.node
-        self.add_ns(s)
-        nsx(n, "ip", "link", "add", f"{self.tag}r{k}", "type", "veth", "peer", "name", "seg",
-            "netns", s)
-        nsx(n, "ip", "link", "set", f"{self.tag}r{k}", "up")
-        nsx(s, "ip", "link", "set", "seg", "up")
-        for fam in (4, 6):
-            extra = ("nodad",) if fam == 6 else ()
-            for ip in (GW[fam], SUBNET_PEER[fam]):
-                nsx(s, "ip", "addr", "add", f"{ip}/{PLEN[fam]}", "dev", "seg", *extra)
-            nsx(s, "ip", "addr", "add", REMOTE[fam], "dev", "lo", *extra)
-
-    def attach(self, k: int, dad: bool = False) -> dict:
-        """What macvlan + IPAM do for netK; returns its prevResult."""
-        ifname, n, p = f"net{k}", self.node, self.pod
-        nsx(n, "ip", "link", "add", ifname, "link", self.lower(k), "type", "macvlan", "mode",
-            "bridge")
-        nsx(n, "ip", "link", "set", ifname, "netns", p)
-        ips = []
-        for fam in self.families:
-            extra = ("nodad",) if fam == 6 and not dad else ()
-            nsx(p, "ip", "addr", "add", f"{rail_ip(k, fam)}/{PLEN[fam]}", "dev", ifname, *extra)
-            ips.append({"address": f"{rail_ip(k, fam)}/{PLEN[fam]}", "gateway": GW[fam],
-                        "interface": 0})
-        nsx(p, "ip", "link", "set", ifname, "up")
-        return {"cniVersion": "1.0.0", "ips": ips, "dns": {},
-                "interfaces": [{"name": ifname, "mac": self.mac(k),
-                                "sandbox": f"/var/run/netns/{p}"}]}
-
-    def mac(self, k: int) -> str:
-        return json.loads(nsx(self.pod, "ip", "-j", "link", "show", f"net{k}"))[0]["address"]
-
-    def run(self, command: str, k: int, prev: dict, **keys) -> subprocess.CompletedProcess:
-        defaults = os.path.join(self.tmp, f"{self.tag}-defaults.json")
-        with open(defaults, "w") as f:
-            json.dump({"stateDir": os.path.join(self.tmp, "state"),
-                       "logDir": os.path.join(self.tmp, "log")}, f)
-        config = {"cniVersion": "1.0.0", "name": "rail", "type": "route-tune",
-                  "overlayPodCIDR": ["10.233.64.0/18"],
-                  "serviceCIDR": ["10.233.0.0/18", "fd00:96::/112"],
-                  "hijackCIDR": ["169.254.0.0/16"], "prevResult": prev, **keys}
-        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": CID, "CNI_IFNAME": f"net{k}",
-               "CNI_NETNS": f"/var/run/netns/{self.pod}", "CNI_PATH": "/usr/lib/cni",
-               "ROUTE_TUNE_DEFAULTS": defaults, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-        return subprocess.run(["ip", "netns", "exec", self.node, str(ROUTE_TUNE)],
-                              input=json.dumps(config).encode(), env=env, capture_output=True,
-                              check=False)
-
-    def ok(self, command: str, k: int, prev: dict, **keys) -> None:
-        done = self.run(command, k, prev, **keys)
-        assert done.returncode == 0, (command, k, done.stdout, done.stderr)
-
-    def cleanup(self) -> None:
-        for name in reversed(self.created):
-            sh("ip", "netns", "del", name, check=False)
-
-
-@pytest.fixture
-def fabric(tmp_path):
-    require_root("ip")
-    made: list[Fabric] = []
-
-    def make(layout: str, rails: int, families: tuple[int, ...]) -> Fabric:
-        fab = Fabric(f"rtS{secrets.token_hex(2)}", layout, rails, families, str(tmp_path))
-        made.append(fab)
-        fab.build()
-        return fab
-    yield make
-    for fab in made:
-        fab.cleanup()
-
 
 # -- who answers ---------------------------------------------------------------------------------
 def _listen(sock: socket.socket, parse) -> dict[str, set[str]]:

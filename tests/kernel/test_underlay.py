@@ -22,122 +22,17 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass, field
 
 import pytest
 
-from harness.kernel import NetnsGroup, nsx, ok, pings, route_get, sh, table_of
+from harness.kernel import nsx, ok, pings, route_get, sh, table_of
+from harness.topologies import (NODE_V4, NODE_V6, OUT_V4, OUT_V6, POD_V4, POD_V6, SVC_V4, SVC_V6,
+                                 Underlay)
+from harness.topologies import UNDERLAY_CID as CID
 from harness.snapshot import ns_state
 
 pytestmark = pytest.mark.netns
-CID = "5ca1ab1e" * 8
-POD_V4, POD_V6 = "10.6.0.50", "fd00:6::50"
-NODE_V4, NODE_V6 = "10.6.0.4", "fd00:6::4"
-SVC_V4, SVC_V6 = "10.233.0.10", "fd00:96::10"
-OUT_V4, OUT_V6 = "10.8.0.2", "fd00:8::2"
 NODE_VETH = "rt" + CID[:11]
-
-
-@dataclass
-class Underlay(NetnsGroup):
-    cid = CID
-    tag: str
-    v4: bool = True
-    v6: bool = False
-    rails: int = 1
-    tmp: str = ""
-    created: list[str] = field(default_factory=list)
-
-    @property
-    def out(self) -> str:
-        return f"{self.tag}o"
-
-    def addr(self, ns: str, dev: str, v4: str, v6: str) -> None:
-        if self.v4:
-            nsx(ns, "ip", "addr", "add", v4, "dev", dev)
-        if self.v6:
-            nsx(ns, "ip", "addr", "add", v6, "dev", dev, "nodad")
-
-    def veth(self, ns: str, name: str, peer_ns: str, peer: str) -> None:
-        nsx(ns, "ip", "link", "add", name, "type", "veth", "peer", "name", peer, "netns", peer_ns)
-        nsx(ns, "ip", "link", "set", name, "up")
-        nsx(peer_ns, "ip", "link", "set", peer, "up")
-
-    def build(self) -> None:
-        n, p, o, g = self.node, self.pod, self.out, f"{self.tag}g0"
-        for ns in (n, p, o, g):
-            self.add_ns(ns)
-        for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
-            nsx(n, "sysctl", "-qw", key)
-        self.veth(n, "u0", g, "gw")
-        self.addr(n, "u0", f"{NODE_V4}/24", f"{NODE_V6}/64")
-        self.addr(g, "gw", "10.6.0.1/24", "fd00:6::1/64")
-        self.addr(n, "lo", f"{SVC_V4}/32", f"{SVC_V6}/128")
-        self.veth(n, "o0", o, "eth0")
-        self.addr(n, "o0", "10.8.0.1/24", "fd00:8::1/64")
-        self.addr(o, "eth0", f"{OUT_V4}/24", f"{OUT_V6}/64")
-        if self.v4:
-            nsx(o, "ip", "route", "add", "default", "via", "10.8.0.1")
-        if self.v6:
-            nsx(o, "ip", "-6", "route", "add", "default", "via", "fd00:8::1")
-        # eth0: what macvlan + IPAM do for the pod's default network.
-        nsx(n, "ip", "link", "add", "eth0", "link", "u0", "type", "macvlan", "mode", "bridge")
-        nsx(n, "ip", "link", "set", "eth0", "netns", p)
-        self.addr(p, "eth0", f"{POD_V4}/24", f"{POD_V6}/64")
-        nsx(p, "ip", "link", "set", "eth0", "up")
-        if self.v4:
-            nsx(p, "ip", "route", "add", "default", "via", "10.6.0.1", "dev", "eth0")
-        if self.v6:
-            nsx(p, "ip", "-6", "route", "add", "default", "via", "fd00:6::1", "dev", "eth0")
-        for k in range(1, self.rails + 1):
-            gk = f"{self.tag}g{k}"
-            self.add_ns(gk)
-            self.veth(n, f"r{k}", gk, "gw")
-            self.addr(gk, "gw", f"172.16.1{k}.254/24", f"fd00:16:1{k}::254/64")
-            self.addr(gk, "lo", f"10.100.{k}.1/32", f"fd00:100:{k}::1/128")
-            nsx(n, "ip", "link", "add", f"net{k}", "link", f"r{k}", "type", "macvlan", "mode",
-                "bridge")
-            nsx(n, "ip", "link", "set", f"net{k}", "netns", p)
-            self.addr(p, f"net{k}", f"172.16.1{k}.10/24", f"fd00:16:1{k}::10/64")
-            nsx(p, "ip", "link", "set", f"net{k}", "up")
-
-    def prev(self, ifname: str) -> dict:
-        ips = []
-        k = int(ifname[3:]) if ifname.startswith("net") else 0
-        if self.v4:
-            ips.append({"address": f"{POD_V4}/24", "gateway": "10.6.0.1"} if not k else
-                       {"address": f"172.16.1{k}.10/24", "gateway": f"172.16.1{k}.254"})
-        if self.v6:
-            ips.append({"address": f"{POD_V6}/64", "gateway": "fd00:6::1"} if not k else
-                       {"address": f"fd00:16:1{k}::10/64", "gateway": f"fd00:16:1{k}::254"})
-        for ip in ips:
-            ip["interface"] = 0
-        return {"cniVersion": "1.0.0", "ips": ips,
-                "interfaces": [{"name": ifname, "sandbox": f"/var/run/netns/{self.pod}"}]}
-
-    def conf(self, ifname: str | None = None, **keys) -> dict:
-        config = {"cniVersion": "1.0.0", "name": "underlay" if ifname in (None, "eth0") else
-                  "rail", "type": "route-tune", "mode": "auto",
-                  "overlayPodCIDR": ["10.233.64.0/18"], "serviceCIDR": ["10.233.0.0/18"],
-                  **keys}
-        if self.v6:
-            config["serviceCIDR"] = [*config["serviceCIDR"], "fd00:96::/112"]
-        if ifname is not None:
-            config["prevResult"] = self.prev(ifname)
-        return config
-
-    def add(self, ifname: str, **keys) -> dict:
-        return ok(self.run("ADD", ifname, self.conf(ifname, **keys)))
-
-    def delete(self, ifname: str, **keys) -> None:
-        ok(self.run("DEL", ifname, self.conf(None, **keys)))
-
-
-@pytest.fixture
-def underlay_factory(netns_group):
-    def make(v4: bool = True, v6: bool = False, rails: int = 1) -> Underlay:
-        return netns_group(Underlay, v4=v4, v6=v6, rails=rails)
-    return make
 
 
 # -- observing ---------------------------------------------------------------------------------

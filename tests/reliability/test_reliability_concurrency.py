@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from cniplugin.lab.runtime import PluginEnv, PyRuntime
-from conftest import ROUTE_TUNE
+from harness.host import ROUTE_TUNE
 from harness.lab import NAMES, Farm
 from harness.plugin import Reply
 from harness.resident import Resident, served_count

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from conftest import CNI_ROUTE_TUNE
+from harness.host import CNI_ROUTE_TUNE
 from harness.lab import delete_pod_netns
 from harness.snapshot import ns_state, snapshot_diff
 

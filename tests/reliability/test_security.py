@@ -17,7 +17,7 @@ import os
 import pytest
 
 from cniplugin.lab.topology import run
-from conftest import PYTHON
+from harness.host import PYTHON
 from harness.plugin import assert_cni_error
 from harness.snapshot import ns_state, snapshot_diff
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cniplugin.cli import main as _cli
-from conftest import CNI_ROUTE_TUNE
+from harness.host import CNI_ROUTE_TUNE
 
 READ_COMMANDS = ["show", "facts", "plan", "verify", "explain", "replay", "probe", "orphans"]
 

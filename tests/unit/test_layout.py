@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from harness.host import REPO
 
 PACKAGE = REPO / "cniplugin"
 DESIGN = REPO / "docs" / "design.md"
@@ -83,7 +83,7 @@ def _target(name: str, modules: dict[str, Path]) -> str | None:
     if head in THIRD_PARTY:
         return head
     if head != "cniplugin":
-        assert head in sys.stdlib_module_names or head in {"conftest"}, f"unknown import {name}"
+        assert head in sys.stdlib_module_names, f"unknown import {name}"
         return None
     parts = name.split(".")[1:]
     while parts and ".".join(parts) not in modules:

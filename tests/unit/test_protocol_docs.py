@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from cniplugin.protocol import errors as _errors
-from conftest import REPO
+from harness.host import REPO
 
 
 def test_readme_error_table_matches_the_exception_tree():

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 from cniplugin.protocol.env import parse_cni_args, parse_env
 from cniplugin.protocol.errors import InvalidEnvironment
-from conftest import run_plugin
+from harness.host import run_plugin
 from harness.plugin import details_repeat
 
 CONFIG = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disabled",

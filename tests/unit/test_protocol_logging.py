@@ -10,7 +10,7 @@ import pytest
 
 from cniplugin.protocol.errors import InvalidConfig
 from cniplugin.protocol.log import RotatingJsonFile, resolve_log_file, resolve_log_options
-from conftest import run_plugin
+from harness.host import run_plugin
 
 WRITERS, LINES = 8, 200
 

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import CNI_ROUTE_TUNE, REPO, VENV_BIN, run_plugin
+from harness.host import CNI_ROUTE_TUNE, REPO, VENV_BIN, run_plugin
 from cniplugin.transport import native
 
 HEAVY = ("pydantic", "pyroute2", "netaddr")

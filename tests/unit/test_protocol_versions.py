@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_plugin
+from harness.host import run_plugin
 
 ALL = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 SUPPORTED_DETAIL = '"0.3.0" "0.3.1" "0.4.0" "1.0.0" "1.1.0"'
