@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.fixtures import (calico_rails, engine, fabric, lab_session, libcni,  # noqa: F401
+from harness.fixtures import (calico_rails, cni_env, engine, fabric, lab_session, libcni,  # noqa: F401
                               make_netns, make_rig, netns_group, overlay_lab, plugin_env,
                               rail_pod, underlay_factory)
 

@@ -130,17 +130,9 @@ class OverlayLab:
     def families(self) -> tuple[str, ...]:
         return FAMILIES[self.family]
 
-    @property
-    def node(self) -> str:
-        return f"{self.prefix}-node"
-
-    @property
-    def pod(self) -> str:
-        return f"{self.prefix}-pod"
-
-    @property
-    def infra(self) -> str:
-        return f"{self.prefix}-infra"
+    node = property(lambda self: f"{self.prefix}-node", doc="the node's netns")
+    pod = property(lambda self: f"{self.prefix}-pod", doc="the pod's netns")
+    infra = property(lambda self: f"{self.prefix}-infra", doc="the uplink's far end")
 
     def gw(self, k: int) -> str:
         return f"{self.prefix}-gw{k}"
@@ -326,13 +318,16 @@ def namespace_state(ns: str) -> dict:
     }
 
 
+def changed(before: dict, after: dict) -> list[tuple[str, object, object]]:
+    """``(key, before value, after value)`` of every key whose value differs, sorted by key."""
+    return [(key, before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)]
+
+
 def state_diff(before: dict, after: dict) -> str:
     """A readable difference of two `namespace_state()` snapshots ("" when equal)."""
     lines = []
-    for key in sorted(set(before) | set(after)):
-        a, b = before.get(key), after.get(key)
-        if a == b:
-            continue
+    for key, a, b in changed(before, after):
         if isinstance(a, list) and isinstance(b, list):
             fmt = lambda d: json.dumps(d, sort_keys=True)  # noqa: E731
             sa, sb = [fmt(x) for x in a], [fmt(x) for x in b]

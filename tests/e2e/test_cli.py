@@ -19,10 +19,16 @@ from cniplugin.lab.runtime import PyRuntime
 from cniplugin.lab.topology import OverlayLab, ip_batch
 from cniplugin.records.facts import Facts
 from harness.cli import CID, CliPod, cli, make_pod, require_lab
+from harness.golden import assert_golden, normalise
 from harness.lab import NAMES
 from harness.snapshot import owned_objects
 
 pytestmark = [pytest.mark.netns]
+
+
+def assert_output(pod: CliPod, text: str, name: str, *paths: Path) -> None:
+    """The whole output equals ``tests/unit/golden/cli/<name>.txt`` (``harness.golden``)."""
+    assert_golden(normalise(text, NAMES.prefix, pod.penv.workdir, *paths), f"cli/{name}.txt")
 
 
 @pytest.fixture(scope="module")
@@ -76,20 +82,9 @@ def test_show_healthy_pod_text(healthy):
     lab = healthy.lab
     run = healthy.cli("show", "--netns", lab.pod)
     assert run.code == 0, run.out + run.err
-    lines = run.out.splitlines()
-    assert f"  {CID}/net2  network rail2  table 102  applied" in lines
-    for k in (1, 2, 3):
-        assert any(line.startswith(f"net{k} (macvlan, up, ") and f"{lab.rail_ip(k, '4')}/24"
-                   in line for line in lines), run.out
-        assert f"  table {100 + k}:" in lines
-        rule = f"    31000: from {lab.rail_ip(k, '4')} lookup {100 + k} proto 231"
-        assert any(line.startswith(rule) and line.endswith("[route-tune]") for line in lines)
-        default = f"    default via {lab.gw_ip(k, '6')} dev net{k} proto 231 metric 1024"
-        assert any(line.startswith(default) and line.endswith("[route-tune]") for line in lines)
-    # eth0's own default route belongs to the cluster CNI: foreign.
-    assert any(line.startswith("    default via 169.254.1.1 dev eth0 ") and
-               line.endswith("[foreign]") for line in lines)
-    assert lines[-1] == "problems: none"
+    # Per rail: its addresses, its table 10K with the source rule and default route of
+    # route-tune; eth0's own default route belongs to the cluster CNI (foreign).
+    assert_output(healthy, run.out, "show_healthy")
 
 
 def test_show_json_agrees_with_the_kernel(healthy):
@@ -133,7 +128,7 @@ def test_show_node_side(healthy):
         lab.rail_ip(k, f) for k in (1, 2, 3) for f in ("4", "6")}
     text = healthy.cli("show", "--netns", lab.pod, "--node", on_node=True)
     assert text.code == 0, text.out + text.err
-    assert f"host peer {lab.cali}, hostRuleTable 500:" in text.out
+    assert_output(healthy, text.out, "show_node")
 
 
 def test_show_pod_route_tune_never_touched(fresh):
@@ -146,7 +141,7 @@ def test_show_pod_route_tune_never_touched(fresh):
     objects = data["other_rules"] + [x for i in data["interfaces"] for key in
                                      ("rules", "main_routes", "neighbours") for x in i[key]]
     assert objects and {o["owner"] for o in objects} == {"foreign"}
-    assert "route-tune attachments: none" in pod.cli("show", "--netns", lab.pod).out
+    assert_output(pod, pod.cli("show", "--netns", lab.pod).out, "show_untouched")
     # Foreign policy routing with holes: a rule into an empty table, a table nobody reaches.
     lab.ip(lab.pod, "rule", "add", "from", lab.pod_ip("4"), "lookup", "150", "pref", "200")
     lab.ip(lab.pod, "route", "add", "192.0.2.0/24", "dev", "eth0", "table", "160")
@@ -159,12 +154,12 @@ def test_show_pod_route_tune_never_touched(fresh):
     lab.ip(lab.pod, "route", "add", "198.51.100.0/24", "dev", "eth0", "table", "150")
     text = pod.cli("show", "--netns", lab.pod)
     assert text.code == 1
-    assert "! no-default: eth0: IPv4 table 150 (selected by from 10.233.119.164) has no " \
-           "default route" in text.out
+    assert_output(pod, text.out, "show_no_default")
     # Nothing to verify: ADD never ran.
     conf = pod.conflist_file(1)
     run = pod.cli("verify", "--config", str(conf), "--netns", lab.pod)
-    assert run.code == 1 and "no route-tune state for network rail1" in run.err
+    assert (run.code, run.out) == (1, "")
+    assert_output(pod, run.err, "verify_no_state")
 
 
 # -- drift: show and verify ----------------------------------------------------------------
@@ -175,7 +170,7 @@ def test_drift_shown_and_verified(fresh):
     run = pod.cli("verify", "--config", conf[3], "--netns", lab.pod,
                   "--node-netns", pod.node_netns)
     assert run.code == 0, run.out + run.err
-    assert "no drift: all" in run.out and f"attachment {CID}/net3 (table 103)" in run.out
+    assert_output(pod, run.out, "verify_no_drift")
 
     lab.ip(lab.pod, "route", "del", "default", "table", "103")
     missing = "ip route replace default via 172.16.13.254 dev net3 table 103 proto 231"
@@ -189,7 +184,7 @@ def test_drift_shown_and_verified(fresh):
     run = pod.cli("verify", "--config", conf[3], "--netns", lab.pod,
                   "--node-netns", pod.node_netns)
     assert run.code == 1
-    assert f"  - missing  pod: {missing}" in run.out.splitlines()
+    assert_output(pod, run.out, "verify_pod_drift")
     data = pod.cli("verify", "--config", conf[3], "--netns", lab.pod, "--json").json()
     assert data["ok"] is False and [d["expected"] for d in data["drift"]] == [missing]
     assert pod.cli("verify", "--config", conf[1], "--netns", lab.pod).code == 0
@@ -201,11 +196,13 @@ def test_drift_shown_and_verified(fresh):
     node_missing = f"ip route replace 172.16.11.10 dev {lab.cali} scope link table 500 proto 231"
     run = pod.cli("verify", "--config", conf[1], "--netns", lab.pod,
                   "--node-netns", pod.node_netns)
-    assert run.code == 1 and f"  - missing  node: {node_missing}" in run.out.splitlines()
+    assert run.code == 1
+    assert_output(pod, run.out, "verify_node_drift")
     run = pod.cli("verify", "--config", conf[1], "--netns", lab.pod)
-    assert run.code == 0 and "node side not compared" in run.out
+    assert run.code == 0
+    assert_output(pod, run.out, "verify_pod_only")
     show = pod.cli("show", "--netns", lab.pod, "--node", "--node-netns", pod.node_netns)
-    assert node_missing in show.out
+    assert_output(pod, show.out, "show_node_drift")
 
 
 # -- facts and plan ------------------------------------------------------------------------
@@ -304,12 +301,8 @@ def test_plan_from_prev_result_alone(healthy, tmp_path):
     prev.write_text(json.dumps(healthy.pod.results[2]))
     run = healthy.cli("plan", "--config", str(conf), "--prev-result", str(prev))
     assert run.code == 0, run.err
-    lines = run.out.splitlines()
-    assert "# facts: derived from prevResult alone" in lines
-    assert "ip rule add from 172.16.12.10/32 lookup 101 pref 31000 proto 231" in lines
-    assert "ip route replace default via 172.16.12.254 dev net2 table 101 proto 231" in lines
-    assert not any(line.startswith("# node") for line in lines)
-    assert any("no eth0 address and no node facts" in line for line in lines)
+    # Facts derived from prevResult alone (no eth0 address, no node facts): no node side.
+    assert_output(healthy, run.out, "plan_prev_result_only")
 
 
 # -- explain -------------------------------------------------------------------------------
@@ -342,8 +335,7 @@ def test_explain_agrees_with_the_kernel(healthy):
     text = healthy.cli("explain", lab.behind_ip(3, "4"), "--from", lab.rail_ip(3, "4"),
                        "--netns", lab.pod)
     assert text.code == 0
-    assert f"  -> 31000: from {lab.rail_ip(3, '4')} lookup 103 proto 231" in text.out
-    assert "agreement: the walk and the kernel agree" in text.out
+    assert_output(healthy, text.out, "explain_rail3")
 
 
 # -- replay ----------------------------------------------------------------------------------
@@ -366,7 +358,7 @@ def test_replay(healthy, tmp_path):
             healthy.node_netns]
     run = healthy.cli(*base)
     assert run.code == 0, run.out + run.err
-    assert "exit code: 0" in run.out and "CNI_COMMAND=CHECK" in run.out
+    assert_output(healthy, run.out, "replay_check", tmp_path)
     gone = healthy.cli(*base, "--netns-override", f"/run/netns/{NAMES.prefix}-gone", "--json")
     assert gone.code == 1
     data = gone.json()
@@ -386,7 +378,7 @@ def test_probe(healthy):
     lab = healthy.lab
     run = healthy.cli("probe", "--netns", lab.pod, "--ifname", "net1")
     assert run.code == 0, run.out + run.err
-    assert f"gateway {lab.gw_ip(1, '4')}, {lab.gw_ip(1, '6')}: ok" in run.out
+    assert_output(healthy, run.out, "probe_net1")
     run = healthy.cli("probe", "--netns", lab.pod, "--ifname", "net1", "--gateway",
                       "172.16.11.77", "--timeout", "50ms", "--json")
     assert run.code == 1
@@ -398,8 +390,8 @@ def test_probe(healthy):
     finally:
         lab.ip(lab.gw(2), "addr", "del", f"{lab.rail_ip(2, '4')}/32", "dev", "rail")
     assert run.code == 1
-    assert f"already in use by MAC {mac}" in run.out
-    assert "skipped: an address conflicts" in run.out
+    assert f"already in use by MAC {mac}" in run.out  # the gateway's own MAC, not any MAC
+    assert_output(healthy, run.out, "probe_conflict")
 
 
 # -- orphans ---------------------------------------------------------------------------------
@@ -419,10 +411,10 @@ def test_orphans_found_and_removed(fresh):
     ip_batch([f"netns del {lab.pod}"])
     run = pod.cli(*base)
     assert run.code == 1
-    assert f"{CID}/net1 (network rail1): its netns {lab.pod_netns} no longer exists" in run.out
+    assert_output(pod, run.out, "orphans_stale")
     run = pod.cli(*base, "--remove")
     assert run.code == 0, run.out + run.err
-    assert "removed: 172.16.99.1 dev uplink proto 231 scope link" in run.out
+    assert_output(pod, run.out, "orphans_removed")
     assert pod.cli(*base).code == 0
     for fam in ("4", "6"):
         assert "proto 231" not in lab.ip(lab.node, f"-{fam}", "rule", "show")
@@ -442,4 +434,5 @@ def test_netns_that_does_not_exist(tmp_path, command):
     run = cli(command, *args, "--netns", name, "--state-dir", str(tmp_path)) \
         if command in ("show", "verify") else cli(command, *args, "--netns", name)
     assert run.code == 3, run.out + run.err
-    assert name in run.err and run.out == ""
+    assert run.out == ""
+    assert_golden(normalise(run.err, NAMES.prefix, tmp_path), f"cli/not_found_{command}.txt")

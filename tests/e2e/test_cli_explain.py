@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 
 import pytest
 
@@ -16,17 +15,10 @@ from cniplugin.records.facts import Addr
 from cniplugin.cli.live import LiveRoute, LiveRule, Snapshot
 from cniplugin.kernel.netlink import RouteGet
 from cniplugin.cli.render import explain_text
-from harness.host import CNI_ROUTE_TUNE, require_root
+from harness.cli import cli
+from harness.lab import VETH_PAIR, scratch_netns
 
-NS = f"rtH{os.getpid():x}e"
-
-SETUP = """\
-link set lo up
-link add va type veth peer name vb
-link set va up
-link set vb up
-addr add 10.9.0.1/24 dev va
-addr add 10.8.0.1/24 dev vb
+SETUP = [*VETH_PAIR, *"""\
 addr add fd09::1/64 dev va nodad
 route add default via 10.9.0.254 dev va
 route add 203.0.113.0/24 via 10.8.0.254 table 200
@@ -52,7 +44,7 @@ rule add pref 190 to 233.252.1.0/24 prohibit
 rule add pref 200 ipproto tcp lookup 202
 rule add pref 210 to 10.7.0.0/16 goto 999
 rule add pref 220 iif vb lookup 202
-"""
+""".splitlines()]
 SETUP6 = """\
 rule add pref 100 to 2001:db8:5::/48 lookup 206
 rule add pref 110 from fd09::1 to 2001:db8:6::/48 prohibit
@@ -81,25 +73,15 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def netns():
-    require_root("ip")
-    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
-    subprocess.run(["ip", "netns", "add", NS], check=True)
-    try:
-        subprocess.run(["ip", "-n", NS, "-batch", "-"], input=SETUP, text=True, check=True)
-        subprocess.run(["ip", "-6", "-n", NS, "-batch", "-"], input=SETUP6, text=True,
-                       check=True)
-        yield NS
-    finally:
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+def netns(lab_session):
+    with scratch_netns("explain", SETUP, SETUP6.splitlines()) as name:
+        yield name
 
 
 def _explain_json(ns: str, dst: str, extra: list[str]) -> tuple[int, dict]:
-    import json
-    proc = subprocess.run([str(CNI_ROUTE_TUNE), "explain", dst, *extra, "--netns", ns, "--json"],
-                          capture_output=True, text=True)
-    assert proc.returncode in (0, 1), proc.stderr
-    return proc.returncode, json.loads(proc.stdout)
+    run = cli("explain", dst, *extra, "--netns", ns, "--json")
+    assert run.code in (0, 1), run.err
+    return run.code, run.json()
 
 
 @pytest.mark.netns
@@ -122,10 +104,9 @@ def test_walk_agrees_with_the_kernel(netns, dst, extra, table, dev):
 
 @pytest.mark.netns
 def test_walk_text_explains_goto_and_not(netns):
-    proc = subprocess.run([str(CNI_ROUTE_TUNE), "explain", "192.0.2.9", "--from", "10.8.0.1",
-                           "--netns", netns], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    run = cli("explain", "192.0.2.9", "--from", "10.8.0.1", "--netns", netns)
+    assert run.code == 0, run.err
+    out = run.out
     assert "  -> 130: not from 10.9.0.0/16 to 192.0.2.0/24 goto 150" in out
     assert "selectors fail (from 10.9.0.0/16 ≠ 10.8.0.1), so `not` matches" in out
     assert "     140: from all to 192.0.2.0/24 lookup 203" not in out  # jumped over
@@ -148,6 +129,5 @@ def test_disagreement_is_loud():
 
 
 def test_iif_unknown_is_a_usage_error(netns):
-    proc = subprocess.run([str(CNI_ROUTE_TUNE), "explain", "10.9.0.1", "--iif", "nope0",
-                           "--netns", netns], capture_output=True, text=True)
-    assert proc.returncode == 2 and "nope0" in proc.stderr
+    run = cli("explain", "10.9.0.1", "--iif", "nope0", "--netns", netns)
+    assert run.code == 2 and "nope0" in run.err

@@ -13,6 +13,7 @@
   suites (tag from ``NAMES``, ``tmp`` the test's tmp_path), cleaned up at teardown.
 - ``calico_rails(rails=3, v4=True, v6=False)``, ``underlay_factory(v4=True, v6=False, rails=1)``,
   ``fabric(layout, rails, families)``: built ``harness.topologies`` of the kernel suites.
+- ``cni_env``: an ADD's environment needing no namespace (node defaults with a log dir only).
 - ``make_netns(role="ns", lines=(), lines6=())``: an empty throwaway netns (lo up, no DAD, then
   ``ip -batch`` ``lines`` and ``ip -6 -batch`` ``lines6``), named by ``NAMES``; returns its name.
 """
@@ -20,22 +21,23 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from cniplugin.lab.runtime import Libcni, PluginEnv, RailPod, build_cnirunner
-from cniplugin.lab.topology import OverlayLab, ip_batch, netns_names, run
+from cniplugin.lab.topology import OverlayLab
 from harness.host import require
-from harness.lab import NAMES, lab_session
+from harness.lab import NAMES, lab_session, scratch_netns
 from harness.plugin import Rig
 from harness.resident import Resident
 from harness.topologies import CalicoRails, Fabric, NetnsGroup, Underlay
 
 ENGINES = ("inprocess", "resident")
 
-__all__ = ["ENGINES", "calico_rails", "engine", "fabric", "lab_session", "libcni", "make_netns",
+__all__ = ["ENGINES", "calico_rails", "cni_env", "engine", "fabric", "lab_session", "libcni", "make_netns",
            "make_rig", "netns_group", "overlay_lab", "plugin_env", "rail_pod", "underlay_factory"]
 
 
@@ -123,23 +125,11 @@ def make_rig(lab_session: None, engine: str) -> Iterator[Callable[..., Rig]]:
 
 @pytest.fixture
 def make_netns(lab_session: None) -> Iterator[Callable[..., str]]:
-    made: list[str] = []
-
-    def make(role: str = "ns", lines: tuple[str, ...] | list[str] = (),
-             lines6: tuple[str, ...] | list[str] = ()) -> str:
-        name = f"{NAMES.next()}-{role}"
-        ip_batch([f"netns add {name}"])
-        made.append(name)
-        run("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0")
-        ip_batch(["link set lo up", *lines], name)
-        ip_batch(list(lines6), name, "-6")
-        return name
-
-    try:
+    with contextlib.ExitStack() as stack:
+        def make(role: str = "ns", lines: tuple[str, ...] | list[str] = (),
+                 lines6: tuple[str, ...] | list[str] = ()) -> str:
+            return stack.enter_context(scratch_netns(role, lines, lines6))
         yield make
-    finally:
-        ip_batch([f"netns del {n}" for n in made if n in netns_names(n)])
 
 
 @pytest.fixture
@@ -157,6 +147,15 @@ def netns_group(tmp_path, lab_session: None) -> Iterator[Callable[..., NetnsGrou
     finally:
         for group in made:
             group.cleanup()
+
+
+@pytest.fixture
+def cni_env(tmp_path) -> dict[str, str]:
+    """An ADD's environment that needs no namespace (node defaults: only a log dir in tmp)."""
+    defaults = tmp_path / "defaults.json"
+    defaults.write_text(json.dumps({"logDir": str(tmp_path / "log")}))
+    return {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "rtA-c1", "CNI_NETNS": "/run/netns/rtA-x",
+            "CNI_IFNAME": "net1", "CNI_PATH": "/usr/lib/cni", "ROUTE_TUNE_DEFAULTS": str(defaults)}
 
 
 @pytest.fixture

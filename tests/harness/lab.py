@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -12,7 +12,7 @@ import pytest
 
 from cniplugin.lab.sessions import LabNames
 from cniplugin.lab.topology import CALI_MAC, OverlayLab, _decode_many, cleanup, ip_batch, run
-from harness.host import require_root
+from harness.host import require_root, wait_until
 
 #: This session's lab names: rtC<pid base36>x<n> (at most 11 characters with the counter). Other
 #: sessions run at the same time, so only labs of dead owners are removed.
@@ -26,6 +26,27 @@ def lab_session() -> Iterator[None]:
     NAMES.cleanup_stale()
     yield
     cleanup(NAMES.prefix)
+
+
+#: ``ip -batch`` lines of a namespace with one veth pair ``va`` 10.9.0.1/24 - ``vb`` 10.8.0.1/24.
+VETH_PAIR = ("link set lo up", "link add va type veth peer name vb", "link set va up",
+             "link set vb up", "addr add 10.9.0.1/24 dev va", "addr add 10.8.0.1/24 dev vb")
+
+
+@contextlib.contextmanager
+def scratch_netns(role: str, lines: Iterable[str] = (), lines6: Iterable[str] = ()) -> Iterator[str]:
+    """A throwaway netns named by ``NAMES`` (DAD off), built by ``ip -batch`` ``lines`` and
+    ``ip -6 -batch`` ``lines6``; deleted on exit."""
+    name = f"{NAMES.next()}-{role}"
+    ip_batch([f"netns add {name}"])
+    try:
+        run("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0")
+        ip_batch(["link set lo up", *lines], name)
+        ip_batch(list(lines6), name, "-6")
+        yield name
+    finally:
+        ip_batch([f"netns del {n}" for n in netns_names(name) if n == name])
 
 
 def _base_sysctls(lab: OverlayLab) -> None:
@@ -155,10 +176,9 @@ def delete_pod_netns(lab: OverlayLab) -> None:
     ``cali<prefix>`` gone from the node): netns teardown runs asynchronously, and a process or
     thread still holding the netns would keep it alive - that is reported, after a minute."""
     run("ip", "netns", "del", lab.pod)
-    for _ in range(1200):
+
+    def gone() -> bool:
         links = json.loads(run("ip", "-n", lab.node, "-j", "link", "show").stdout)
-        if lab.cali not in {link["ifname"] for link in links}:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{lab.pod} was deleted a minute ago but {lab.cali} is still on the node: "
-                         "something still holds the pod's netns")
+        return lab.cali not in {link["ifname"] for link in links}
+    wait_until(gone, 60, f"{lab.pod} deleted, but {lab.cali} still on the node: something "
+                         "still holds the pod's netns")

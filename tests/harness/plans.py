@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from cniplugin.records.objects import Desired, apply_order
 from cniplugin.protocol.config import PluginConfig, build
 from cniplugin.protocol.env import NodeDefaults
+from harness.golden import assert_golden
 
 #: The node defaults the planner tests run under (the lab's cluster CIDRs plus an IPv6 pod CIDR).
 NODE_DEFAULTS = {"overlayPodCIDR": ["10.233.64.0/18", "fd00:64::/64"],
@@ -32,14 +30,6 @@ def golden(desired: Desired) -> str:
     return "\n".join(lines) + "\n"
 
 
-GOLDEN_DIR = Path(__file__).resolve().parent.parent / "unit" / "golden"
-
-
 def assert_plan(desired: Desired, name: str) -> None:
     """``golden(desired)`` equals ``tests/unit/golden/<name>.plan`` (``UPDATE_GOLDEN=1`` rewrites it)."""
-    path = GOLDEN_DIR / f"{name}.plan"
-    text = golden(desired)
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-    assert text == path.read_text(), f"plan differs from {path}"
+    assert_golden(golden(desired), f"{name}.plan")

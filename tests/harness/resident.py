@@ -6,13 +6,12 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from cniplugin.lab.runtime import PluginEnv
 from cniplugin.protocol import dispatch as _dispatch
 from cniplugin.transport import shim as _shim
-from harness.host import CNI_ROUTE_TUNE
+from harness.host import CNI_ROUTE_TUNE, wait_until
 
 
 def server_cmd(sock: Path) -> list[str]:
@@ -62,9 +61,11 @@ class Resident:
             self.proc = subprocess.Popen([*inside, *server_cmd(self.sock)], env=self.server_env,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=err)
-        while not self.answers():
-            assert self.proc.poll() is None, f"server died at start:\n{self.log()}"
-            time.sleep(0.02)
+        def up() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, \
+                f"server died at start:\n{self.log()}"
+            return self.answers()
+        wait_until(up, what=f"the server to answer on {self.sock}")
         return self
 
     def answers(self) -> bool:

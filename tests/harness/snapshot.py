@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cniplugin.engine import commands as _engine
 from cniplugin.kernel import netns as _netns
-from cniplugin.lab.topology import OverlayLab, namespace_state, netns_names, run, state_diff
+from cniplugin.lab.topology import OverlayLab, changed, namespace_state, netns_names, run, state_diff
 
 
 def nft_ruleset(ns: str) -> str:
@@ -72,10 +72,7 @@ def snapshot(lab: OverlayLab, state_dir: Path | None = None,
 def snapshot_diff(before: dict, after: dict) -> str:
     """Readable difference of two snapshots ("" when equal)."""
     lines = []
-    for key in sorted(set(before) | set(after)):
-        a, b = before.get(key), after.get(key)
-        if a == b:
-            continue
+    for key, a, b in changed(before, after):
         if key == "files":
             lines += [f"files: - {f}" for f in a or [] if f not in (b or [])]
             lines += [f"files: + {f}" for f in b or [] if f not in (a or [])]

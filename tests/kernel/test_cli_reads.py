@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 
 import pytest
 
@@ -13,40 +12,26 @@ from cniplugin.cli import live as _live
 from cniplugin.cli.iptext import text
 from cniplugin.kernel import netlink as _netlink
 from cniplugin.kernel import netns as _netns
-from harness.host import require_root
+from harness.lab import VETH_PAIR, scratch_netns
 
-NS = f"rtT{os.getpid()}c"
-
-SETUP = """\
-link set lo up
-link add va type veth peer name vb
-link set va up
-link set vb up
-addr add 10.9.0.1/24 dev va
-addr add 10.8.0.1/24 dev vb
+SETUP = [*VETH_PAIR, *"""\
 route add 203.0.113.0/24 via 10.9.0.254 dev va table 200 proto 231 metric 3
 route add blackhole 198.51.100.0/24 table 200
 route add 100.64.0.0/10 table 200 nexthop via 10.9.0.254 dev va nexthop via 10.8.0.254 dev vb
 rule add pref 205 ipproto udp sport 1000-2000 dport 53 lookup 200
 rule add pref 206 uidrange 100-200 lookup 200
 neigh add 10.9.0.254 lladdr 02:00:00:00:00:01 dev va nud permanent proto 231
-"""
+""".splitlines()]
 
 
 @pytest.fixture(scope="module")
-def pod_fd():
-    require_root("ip")
-    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
-    subprocess.run(["ip", "netns", "add", NS], check=True)
-    try:
-        subprocess.run(["ip", "-n", NS, "-batch", "-"], input=SETUP, text=True, check=True)
-        fd = _netns.open_netns(f"/run/netns/{NS}")
+def pod_fd(lab_session):
+    with scratch_netns("reads", SETUP) as name:
+        fd = _netns.open_netns(f"/run/netns/{name}")
         try:
             yield fd
         finally:
             os.close(fd)
-    finally:
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
 
 
 def test_engine_and_cli_read_the_same_route(pod_fd):

@@ -20,12 +20,11 @@ import json
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
 
-from harness.host import in_netns, require
+from harness.host import in_netns, require, wait_until
 
 from cniplugin.kernel import nft as _nft
 from cniplugin.protocol.errors import NetfilterError
@@ -263,7 +262,10 @@ def exchange(pod: str, cli: str, fam: dict, family: int) -> None:
 def replies(pod: str, cli: str, fam: dict, family: int) -> dict[str, int]:
     before = other_counters(pod)
     exchange(pod, cli, fam, family)
-    time.sleep(0.05)  # let the final FIN/ACK pass the postrouting hook
+    # The pod's last packet (its FIN) has passed the postrouting hook once its side of the
+    # connection is gone (the FIN was acknowledged).
+    wait_until(lambda: not sh("ss", "-Htan", f"sport = :{PORT}", netns=pod).strip(),
+               what=f"the pod's connection on port {PORT} to close")
     after = other_counters(pod)
     return {k: after[k] - before[k] for k in after}
 

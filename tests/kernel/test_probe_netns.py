@@ -203,11 +203,12 @@ def test_reply_for_another_address_does_not_confirm(seg: Segment) -> None:
     assert f"gateway {DEAD4} is unreachable" in str(exc) and f"gateway {GW4}" not in str(exc)
 
 
-def test_conflict_v4_names_holder_mac(seg: Segment) -> None:
-    squat(seg, f"{POD4}/24")
-    _, exc = seg.timed_in_pod(check_conflicts, "rtDpod0", [f"{POD4}/24"], DEFAULTS)
+@pytest.mark.parametrize("address", [f"{POD4}/24", f"{POD6}/64"], ids=["v4", "v6"])
+def test_conflict_names_holder_mac(seg: Segment, address: str) -> None:
+    squat(seg, address)
+    _, exc = seg.timed_in_pod(check_conflicts, "rtDpod0", [address], DEFAULTS)
     assert isinstance(exc, IPConflict) and exc.code == 101
-    assert seg.sq_mac in str(exc) and POD4 in str(exc) and "rtDpod0" in str(exc)
+    assert seg.sq_mac in str(exc) and address.split("/")[0] in str(exc) and "rtDpod0" in str(exc)
 
 
 def test_no_conflict_v4_waits_the_window_and_teaches_nobody(seg: Segment) -> None:
@@ -269,13 +270,6 @@ def test_dead_gateway_v6_fails_within_bound(seg: Segment) -> None:
         assert part in str(exc)
     assert DEFAULTS.bound <= elapsed <= DEFAULTS.retries * DEFAULTS.timeout + SLACK, elapsed
     assert len([p for p in cap.nds() if str(p.target) == DEAD6]) == DEFAULTS.retries
-
-
-def test_conflict_v6_names_holder_mac(seg: Segment) -> None:
-    squat(seg, f"{POD6}/64")
-    _, exc = seg.timed_in_pod(check_conflicts, "rtDpod0", [f"{POD6}/64"], DEFAULTS)
-    assert isinstance(exc, IPConflict) and exc.code == 101
-    assert seg.sq_mac in str(exc) and POD6 in str(exc) and "rtDpod0" in str(exc)
 
 
 def test_no_conflict_v6_sends_dad_probes(seg: Segment) -> None:

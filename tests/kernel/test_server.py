@@ -15,7 +15,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from cniplugin.protocol import dispatch as _protocol
 from cniplugin.transport.plugin import serve_request
 from cniplugin.lab.runtime import PluginEnv
 from cniplugin.transport import shim as _shim
-from harness.host import require_root, run_plugin
+from harness.host import require_root, run_plugin, wait_until
 from harness.resident import Resident, server_cmd
 
 pytestmark = pytest.mark.netns
@@ -353,8 +352,7 @@ def test_sigterm_finishes_in_flight_then_exits(workdir, netns):
     result: list = []
     client = threading.Thread(target=lambda: result.append(_shim.forward(env, b"")))
     client.start()
-    while not (workdir / "trace").exists():  # the request is inside the server
-        time.sleep(0.01)
+    wait_until((workdir / "trace").exists, what="the request to be inside the server")
     eng.proc.send_signal(signal.SIGTERM)
     client.join()
     assert eng.proc.wait() == 0

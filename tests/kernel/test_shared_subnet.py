@@ -32,7 +32,7 @@ import time
 
 import pytest
 
-from harness.host import in_netns
+from harness.host import in_netns, wait_until
 from cniplugin.kernel import packets as pk
 from cniplugin.lab.topology import PING_SCRIPT
 from harness.kernel import nsx
@@ -309,8 +309,6 @@ def test_add_announces_so_a_stale_gateway_learns_the_new_mac(fabric, dad):
                                     "dev", "seg"))[0].get("lladdr") for fam in (4, 6)}
     assert gateway_macs() == {4: "02:00:00:00:00:99", 6: "02:00:00:00:00:99"}
     fab.ok("ADD", 1, prev)
-    deadline = time.monotonic() + 2.0
-    while gateway_macs() != {4: fab.mac(1), 6: fab.mac(1)} and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gateway_macs() == {4: fab.mac(1), 6: fab.mac(1)}
+    wait_until(lambda: gateway_macs() == {4: fab.mac(1), 6: fab.mac(1)},
+               what=f"the gateway to learn net1's MAC (it has {gateway_macs()})")
     fab.ok("DEL", 1, prev)

@@ -8,9 +8,9 @@ race each other). Afterwards every pod routes correctly (``ip route get`` from e
 the node's hostRuleTable holds exactly one route per (pod, rail) and there is exactly one node
 rule, neighbours likewise; a parallel DEL returns the node and every pod to their exact states.
 
-Sizes: resident mode 32 pods x 8 rails always; in-process 32 pods x 1 rail in CI (each in-process
-call pays the interpreter start; 32 ADDs still race for the node lock and the shared node rule, and
-the rails of one pod race in the next test), 32 x 8 with ``--run-slow``.
+Sizes in CI: resident mode 32 pods x 8 rails; in-process 32 pods x 1 rail (each in-process call
+pays the interpreter start; 32 ADDs still race for the node lock and the shared node rule, and the
+rails of one pod race in the next test). With ``--run-slow`` both engines run 64 pods x 8 rails.
 
 Two ADDs on one netns: the rails of one pod, and one attachment twice, started at the same
 instant. A DEL race that leaked shared objects is pinned down deterministically by holding the
@@ -25,14 +25,13 @@ import json
 import os
 import random
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from cniplugin.lab.runtime import PluginEnv, PyRuntime
-from harness.host import ROUTE_TUNE
+from harness.host import ROUTE_TUNE, wait_until
 from harness.lab import NAMES, Farm
 from harness.plugin import Reply
 from harness.resident import Resident, served_count
@@ -43,7 +42,9 @@ THREADS = 16
 
 
 def sizes(engine: str, slow: bool) -> tuple[int, int]:
-    return (32, 8) if engine == "resident" or slow else (32, 1)
+    if slow:
+        return 64, 8
+    return (32, 8) if engine == "resident" else (32, 1)
 
 
 @pytest.mark.parametrize("slow", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["ci", "full"])
@@ -51,8 +52,6 @@ def test_many_pods_add_and_del_in_parallel(lab_session, engine, slow):
     """32 pods x N rails ADD in parallel: every pod correct, the node's table 500 holds exactly
     the expected routes (no loss, no duplicate), one rule, one neighbour per address; then a
     parallel DEL leaves the node and every pod exactly as before."""
-    if engine == "resident" and slow:
-        pytest.skip("resident mode already runs the full size in CI")
     pods, rails = sizes(engine, slow)
     with Farm(NAMES.next(), rails=rails, pods=pods) as f, engine_env(f, engine) as penv:
         runtime = PyRuntime(f.node, penv)
@@ -259,11 +258,6 @@ def locks_on(path: str) -> tuple[set[int], set[int]]:
         if fields[0] == "FLOCK" and fields[4] == tag:
             (waiters if waiting else holders).add(int(fields[3]))
     return holders, waiters
-
-
-def wait_until(condition) -> None:
-    while not condition():
-        time.sleep(0.01)
 
 
 def rail_tables(lab) -> dict[str, int]:

@@ -98,8 +98,7 @@ def test_unreachable_gateway_rolls_back_link_attributes(make_rig):
     gateway_down(lab, 1)
     before = rig.snapshot()
     err = assert_cni_error(rig.rt("ADD", 1, prev, keys=keys), 11)
-    assert "172.16.11.254" in err["msg"] + err.get("details", "") or "fd00:16:11::254" in \
-        err["msg"] + err.get("details", ""), err
+    assert err == 'XX', repr(err)
     rig.assert_unchanged(before, "after ADD failed on an unreachable gateway")
     gateway_up(lab, 1)
     converge_and_clean(rig, {1: prev}, rig.snapshot(), keys=keys)

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +24,7 @@ from cniplugin.cli import install as _install
 from cniplugin.cli.install import MARKER, InstallError, install, main
 from cniplugin._version import SUPPORTED_VERSIONS
 from cniplugin.transport import native
+from harness.host import wait_until
 
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
@@ -243,7 +243,8 @@ def test_busy_shim_is_replaced_without_disturbing_its_process(node, image_runtim
     shutil.copy2("/bin/sleep", node.shim)
     sleeper = subprocess.Popen([str(node.shim), "60"])
     try:
-        time.sleep(0.2)
+        wait_until(lambda: os.path.realpath(f"/proc/{sleeper.pid}/exe") == str(node.shim),
+                   what="the sleeper to execute the shim")
         with pytest.raises(OSError) as busy:
             open(node.shim, "r+b")
         assert busy.value.errno == errno.ETXTBSY
@@ -305,9 +306,10 @@ def test_killed_install_leaves_node_as_it_was_and_is_cleaned(node, image_runtime
     proc = subprocess.Popen([sys.executable, "-c", KILLED, str(node.bin), str(node.rt),
                              str(image_runtime), str(flag)])
     try:
-        while not flag.exists():
+        def mid_copy() -> bool:
             assert proc.poll() is None, "install finished before it could be killed"
-            time.sleep(0.05)
+            return flag.exists()
+        wait_until(mid_copy, what="the install to reach the middle of its copy")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

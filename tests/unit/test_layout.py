@@ -206,3 +206,20 @@ def test_only_the_netlink_adapter_imports_pyroute2():
     users = sorted(m for m, p in modules.items() if any(n.split(".")[0] == "pyroute2"
                                                         for n, _ in _imports(p)))
     assert users == ["kernel.netlink"]
+
+
+def test_tests_reach_the_harness_only_through_its_imports():
+    """No test or harness module imports ``conftest`` or another test module, or edits
+    ``sys.path``: what tests share lives in ``tests/harness``."""
+    broken = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            broken += [f"{path.relative_to(REPO)} imports {n}" for n in names
+                       if n.split(".")[0] == "conftest" or n.split(".")[0].startswith("test_")]
+            if isinstance(node, ast.Attribute) and node.attr == "path" and \
+                    isinstance(node.value, ast.Name) and node.value.id == "sys":
+                broken.append(f"{path.relative_to(REPO)} uses sys.path")
+    assert broken == []

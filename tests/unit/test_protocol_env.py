@@ -17,11 +17,8 @@ CONFIG = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode"
 
 
 @pytest.fixture
-def base_env(tmp_path) -> dict[str, str]:
-    defaults = tmp_path / "defaults.json"
-    defaults.write_text(json.dumps({"logDir": str(tmp_path / "log")}))
-    return {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "rtA-c1", "CNI_NETNS": "/run/netns/rtA-x",
-            "CNI_IFNAME": "net1", "CNI_PATH": "/usr/lib/cni", "ROUTE_TUNE_DEFAULTS": str(defaults)}
+def base_env(cni_env) -> dict[str, str]:
+    return cni_env
 
 
 def error_bytes(code: int, msg: str, details: str = "", version: str = "1.0.0") -> bytes:

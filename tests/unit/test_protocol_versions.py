@@ -13,11 +13,8 @@ SUPPORTED_DETAIL = '"0.3.0" "0.3.1" "0.4.0" "1.0.0" "1.1.0"'
 
 
 @pytest.fixture
-def env(tmp_path) -> dict[str, str]:
-    defaults = tmp_path / "defaults.json"
-    defaults.write_text(json.dumps({"logDir": str(tmp_path / "log")}))
-    return {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "rtA-c1", "CNI_NETNS": "/run/netns/rtA-x",
-            "CNI_IFNAME": "net1", "CNI_PATH": "/usr/lib/cni", "ROUTE_TUNE_DEFAULTS": str(defaults)}
+def env(cni_env) -> dict[str, str]:
+    return cni_env
 
 
 def exact(obj: dict) -> bytes:
