@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import pytest
 
 from cniplugin.lab.sessions import LabNames
-from cniplugin.lab.topology import CALI_MAC, OverlayLab, _decode_many, cleanup, ip_batch, run
+from cniplugin.lab.topology import (CALI_MAC, OverlayLab, _decode_many, cleanup, ip_batch,
+                                    netns_names, run)
 from harness.host import require_root, wait_until
 
 #: This session's lab names: rtC<pid base36>x<n> (at most 11 characters with the counter). Other
