@@ -12,5 +12,5 @@
   ``NetnsGroup``, the namespace bookkeeping and plugin runner of their small topologies.
 - ``fixtures``: ``engine`` (in-process vs resident), ``overlay_lab``, ``plugin_env``, ``libcni``,
   ``rail_pod``, ``make_rig``, ``netns_group``, ``make_netns``.
-- ``plans``: planner tests' real ``PluginConfig`` and golden plans.
+- ``plans``: planner tests' real ``PluginConfig``, the planner with the mode the engine resolves, and golden plans.
 """
