@@ -15,7 +15,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -134,7 +134,7 @@ class Channel:
             except OSError as exc:  # e.g. link down: recorded, reported by the caller
                 self.error = exc
 
-    def frames(self):
+    def frames(self) -> Iterator[bytes]:
         """Received frames (not our own transmissions) until the socket is drained."""
         while True:
             try:

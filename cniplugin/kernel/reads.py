@@ -56,7 +56,6 @@ class RouteGet:
     local: bool = False           # the destination is an address of this netns
 
 
-
 class Reader:
     """One rtnetlink socket bound to netns ``fd`` (None: the thread's current one) for its
     whole life; file reads (sysctls, nftables) enter that netns for the calling thread only
@@ -233,7 +232,7 @@ class Reader:
         oif = msg.u32(_rtnl.RTA_OIF)
         return msg.fields[1], self.name_of(oif) if oif else ""
 
-    def _fib_match(self, dst: str):
+    def _fib_match(self, dst: str) -> _rtnl.Msg | None:
         """The route entry that matches ``dst`` through the rules (RTM_F_FIB_MATCH: one message,
         however large the tables are), or None when nothing routes it."""
         family = 6 if ":" in dst else 4
