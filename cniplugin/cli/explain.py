@@ -19,6 +19,7 @@ from cniplugin.cli.iptext import short, text
 from cniplugin.cli.live import Snapshot, snapshot
 from cniplugin.records.objects import Route, Rule, table_name
 from cniplugin.kernel import netlink as _netlink
+from cniplugin.kernel.reads import RouteGet
 from cniplugin.protocol.errors import InterfaceNotFound, RouteConflict
 
 
@@ -50,7 +51,7 @@ class Explanation:
     gateway: str = ""
     errno: int = 0          # the walk predicts this lookup error (0: a route was found)
     why: str = ""
-    kernel: _netlink.RouteGet | None = None
+    kernel: RouteGet | None = None
     kernel_error: str = ""
     agree: bool = False
     disagreement: str = ""
@@ -200,7 +201,7 @@ def explain(pod_fd: int, flow: Flow) -> Explanation:
     if flow.iif and not any(link.name == flow.iif for link in snap.links):
         raise InterfaceNotFound(f"--iif {flow.iif}: no such interface in the netns")
     out = walk(snap, flow)
-    with _netlink.session(pod_fd) as nl:
+    with _netlink.Netlink.entered(pod_fd) as nl:
         try:
             out.kernel = nl.route_get(flow.dst, flow.src or None, flow.iif or None, flow.mark)
         except RouteConflict as err:

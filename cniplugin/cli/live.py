@@ -75,7 +75,7 @@ def read_neighbours(nl, dev: str | None = None) -> list[Neighbour]:
 
 def snapshot(fd: int | None) -> Snapshot:
     """Read a whole netns (``fd``; None = the calling thread's netns)."""
-    with _netlink.session(fd) as nl:
+    with _netlink.Netlink.entered(fd) as nl:
         return Snapshot(inode=netns_inode(fd), links=nl.links(), addrs=nl.addresses(),
                         rules=read_rules(nl), routes=read_routes(nl),
                         neighbours=read_neighbours(nl))

@@ -52,7 +52,7 @@ def find_orphans(store: Store, node_fd: int | None, host_rule_tables: set[int]) 
     here = [s for s in states if s.node_inode == node_inode]
     listed = {o.key() for s in here for o in s.desired.node_objects()}
     tables = set(host_rule_tables) | {o.table for s in here for o in s.desired.node_shared}
-    with _netlink.session(node_fd) as nl:
+    with _netlink.Netlink.entered(node_fd) as nl:
         rules = [r for r in read_rules(nl) if r.owned]
         tables |= {r.table for r in rules if r.action == "lookup"}
         routes = [r for t in sorted(tables) for r in read_routes(nl, table=t) if r.owned]
@@ -79,7 +79,7 @@ def remove_orphans(found: Orphans, store: Store, node_fd: int | None) -> None:
     with _netns.node_lock(node_fd):
         # Re-read under the lock: an ADD writes its state before it touches the node.
         again = find_orphans(store, node_fd, set(found.tables))
-        with _netlink.session(node_fd) as nl:
+        with _netlink.Netlink.entered(node_fd) as nl:
             for obj in again.objects:
                 # Remove exactly what was read: Route's dev/gateway/scope/src and a rule's
                 # priority/table/src/mark are what a delete matches on.

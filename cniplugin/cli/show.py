@@ -199,7 +199,7 @@ def build_node_view(pod_fd: int, node_fd: int | None, attachments: list[Attachme
     peer, why = host_peer_name(pod_fd, node_fd, eth0)
     peer = peer or next((s.desired.host_peer for s in mine if s.desired.host_peer), "")
     tables = sorted({o.table for s in mine for o in s.desired.node_shared} or {host_rule_table})
-    with _netlink.session(node_fd) as nl:
+    with _netlink.Netlink.entered(node_fd) as nl:
         rules = [r for r in read_rules(nl) if r.action == "lookup" and r.table in tables]
         routes = [r for t in tables for r in read_routes(nl, table=t)
                   if peer and (r.dev == peer or any(d == peer for d, _ in r.nexthops))]

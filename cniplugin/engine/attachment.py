@@ -53,7 +53,7 @@ def attachment_from_result(result, ifname: str, container_id: str, network: str,
                     f"other family")
             gateways.setdefault(gateway.version, str(gateway))
     if not addresses:
-        # SLAAC and other post-IPAM addresses: what is really on the link (coordinator #5618).
+        # SLAAC and other post-IPAM addresses: what is really on the link counts.
         addresses = [a.cidr for a in pod.addrs_of(ifname)]
     networks = [ipaddress.ip_interface(a).network for a in addresses]
     for route in getattr(result, "routes", None) or []:

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 
 from cniplugin.engine import faults as _faults
-from cniplugin.kernel import netlink as _netlink
+from cniplugin.kernel.netlink import Netlink
 from cniplugin.kernel import netns as _netns
 from cniplugin.protocol.errors import (CheckFailed, IOFailure, PluginError, PluginNotAvailable,
                                        UnknownContainer)
@@ -23,7 +23,7 @@ from cniplugin.records.facts import Facts
 from cniplugin.engine.journal import READ_KINDS, Applier, Step, undo
 from cniplugin.records.objects import Desired, KernelObject, LinkAttr, Route, Sysctl, Veth, apply_order
 from cniplugin.engine.gather import (Gathered, gather_invocation, owned_node_objects,
-                                     owned_pod_objects, sessions)
+                                     owned_pod_objects, sessions_bound_to)
 from cniplugin.protocol.invocation import Invocation
 from cniplugin.engine.planner import plan
 from cniplugin.engine.store import PHASE_APPLIED, AttachmentState, Store, key_text
@@ -90,7 +90,7 @@ def _plan(inv: Invocation, gathered: Gathered, prior: Desired | None) -> Desired
 def gather_for(inv: Invocation, *, strict: bool = True) -> Gathered:
     """What ADD would gather for ``inv``, changing nothing (the CLI's live ``plan``)."""
     with _pod_fd(inv, required=True) as pod_fd, _node_fd(inv) as node_fd, \
-            sessions(pod_fd, node_fd) as (pod_nl, node_nl):
+            sessions_bound_to(pod_fd, node_fd) as (pod_nl, node_nl):
         return gather_invocation(inv, pod_nl, node_nl, node_fd, strict=strict)
 
 
@@ -107,16 +107,17 @@ def cmd_add(inv: Invocation):
     _faults.begin()
     store = Store(inv.state_dir)
     with _pod_fd(inv, required=True) as pod_fd, _node_fd(inv) as node_fd, \
-            _netns.pod_lock(pod_fd), sessions(pod_fd, node_fd) as (pod_nl, node_nl):
+            _netns.pod_lock(pod_fd), sessions_bound_to(pod_fd, node_fd) as (pod_nl, node_nl):
+        pod_inode = _netns.inode(pod_fd)
         prior = store.load(inv.container_id, inv.ifname)
-        if prior is not None and prior.netns_inode != _netns.inode(pod_fd):
+        if prior is not None and prior.netns_inode != pod_inode:
             prior = None  # a record of another sandbox with this id: never reuse its plan
         gathered = gather_invocation(inv, pod_nl, node_nl, node_fd)
         facts = gathered.facts
         desired = _plan(inv, gathered, prior.desired if prior else None)
         state = AttachmentState(
             container_id=inv.container_id, ifname=inv.ifname, network=inv.network,
-            netns=inv.netns, netns_inode=_netns.inode(pod_fd), node_inode=_netns.inode(node_fd),
+            netns=inv.netns, netns_inode=pod_inode, node_inode=_netns.inode(node_fd),
             desired=desired)
         state.originals = _originals(pod_nl, desired, prior, store.pod_siblings(state))
         _fault("state")
@@ -178,9 +179,8 @@ def _apply_node(store: Store, state: AttachmentState, nl, node_fd: int,
     if not desired.node_objects():
         return
     shared = {o.key() for o in desired.node_shared}
-    table = next((o.table for o in desired.node_shared), None)
     with _netns.node_lock(node_fd):
-        live = owned_node_objects(nl, table, desired.host_peer)
+        live = owned_node_objects(nl, desired.host_rule_table, desired.host_peer)
         applier = Applier(nl, "node", live, journal)
         start = len(journal)
         try:
@@ -210,7 +210,8 @@ def _rollback(store: Store, state: AttachmentState, pod_nl, node_nl, node_fd: in
 
 
 def _probe_addresses(config, ifname: str, pod_fd: int, desired: Desired, facts: Facts) -> None:
-    """Conflict first, then gateway (#4475), from inside the pod, before routes change."""
+    """Conflict first, then gateway, from inside the pod, before routes change: a gateway
+    probe sent from an address someone else holds would poison the gateway's ARP cache."""
     if not (config.detect_ip_conflict or config.detect_gateway):
         return
     from cniplugin.kernel import probe as _probe
@@ -235,7 +236,7 @@ def _probe_addresses(config, ifname: str, pod_fd: int, desired: Desired, facts: 
 
 def _announce(config, pod_fd: int, ifname: str, facts: Facts) -> None:
     """After every successful ADD: a GARP per IPv4 and an unsolicited NA per IPv6 address, so a
-    peer holding a stale entry for a reused address learns the new MAC (#4650). An NA waits
+    peer holding a stale entry for a reused address learns the new MAC. An NA waits
     (bounded) for the address to leave DAD, else is skipped with a log line (probe.announce)."""
     addresses = [a.address for a in facts.pod.addrs_of(ifname)]
     if not addresses:
@@ -287,7 +288,7 @@ def _teardown(store: Store, state: AttachmentState, pod_fd: int | None,
     with contextlib.ExitStack() as locks:
         if pod_fd is not None:
             locks.enter_context(_netns.pod_lock(pod_fd))
-            with _netlink.open_session(pod_fd) as nl:
+            with Netlink.bound_to(pod_fd) as nl:
                 listed = store.still_listed(state, desired.pod_shared, node=False)
                 errors += _remove_side(nl, "pod", desired.pod_owned, desired.pod_shared,
                                        listed, state.originals)
@@ -296,7 +297,7 @@ def _teardown(store: Store, state: AttachmentState, pod_fd: int | None,
                     _fault(f"del:pod:restore {route.render()}")
         if (desired.node_objects() or veth) and _netns.inode(node_fd) == state.node_inode:
             locks.enter_context(_netns.node_lock(node_fd))
-            with _netlink.open_session(node_fd) as nl:
+            with Netlink.bound_to(node_fd) as nl:
                 if veth is not None and pod_fd is None:
                     errors += _attempt(nl.remove_veth_peer, veth)
                     _fault(f"del:node:veth {veth.peer}")
@@ -347,12 +348,12 @@ def diff_state(state: AttachmentState, pod_fd: int, node_fd: int) -> list[Drift]
     """Recorded intent of one attachment vs the kernel (the CLI's verify uses this too)."""
     desired = state.desired
     drifts: list[Drift] = []
-    with sessions(pod_fd, node_fd) as (pod_nl, node_nl):
+    with sessions_bound_to(pod_fd, node_fd) as (pod_nl, node_nl):
         drifts += _compare(pod_nl, "pod", desired.pod_objects(),
                            owned_pod_objects(pod_nl))
         if desired.node_objects():
-            table = next((o.table for o in desired.node_shared), None)
-            live = owned_node_objects(node_nl, table, desired.host_peer, by_peer=False)
+            live = owned_node_objects(node_nl, desired.host_rule_table, desired.host_peer,
+                                      by_peer=False)
             drifts += _compare(node_nl, "node", desired.node_objects(), live)
     return drifts
 
@@ -430,7 +431,7 @@ def cmd_status(inv: Invocation) -> None:
 
 def owned_objects(netns_fd: int | None) -> list[KernelObject]:
     """Every rule/route/neighbour route-tune owns in a netns (protocol 231)."""
-    with _netlink.session(netns_fd) as nl:
+    with Netlink.entered(netns_fd) as nl:
         return owned_pod_objects(nl)
 
 

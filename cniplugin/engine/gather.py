@@ -1,9 +1,10 @@
 """The one fact gatherer (ADD, CHECK's callers and the CLI's ``facts``/``plan``/``show``): the
 facts a plan needs, read through a ``kernel.netlink`` session (pod side, node side), the mode they
-imply, and the live route-tune objects ADD and CHECK compare against.
+imply (resolved here, once per request), and the live route-tune objects ADD and CHECK compare
+against.
 
 Every read is one kernel-filtered request; docs/routing.md ("Reading and writing the kernel")
-lists them. Imports go one way: this module uses ``kernel.netlink``, never the reverse.
+lists them.
 """
 
 from __future__ import annotations
@@ -17,17 +18,20 @@ from typing import TYPE_CHECKING
 
 from cniplugin._version import RTPROT_ROUTE_TUNE
 from cniplugin.engine.attachment import Attachment, attachment_from_result
-from cniplugin.records.facts import NODE_LINK_EXCLUDE, Addr, Facts, Link, NodeFacts, PodFacts
-from cniplugin.records.objects import LOCAL_TABLE, MAIN_TABLE, KernelObject
-from cniplugin.records.values import value
-from cniplugin.engine.planner import UNDERLAY_VETH, resolve_mode
-from cniplugin.kernel import netlink as _netlink
+from cniplugin.engine.mode import resolve_mode
 from cniplugin.kernel import netns as _netns
+from cniplugin.kernel.netlink import Netlink
+from cniplugin.kernel.reads import owned_rule
+from cniplugin.kernel.veth import verified_peer
 from cniplugin.protocol.errors import InterfaceNotFound, RouteConflict
+from cniplugin.records.facts import NODE_LINK_EXCLUDE, Addr, Facts, Link, NodeFacts, PodFacts
+from cniplugin.records.objects import (LOCAL_TABLE, MAIN_TABLE, RTPROT_BOOT, RTPROT_KERNEL,
+                                       UNDERLAY_VETH, KernelObject, Route, connected_metric,
+                                       default_metric)
+from cniplugin.records.values import value
 
 if TYPE_CHECKING:
     from cniplugin.protocol.invocation import Invocation
-    from cniplugin.kernel.netlink import Netlink
 
 
 def gather_pod(nl: Netlink) -> PodFacts:
@@ -43,20 +47,8 @@ def gather_pod(nl: Netlink) -> PodFacts:
         used_tables=frozenset(r.table for r in routes),
         rules=tuple(rules),
         owned_routes=tuple(r for r in routes if r.proto == RTPROT_ROUTE_TUNE),
-        owned_rules=tuple(_netlink.owned_rule(r) for r in rules if r.proto == RTPROT_ROUTE_TUNE),
+        owned_rules=tuple(owned_rule(r) for r in rules if r.proto == RTPROT_ROUTE_TUNE),
         owned_neighbours=tuple(nl.owned_neighbours()))
-
-
-def verified_peer(nl: Netlink, pod_link: Link, node_nsid_in_pod: int) -> Link | None:
-    """The node end of the pod veth ``pod_link``, or None unless all three ties hold: pod_link
-    is a veth, its IFLA_LINK names a node veth whose IFLA_LINK is pod_link, and pod_link's
-    link-netnsid is this node netns."""
-    if pod_link.kind != "veth" or pod_link.peer_nsid != node_nsid_in_pod:
-        return None
-    peer = nl.link_by_index(pod_link.peer_index)
-    if peer is None or peer.kind != "veth" or peer.peer_index != pod_link.index:
-        return None
-    return peer
 
 
 def gather_node(nl: Netlink, pod_eth0: Link | None, eth0_addrs: list[str],
@@ -146,19 +138,24 @@ def owned_pod_objects(nl: Netlink) -> list[KernelObject]:
 # -- the gatherer ------------------------------------------------------------------------
 @value
 class Gathered:
-    """What one gather found: the resolved mode (the only place it is resolved for a request),
-    the facts, and the attachment (None without a prevResult)."""
+    """What one gather found: the resolved mode, the facts, and the attachment (None without a
+    prevResult)."""
 
     mode: str
     facts: Facts
     attachment: Attachment | None = None
 
 
+def _mode(config, ifname: str, pod: PodFacts) -> str:
+    """The mode of a request: resolved from the pod's links, here and nowhere else."""
+    return resolve_mode(config, ifname, [link.name for link in pod.links])
+
+
 @contextlib.contextmanager
-def sessions(pod_fd: int, node_fd: int) -> Iterator[tuple[Netlink, Netlink]]:
-    """One netlink session per netns for the whole request; the pod's knows the node's (the
-    underlay veth pair has an end on each side)."""
-    with _netlink.open_session(node_fd) as node_nl, _netlink.open_session(pod_fd) as pod_nl:
+def sessions_bound_to(pod_fd: int, node_fd: int) -> Iterator[tuple[Netlink, Netlink]]:
+    """One netlink session bound to each netns for the whole request (the calling thread stays
+    where it is); the pod's knows the node's (the underlay veth pair has an end on each side)."""
+    with Netlink.bound_to(node_fd) as node_nl, Netlink.bound_to(pod_fd) as pod_nl:
         pod_nl.node = node_nl
         yield pod_nl, node_nl
 
@@ -173,7 +170,7 @@ def gather(config, ifname: str, pod_nl: Netlink, node_nl: Netlink, node_fd: int,
     node side and says so), so a pod can be inspected from anywhere.
     """
     pod = gather_pod(pod_nl)
-    mode = resolve_mode(config, ifname, [link.name for link in pod.links])
+    mode = _mode(config, ifname, pod)
     eth0 = config.pod_default_cni_nic
     eth0_link = pod.link(eth0)
     warnings: list[str] = []
@@ -243,7 +240,7 @@ def gather_facts(pod_fd: int, node_fd: int | None, config, ifname: str = "") -> 
             return gather_facts(pod_fd, home, config, ifname)
         finally:
             os.close(home)
-    with sessions(pod_fd, node_fd) as (pod_nl, node_nl):
+    with sessions_bound_to(pod_fd, node_fd) as (pod_nl, node_nl):
         return gather(config, ifname, pod_nl, node_nl, node_fd, strict=False).facts
 
 
@@ -256,7 +253,6 @@ def assumed_facts(inv: Invocation) -> Facts:
     prevResult's routes via netK (as IPAM installs them); no rules or tables besides main and
     local; no node facts. So the plan has no table 100, no cluster routes and no node side.
     """
-    from cniplugin.records.objects import Route
     ifname, eth0, prev = inv.ifname, inv.config.pod_default_cni_nic, inv.prev_result
     mac = next((i.mac for i in prev.interfaces if i.name == ifname and i.mac), "")
     links = (Link(2, eth0, "veth"), Link(3, ifname, "", mac or ""))
@@ -269,14 +265,14 @@ def assumed_facts(inv: Invocation) -> Facts:
         routes.append(Route(v, MAIN_TABLE, str(iface.network), ifname,
                             scope="link" if v == 4 else "universe",
                             src=str(iface.ip) if v == 4 else "",
-                            metric=0 if v == 4 else 256, proto=2))
+                            metric=connected_metric(v), proto=RTPROT_KERNEL))
     networks = [ipaddress.ip_interface(a).network for a in attachment.addresses]
     for route in prev.routes or []:
         dst = ipaddress.ip_network(str(route.dst), strict=False)
         gw = str(route.gw) if route.gw else ""
         if gw and any(ipaddress.ip_address(gw) in n for n in networks):
             routes.append(Route(dst.version, MAIN_TABLE, str(dst), ifname, gateway=gw,
-                                metric=0 if dst.version == 4 else 1024, proto=3))
+                                metric=default_metric(dst.version), proto=RTPROT_BOOT))
     pod = PodFacts(links=links, addrs=tuple(addrs), main_routes=tuple(routes),
                    used_tables=frozenset({MAIN_TABLE, LOCAL_TABLE}))
     return Facts(pod=pod, warnings=("facts derived from prevResult alone: no "
@@ -286,6 +282,6 @@ def assumed_facts(inv: Invocation) -> Facts:
 def planning_input(inv: Invocation, facts: Facts) -> Gathered:
     """``Gathered`` for facts read elsewhere (a saved ``facts`` dump, ``assumed_facts``): the
     mode and the attachment derived exactly as ``gather`` derives them."""
-    return Gathered(resolve_mode(inv.config, inv.ifname, [link.name for link in facts.pod.links]),
-                    facts, _attachment(inv.config, inv.ifname, inv.prev_result,
-                                       inv.container_id, inv.network, facts.pod))
+    return Gathered(_mode(inv.config, inv.ifname, facts.pod), facts,
+                    _attachment(inv.config, inv.ifname, inv.prev_result, inv.container_id,
+                                inv.network, facts.pod))

@@ -10,62 +10,23 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 
-from cniplugin.engine.attachment import Attachment, attachment_from_result
-from cniplugin.records.defaults import normalise_mode
-from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
-from cniplugin.records.facts import Facts, NodeFacts, PodFacts
-from cniplugin.records.objects import (MAIN_TABLE, SCOPE_LINK, SCOPE_UNIVERSE, Desired, KernelObject,
-                       RESERVED_TABLES, LinkAttr, Neighbour, NftTable, Route, Rule, Sysctl, Veth, default_dst)
 from cniplugin._version import RTPROT_ROUTE_TUNE
+from cniplugin.engine.attachment import Attachment
+from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnsafeRequest
+from cniplugin.records.facts import Facts, NodeFacts, PodFacts
+from cniplugin.records.objects import (MAIN_TABLE, RESERVED_TABLES, SCOPE_LINK, SCOPE_UNIVERSE,
+                                       UNDERLAY_VETH, Desired, KernelObject, LinkAttr, Neighbour,
+                                       NftTable, Route, Rule, Sysctl, Veth, connected_metric,
+                                       default_dst, default_metric)
 
-__all__ = ["Attachment", "attachment_from_result", "resolve_mode", "plan", "node_veth_name",
-           "planned_mac", "UNDERLAY_VETH"]
+__all__ = ["plan", "node_veth_name", "planned_mac"]
 
 ETH0_REPLY_TABLE = 100          # overlay: eth0's replies; underlay: replies steered to veth0
 FIRST_SECONDARY_TABLE = 101
 SOURCE_RULE_PRIORITY = 31000
 FWMARK_RULE_PRIORITY = 30000
 REPLY_MARK = REPLY_MASK = 0x1   # docs/nft.md: only bit 0 is ours
-IPV6_DEFAULT_METRIC = 1024
-UNDERLAY_VETH = "veth0"
 NODE_VETH_PREFIX = "rt"         # node end: "rt" + the first 11 characters of the container id
-
-
-def resolve_mode(config, ifname: str, pod_links: list[str] | None = None) -> str:
-    """The effective mode: ``overlay``, ``underlay`` or ``disabled`` (the one place auto is
-    resolved).
-
-    ``auto`` means underlay when route-tune runs for the pod's default NIC (podDefaultCniNic)
-    or the underlay veth0 already exists (coordinator's rule), else overlay. ``pod_links`` are
-    the pod's link names; None (unknown, e.g. the CLI's disabled check) skips the checks that
-    need them.
-    """
-    mode = normalise_mode(str(config.mode))
-    eth0 = config.pod_default_cni_nic
-    if mode == "disabled":
-        return "disabled"
-    has_veth = pod_links is not None and UNDERLAY_VETH in pod_links
-    if mode == "auto":
-        mode = "underlay" if ifname == eth0 or has_veth else "overlay"
-    if mode == "underlay":
-        if pod_links is not None and ifname != eth0 and not has_veth:
-            raise UnderlayNotReady(
-                f"underlay mode for {ifname!r} needs the pod's {UNDERLAY_VETH}, and it does not "
-                f"exist: route-tune must run on {eth0} (podDefaultCniNic) first, in underlay "
-                f"mode, to create {UNDERLAY_VETH}; add route-tune to the default network's "
-                f"chain, after its macvlan/SR-IOV plugin")
-        return "underlay"
-    if mode != "overlay":
-        raise InvalidConfig(f"mode: unknown value {mode!r}")
-    if ifname == eth0:
-        raise InvalidConfig(
-            f"mode: overlay tunes secondary interfaces, but CNI_IFNAME {ifname!r} is "
-            f"podDefaultCniNic; put route-tune after the secondary interface's plugin")
-    if has_veth:
-        raise InvalidConfig(
-            f"mode: overlay, but the pod has {UNDERLAY_VETH}: its default network runs in "
-            f"underlay mode; use mode: underlay (or auto) for {ifname!r}")
-    return "overlay"
 
 
 def node_veth_name(container_id: str) -> str:
@@ -85,15 +46,13 @@ def planned_mac(container_id: str, role: str) -> str:
 
 
 def plan(config, attachment: Attachment, facts: Facts, prior: Desired | None = None, *,
-         mode: str | None = None) -> Desired:
+         mode: str) -> Desired:
     """Everything ``attachment`` needs, in the pod and on the node. Raises on unsafe input.
 
-    ``mode`` is the one the engine resolved while gathering (``resolve_mode``); None resolves it
-    here from the facts (callers holding only a config and facts, such as the planner tests).
+    ``mode`` is the one the engine resolved while gathering (``engine.mode.resolve_mode``,
+    ``overlay`` or ``underlay``): the planner never resolves it itself.
     """
     netk = attachment.ifname
-    if mode is None:
-        mode = resolve_mode(config, netk, [link.name for link in facts.pod.links])
     _validate(config, attachment, facts, mode)
     plan_ = _Plan(config, attachment, facts, prior, mode)
     plan_.build()
@@ -178,10 +137,6 @@ def _link_scope(family: int) -> str:
     return SCOPE_LINK if family == 4 else SCOPE_UNIVERSE
 
 
-def _metric(family: int) -> int:
-    return IPV6_DEFAULT_METRIC if family == 6 else 0
-
-
 def _unique(objs: list[KernelObject]) -> tuple[KernelObject, ...]:
     """First object per kernel key wins (the builder adds the most specific first)."""
     seen: dict[tuple, KernelObject] = {}
@@ -191,7 +146,8 @@ def _unique(objs: list[KernelObject]) -> tuple[KernelObject, ...]:
 
 
 def _ours(route: Route, table: int) -> Route:
-    # Copies into our tables carry our protocol; IPv6 routes never carry src (kernel bug 107071).
+    # Copies into our tables carry our protocol; IPv6 routes never carry src, a known kernel
+    # bug with IPv6 preferred sources (docs/routing.md names it); source selection does it.
     return route.with_(table=table, proto=RTPROT_ROUTE_TUNE,
                        src=route.src if route.family == 4 else "")
 
@@ -234,7 +190,8 @@ class _Plan:
             self.pod_end_mac = eth0.mac if eth0 else ""
             return
         # Underlay: live values when the pair exists (a re-ADD keeps what the kernel has, so
-        # the PERMANENT neighbours are replaced with the current MACs, #2464), else the plan's.
+        # the PERMANENT neighbours are replaced with the current MACs, never left stale), else
+        # the plan's.
         cid = self.att.container_id
         veth = self.pod.link(UNDERLAY_VETH)
         self.peer_name = peer.name if peer else node_veth_name(cid)
@@ -306,7 +263,7 @@ class _Plan:
         config, cid = self.config, self.att.container_id
         address = ""
         if config.veth_link_address and self.pod.addrs_of(self.eth0, 4):
-            address = f"{config.veth_link_address}/32"  # IPv4 only (Istio, #3568)
+            address = f"{config.veth_link_address}/32"  # IPv4 only (what Istio needs)
         self.pod_owned.append(Veth(UNDERLAY_VETH, self.peer_name, int(config.veth_mtu),
                                    self.pod_end_mac, self.peer_mac, address,
                                    alias=f"route-tune:{cid}"))
@@ -329,7 +286,7 @@ class _Plan:
         self.pod_owned += self._cluster_routes(family, ETH0_REPLY_TABLE)
         self.pod_owned.append(Route(family, ETH0_REPLY_TABLE, default_dst(family),
                                     UNDERLAY_VETH, gateway=node_ips[0], src=self._eth0_src(family),
-                                    metric=_metric(family)))
+                                    metric=default_metric(family)))
         self.pod_owned.append(Rule(family, FWMARK_RULE_PRIORITY, ETH0_REPLY_TABLE,
                                    fwmark=REPLY_MARK, fwmask=REPLY_MASK))
 
@@ -338,13 +295,13 @@ class _Plan:
         table, netk = self.table, self.netk
         addrs = self.att.addresses_of(family)
         gateway = self.att.gateway_of(family)
-        metric = _metric(family)
+        metric = default_metric(family)
         # Table T, most specific first (_unique keeps the first per key).
         for addr in addrs:
             self.pod_owned.append(Route(family, table, str(addr.network), netk,
                                         scope=_link_scope(family),
                                         src=str(addr.ip) if family == 4 else "",
-                                        metric=_connected_metric(family)))
+                                        metric=connected_metric(family)))
         self.pod_owned += self._cluster_routes(family, table)
         self.pod_owned += self._policy_routes(family, table)
         for route in self.pod.main_routes_of(netk, family):
@@ -373,7 +330,7 @@ class _Plan:
             dst = ipaddress.ip_network(str(policy.dst), strict=False)
             if dst.version == family:
                 out.append(Route(family, table, str(dst), self.netk, gateway=str(policy.gw),
-                                 metric=_metric(family)))
+                                 metric=default_metric(family)))
         return out
 
     def _eth0_src(self, family: int) -> str:
@@ -397,7 +354,7 @@ class _Plan:
             return []
         node_ips, src, dev = self._node_ips(family), self._eth0_src(family), self.cluster_dev
         routes = [Route(family, table, _host(ip), dev, scope=_link_scope(family), src=src,
-                        metric=_metric(family)) for ip in node_ips]
+                        metric=default_metric(family)) for ip in node_ips]
         cidrs = [ipaddress.ip_network(str(c), strict=False) for c in (
             *(self.config.overlay_pod_cidr or ()), *(self.config.service_cidr or ()),
             *(self.config.hijack_cidr or ()))]
@@ -408,7 +365,7 @@ class _Plan:
             return routes
         for cidr in cidrs:
             routes.append(Route(family, table, str(cidr), dev, gateway=node_ips[0],
-                                src=src, metric=_metric(family)))
+                                src=src, metric=default_metric(family)))
         return routes
 
     def _cluster_neighbours(self, family: int) -> list[Neighbour]:
@@ -460,7 +417,7 @@ class _Plan:
             return
         self.displaced += [r for r in foreign if r.dev == self.eth0]
         self.pod_owned.append(Route(family, MAIN_TABLE, default_dst(family), self.netk,
-                                    gateway=gateway, metric=_metric(family)))
+                                    gateway=gateway, metric=default_metric(family)))
 
     def _displace_collisions(self) -> None:
         """A foreign main route with the key of one of ours would be overwritten: record it."""
@@ -481,14 +438,9 @@ class _Plan:
         for addr in self.att.addresses_of(family):
             self.node_owned.append(Route(family, int(config.host_rule_table), _host(str(addr.ip)),
                                          self.peer_name, scope=_link_scope(family),
-                                         metric=_metric(family)))
+                                         metric=default_metric(family)))
             self.node_owned.append(Neighbour(family, self.peer_name, str(addr.ip),
                                              self.pod_end_mac))
-
-
-def _connected_metric(family: int) -> int:
-    # The kernel's own prefix routes: IPv4 metric 0, IPv6 metric 256.
-    return 256 if family == 6 else 0
 
 
 def _is_link_local_prefix(dst: str) -> bool:

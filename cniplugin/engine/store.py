@@ -110,7 +110,7 @@ class Store:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                # Compact: the C encoder (an indent falls back to the pure-Python one, ~1 ms).
+                # Compact: the C encoder (an indent falls back to the slower pure-Python one).
                 f.write(json.dumps(state.to_dict(), sort_keys=True, separators=(",", ":")))
                 f.flush()
                 os.fsync(f.fileno())

@@ -63,7 +63,7 @@ def _setns(fd: int) -> None:
         return
     import ctypes
 
-    if not _libc_setns:  # dlopen + a ctypes class per call cost ~0.3 ms: do it once
+    if not _libc_setns:  # dlopen + a ctypes class per call is slow: do it once
         _libc_setns.append(ctypes.CDLL(None, use_errno=True).setns)
     if _libc_setns[0](fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()

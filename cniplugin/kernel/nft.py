@@ -117,10 +117,10 @@ def ensure_reply_steering(ifname: str = "veth0", mark: int = DEFAULT_MARK,
                           mask: int = DEFAULT_MASK) -> None:
     """(Re)create route-tune's table in the calling thread's netns; idempotent.
 
-    Any deletion (or aborted batch) makes the kernel wait for an RCU grace period (~13 ms
-    here), so the common cases avoid one: an identical table is left alone (a read, ~0.3 ms)
-    and an absent one is created with ``create table`` (~1 ms). Anything else (a drifted table, or a creation race)
-    gets the replace batch: delete and recreate in one transaction. A rejected batch is aborted
+    Any deletion (or aborted batch) makes the kernel wait for an RCU grace period, so the
+    common cases avoid one: an identical table is left alone (a read) and an absent one is
+    created with ``create table``. Anything else (a drifted table, or a creation race) gets
+    the replace batch: delete and recreate in one transaction. A rejected batch is aborted
     as a whole by the kernel, so the previous state (if any) stays in place.
     """
     wanted = expected_reply_steering(ifname, mark, mask)
@@ -196,7 +196,7 @@ class _LibNftables:
         dll.nft_run_cmd_from_buffer.restype = ctypes.c_int
         dll.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         # libnftables does not promise thread safety (process-wide parser/GMP state): one call at
-        # a time. Calls take 0.3-16 ms (see docs/nft.md), so the resident server hardly notices.
+        # a time. Calls are short (docs/nft.md), so the resident server hardly notices.
         self._lock = threading.Lock()
 
     def run(self, commands: str, stateless: bool) -> tuple[int, str, str]:

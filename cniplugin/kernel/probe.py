@@ -2,38 +2,29 @@
 gratuitous ARP / unsolicited NA announcements, and the coordinator's MAC-from-prefix rule.
 
 The caller's *thread* must already be inside the pod netns: sockets, ``/proc/thread-self/net`` and
-``/proc/sys/net`` then all refer to the pod. The timing rules are in ``docs/probing.md``.
+``/proc/sys/net`` then all refer to the pod. The sockets and the send-and-listen loop are
+``kernel.rawsock``'s; what to send, what counts as an answer and when to wait for DAD are here.
+The timing rules are in ``docs/probing.md``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import ipaddress
 import logging
-import queue
 import re
-import selectors
-import socket
-import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass, field
 
-from cniplugin.records.values import value
 from cniplugin.kernel import packets as pk
-from cniplugin.protocol.errors import (CNIError, GatewayUnreachable, InterfaceNotFound, IPConflict, PluginError,
-                      TryAgainLater)
+from cniplugin.kernel.rawsock import Channel, Channels, IPAddress, close_later, exchange, open_packet
+from cniplugin.protocol.errors import CNIError, GatewayUnreachable, IPConflict, TryAgainLater
+from cniplugin.records.values import value
 
 __all__ = ["ProbeOptions", "check_conflicts", "check_gateways", "announce", "mac_from_prefix",
-           "probe_interface", "wait_dad", "wait_sockets_closed"]
+           "probe_interface", "wait_dad"]
 
 log = logging.getLogger(__name__)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_SO_ATTACH_FILTER = 26
-_PACKET_OUTGOING = 4  # our own transmissions, looped back to packet sockets
 _IFA_F_OPTIMISTIC, _IFA_F_DADFAILED, _IFA_F_TENTATIVE = 0x04, 0x08, 0x40
 _DAD_POLL = 0.005
 
@@ -75,180 +66,6 @@ def mac_from_prefix(prefix: str, ip: str) -> str:
     if head[0] & 0x01:
         raise ValueError(f"podMACPrefix {prefix!r} is multicast (low bit of the first byte set)")
     return pk.mac_to_str(head + _address(ip).packed[-4:])
-
-
-# --- raw sockets ---------------------------------------------------------------------------------
-
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                ("k", ctypes.c_uint32)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
-
-
-def _attach_filter(sock: socket.socket, program: pk.Program | None) -> None:
-    if not program:
-        return
-    insns = (_SockFilter * len(program))(*(_SockFilter(*i) for i in program))
-    fprog = _SockFprog(len(program), ctypes.cast(insns, ctypes.POINTER(_SockFilter)))
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(fprog))
-    except OSError as exc:  # only an optimisation: user space filters every frame anyway
-        log.debug("SO_ATTACH_FILTER failed (%s); filtering in user space only", exc)
-
-
-def _open(ifname: str, ethertype: int, program: pk.Program | None
-          ) -> tuple[socket.socket, bytes]:
-    """A non-blocking AF_PACKET socket on ``ifname`` for ``ethertype``, and the link's MAC.
-
-    Created with protocol 0 (receives nothing) and given its filter *before* bind, so no
-    unfiltered frame of another interface can be queued on it.
-    """
-    try:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-    except PermissionError as exc:
-        raise PluginError(f"cannot open a raw socket for probing {ifname}: {exc} "
-                          "(route-tune needs CAP_NET_RAW)") from exc
-    try:
-        _attach_filter(sock, program)
-        sock.bind((ifname, ethertype))
-        sock.setblocking(False)
-        mac = sock.getsockname()[4]
-    except OSError as exc:
-        _close(sock)
-        if exc.errno == errno.ENODEV:
-            raise InterfaceNotFound(f"interface {ifname} not found in the pod netns") from exc
-        raise PluginError(f"cannot open a raw socket on {ifname}: {exc}") from exc
-    if len(mac) != 6:
-        _close(sock)
-        raise PluginError(f"{ifname} is not an Ethernet link (hardware address {mac.hex()})")
-    return sock, mac
-
-
-_closing: queue.Queue[socket.socket] = queue.Queue()
-_closer_lock = threading.Lock()
-_closer: list[threading.Thread] = []
-
-
-def _close(sock: socket.socket) -> None:
-    """Close off the caller's path: releasing a packet socket waits for an RCU grace period
-    (``synchronize_net``, ~15 ms here), which would otherwise delay the CNI reply. One resident
-    daemon thread does it, because starting a thread per close costs more than the probe itself.
-    """
-    _closing.put(sock)
-    with _closer_lock:
-        if not _closer or not _closer[0].is_alive():
-            _closer[:] = [threading.Thread(target=_close_forever, name="probe-close", daemon=True)]
-            _closer[0].start()
-
-
-def _close_forever() -> None:
-    # Started by whichever request first closes a socket, i.e. from inside a pod netns.
-    from cniplugin.kernel.netns import join_process_netns
-    join_process_netns()
-    while True:
-        sock = _closing.get()
-        try:
-            sock.close()
-        finally:
-            _closing.task_done()
-
-
-def wait_sockets_closed() -> None:
-    """Block until every probe socket handed to the closer is closed (for shutdown and tests)."""
-    _closing.join()
-
-
-@dataclass(eq=False)
-class _Channel:
-    """One raw socket (one family) of one check, and the probes it still has to send."""
-
-    sock: socket.socket
-    mac: bytes
-    classify: Callable[[bytes], tuple[IPAddress, bytes] | None] | None = None
-    pending: dict[IPAddress, bytes] = field(default_factory=dict)  # key -> probe frame
-    tries: dict[IPAddress, int] = field(default_factory=dict)
-    error: OSError | None = None
-
-    def send_pending(self) -> None:
-        for key, frame in self.pending.items():
-            try:
-                self.sock.send(frame)
-                self.tries[key] = self.tries.get(key, 0) + 1
-            except OSError as exc:  # e.g. link down: recorded, reported by the caller
-                self.error = exc
-
-    def frames(self):
-        """Received frames (not our own transmissions) until the socket is drained."""
-        while True:
-            try:
-                frame, addr = self.sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.error = exc
-                return
-            if addr[2] != _PACKET_OUTGOING:
-                yield frame
-
-
-@value(frozen=False)
-class _Channels:
-    """Opens at most one channel per family for a check and closes them all at the end."""
-
-    ifname: str
-    stack: ExitStack = field(default_factory=ExitStack)
-    items: list[_Channel] = field(default_factory=list)
-
-    def open(self, ethertype: int, program: pk.Program | None) -> _Channel:
-        sock, mac = _open(self.ifname, ethertype, program)
-        self.stack.callback(_close, sock)
-        self.items.append(_Channel(sock, mac))
-        return self.items[-1]
-
-    def __enter__(self) -> _Channels:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stack.close()
-
-
-def _run(channels: list[_Channel], opts: ProbeOptions,
-         on_match: Callable[[_Channel, IPAddress, bytes], None]) -> float:
-    """Send every pending probe ``retries`` times, ``min(interval, timeout)`` apart, reading replies
-    all along, until nothing is pending or ``timeout`` after the last probe. Returns seconds spent.
-
-    ``on_match`` gets (channel, key, holder MAC) for each frame ``classify`` accepts; it may raise
-    (a conflict) or drop the key from ``pending`` (a gateway answered).
-    """
-    spacing = min(opts.interval, opts.timeout)
-    start = time.monotonic()
-    sent, next_send, deadline = 0, start, float("inf")
-    with selectors.DefaultSelector() as sel:
-        for ch in channels:
-            sel.register(ch.sock, selectors.EVENT_READ, ch)
-        while any(ch.pending for ch in channels):
-            now = time.monotonic()
-            if sent < opts.retries and now >= next_send:
-                for ch in channels:
-                    ch.send_pending()
-                sent += 1
-                next_send = start + sent * spacing  # a fixed grid: late sends do not stretch it
-                if sent == opts.retries:
-                    deadline = time.monotonic() + opts.timeout
-                continue
-            if now >= deadline:
-                break
-            wake = next_send if sent < opts.retries else deadline
-            for key, _ in sel.select(max(wake - now, 0)):
-                ch = key.data
-                for frame in ch.frames():
-                    hit = ch.classify(frame)
-                    if hit and hit[0] in ch.pending:
-                        on_match(ch, *hit)
-    return time.monotonic() - start
 
 
 # --- classification of received frames -------------------------------------------------------
@@ -339,6 +156,12 @@ def wait_dad(ifname: str, ip: str | ipaddress.IPv6Address) -> float:
 
 # --- the checks -------------------------------------------------------------------------------
 
+def _exchange(channels: list[Channel], opts: ProbeOptions,
+              on_match: Callable[[Channel, IPAddress, bytes], None]) -> float:
+    return exchange(channels, on_match, retries=opts.retries, interval=opts.interval,
+                    timeout=opts.timeout)
+
+
 def _address(a: str | IPAddress) -> IPAddress:
     return ipaddress.ip_interface(a).ip
 
@@ -360,7 +183,7 @@ def check_conflicts(ifname: str, addrs: Sequence[str], opts: ProbeOptions) -> No
     v6 = [ip for ip in ips if ip.version == 6]
     if not ips:
         return
-    with _Channels(ifname) as chans:
+    with Channels(ifname) as chans:
         if v4:
             ch = chans.open(pk.ETH_P_ARP, pk.arp_sender_filter(v4))
             ch.classify = _arp_classifier(ch.mac, None)
@@ -370,14 +193,14 @@ def check_conflicts(ifname: str, addrs: Sequence[str], opts: ProbeOptions) -> No
             ch.classify = _na_classifier(ch.mac)
             ch.pending = {ip: pk.build_ns(ch.mac, "::", ip) for ip in v6}
 
-        def conflict(ch: _Channel, ip: IPAddress, holder: bytes) -> None:
+        def conflict(ch: Channel, ip: IPAddress, holder: bytes) -> None:
             how = "answered an ARP probe for it" if ip.version == 4 else "advertised it (NA)"
             raise IPConflict(
                 f"IP conflict: address {ip} of {ifname} is already in use by MAC "
                 f"{pk.mac_to_str(holder)}, which {how}; free or change the address",
                 details=f"interface={ifname} address={ip} mac={pk.mac_to_str(holder)}")
 
-        elapsed = _run(chans.items, opts, conflict)
+        elapsed = _exchange(chans.items, opts, conflict)
         failed = [ch for ch in chans.items if not ch.tries and ch.error]
         if failed:
             raise TryAgainLater(f"could not probe {ifname} for address conflicts: "
@@ -405,7 +228,7 @@ def check_gateways(ifname: str, pairs: Sequence[tuple[str, str]], opts: ProbeOpt
         wait_dad(ifname, src)
     v4 = [gw for gw in sources if gw.version == 4]
     v6 = [gw for gw in sources if gw.version == 6]
-    with _Channels(ifname) as chans:
+    with Channels(ifname) as chans:
         if v4:
             ch = chans.open(pk.ETH_P_ARP, pk.arp_sender_filter(v4))
             ch.classify = _arp_classifier(ch.mac, pk.ARP_REPLY)
@@ -414,7 +237,7 @@ def check_gateways(ifname: str, pairs: Sequence[tuple[str, str]], opts: ProbeOpt
             ch = chans.open(pk.ETH_P_IPV6, pk.na_target_filter(v6))
             ch.classify = _na_classifier(ch.mac)
             ch.pending = {gw: pk.build_ns(ch.mac, sources[gw], gw) for gw in v6}
-        elapsed = _run(chans.items, opts, lambda ch, gw, _mac: ch.pending.pop(gw))
+        elapsed = _exchange(chans.items, opts, lambda ch, gw, _mac: ch.pending.pop(gw))
         for ch in chans.items:
             for gw in ch.pending:
                 raise _unreachable(ifname, gw, sources[gw], ch, elapsed)
@@ -422,7 +245,7 @@ def check_gateways(ifname: str, pairs: Sequence[tuple[str, str]], opts: ProbeOpt
               elapsed * 1000)
 
 
-def _unreachable(ifname: str, gw: IPAddress, src: IPAddress, ch: _Channel,
+def _unreachable(ifname: str, gw: IPAddress, src: IPAddress, ch: Channel,
                  elapsed: float) -> GatewayUnreachable:
     proto = "ARP request" if gw.version == 4 else "neighbor solicitation"
     tries = ch.tries.get(gw, 0)
@@ -461,7 +284,7 @@ def announce(ifname: str, addrs: Sequence[str]) -> None:
 
 
 def _announce_family(ifname: str, ethertype: int, ips: list[IPAddress]) -> None:
-    sock, mac = _open(ifname, ethertype, [(0x06, 0, 0, 0)])  # send-only: a drop-all filter
+    sock, mac = open_packet(ifname, ethertype, [(0x06, 0, 0, 0)])  # send-only: a drop-all filter
     sent: list[IPAddress] = []
     try:
         for ip in ips:
@@ -479,14 +302,14 @@ def _announce_family(ifname: str, ethertype: int, ips: list[IPAddress]) -> None:
         log.debug("announced %s on %s as %s", ", ".join(map(str, sent)), ifname,
                   pk.mac_to_str(mac))
     finally:
-        _close(sock)
+        close_later(sock)
 
 
 def probe_interface(ifname: str, addrs: Sequence[str],
                     gateways: Sequence[str | tuple[str, str]], opts: ProbeOptions, *,
                     conflict: bool, gateway: bool) -> None:
     """The CLI's ``probe``: conflict detection first, then gateway detection, never both at once
-    (#4475: a gateway probe from an address someone else holds poisons the gateway's cache).
+    (a gateway probe from an address someone else holds poisons the gateway's cache).
 
     A bare gateway is probed from the first address of ``addrs`` of its family.
     """

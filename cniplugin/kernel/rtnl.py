@@ -1,12 +1,12 @@
 """A small rtnetlink client (stdlib only): exactly the messages route-tune sends and reads.
 
-Why not pyroute2 for the hot path: there every request costs 0.4-1.3 ms (an asyncio loop per
-call, every attribute of every message decoded, dump filters applied in user space after the
-kernel sent everything). Here a request costs tens of microseconds, only the attributes asked
-for are decoded, and dumps carry kernel-side filters (``NETLINK_GET_STRICT_CHK``: table,
-protocol, output device, ifindex), so 5,000 foreign routes in a node table are skipped by the
-kernel. ``kernel.netlink`` is the only user; ``decode`` maps these raw messages to ``records.facts``/
-``records.objects``.
+Why not pyroute2 for the hot path: there every request runs an asyncio loop, decodes every
+attribute of every message and applies dump filters in user space after the kernel sent
+everything. Here a request is one send and one receive, only the attributes asked for are
+decoded, and dumps carry kernel-side filters (``NETLINK_GET_STRICT_CHK``: table, protocol,
+output device, ifindex), so 5,000 foreign routes in a node table are skipped by the kernel.
+``kernel.reads``, ``kernel.netlink`` and ``kernel.veth`` use it; ``decode`` maps these raw
+messages to ``records.facts``/``records.objects``.
 
 A ``Socket`` is bound to the netns the calling thread is in when it is created and stays there.
 """
@@ -63,6 +63,9 @@ NDA_DST, NDA_LLADDR, NDA_PROTOCOL, NDA_IFINDEX = 1, 2, 12, 8
 NUD_PERMANENT = 0x80
 
 NETNSA_NSID, NETNSA_FD = 1, 3
+
+#: Errors that mean the object (or its link, or its netns) is already gone: a removal is done.
+GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
 
 AF_UNSPEC, AF_INET, AF_INET6 = 0, socket.AF_INET, socket.AF_INET6
 #: IP version (4, 6) <-> address family, for every module speaking rtnetlink.

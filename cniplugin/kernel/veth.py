@@ -1,6 +1,7 @@
 """The underlay veth pair (pod end ``veth0``, node end ``rt<container id>``): read, create or
-repair, and delete the node end alone. Called by ``kernel.netlink.Netlink`` for ``Veth`` objects, with
-the pod's session (``nl``; ``nl.node`` is the node's).
+repair, and delete the node end alone; and the one check that a pod veth's peer is on the node.
+Called by the ``kernel.netlink`` session for ``Veth`` objects, with the pod's session (``nl``;
+``nl.node`` is the node's).
 """
 
 from __future__ import annotations
@@ -10,27 +11,43 @@ import socket
 from typing import TYPE_CHECKING
 
 from cniplugin.kernel import rtnl as _rtnl
+from cniplugin.kernel.rtnl import GONE, NetlinkError
 from cniplugin.protocol.errors import RouteConflict
+from cniplugin.records.facts import Link
 from cniplugin.records.objects import Veth
-from cniplugin.kernel.rtnl import NetlinkError
 
 if TYPE_CHECKING:
     from cniplugin.kernel.netlink import Netlink
+    from cniplugin.kernel.reads import Reader
 
-GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
+
+def verified_peer(node: Reader, pod_link: Link, node_nsid_in_pod: int) -> Link | None:
+    """The node end of the pod veth ``pod_link`` (read through the node's session ``node``), or
+    None unless all three ties hold: pod_link is a veth, its IFLA_LINK names a node veth whose
+    IFLA_LINK is pod_link, and pod_link's link-netnsid is the node netns (an index alone could
+    name a link of any other netns)."""
+    if pod_link.kind != "veth" or not pod_link.peer_index \
+            or pod_link.peer_nsid != node_nsid_in_pod:
+        return None
+    peer = node.link_by_index(pod_link.peer_index)
+    if peer is None or peer.kind != "veth" or peer.peer_index != pod_link.index:
+        return None
+    return peer
 
 
-def read(nl: Netlink, name: str) -> Veth | None:
+def _node_peer(nl: Reader, link: Link) -> Link | None:
+    """``verified_peer`` of the pod link ``link`` through the pod session's node session."""
+    if nl.node is None or link.kind != "veth":
+        return None
+    return verified_peer(nl.node, link, nl.node_ns_id(nl.node.fd))
+
+
+def read(nl: Reader, name: str) -> Veth | None:
     """The pair whose pod end is ``name``, as a Veth (``configured`` False if it is not)."""
     link = nl.link(name)
     if link is None:
         return None
-    peer = None
-    if link.kind == "veth" and nl.node is not None and link.peer_index:
-        peer = nl.node.link_by_index(link.peer_index)
-        if peer is not None and (peer.kind != "veth" or peer.peer_index != link.index
-                                 or link.peer_nsid != nl.node_ns_id(nl.node.fd)):
-            peer = None
+    peer = _node_peer(nl, link)
     if peer is None:
         return Veth(name, "", link.mtu, link.mac, "", configured=False)
     address = next((f"{a.address}/32" for a in nl.addresses(4, link.index, {})
@@ -56,8 +73,8 @@ def apply(nl: Netlink, veth: Veth) -> None:
         kind = live.kind or "no kind"
         raise RouteConflict(f"{veth.name} exists in the pod and is not a veth ({kind}); "
                             f"underlay mode needs that name for its veth pair")
-    peer = node.link(veth.peer)
-    if peer is None or peer.kind != "veth" or peer.peer_index != live.index:
+    peer = _node_peer(nl, live)
+    if peer is None or peer.name != veth.peer:
         raise RouteConflict(
             f"the node end {veth.peer!r} of {veth.name} is missing or is another pod's "
             f"link (node link names use the first 11 characters of the container id)")
@@ -65,16 +82,16 @@ def apply(nl: Netlink, veth: Veth) -> None:
         node.write_sysctl(f"net/ipv6/conf/{veth.peer}/accept_ra", "0")
     except FileNotFoundError:
         pass  # IPv6 is disabled on the node: no router advertisement to refuse
-    node.set_link(peer.index, True,
-                   _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu),
-                   _rtnl.attr(_rtnl.IFLA_IFALIAS, veth.alias.encode()))  # no NUL: as ip(8)
+    node.set_link(peer.index, _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu),
+                  _rtnl.attr(_rtnl.IFLA_IFALIAS, veth.alias.encode()),  # no NUL: as ip(8)
+                  up=True)
     if veth.address:
         ip, _, length = veth.address.partition("/")
         nl.sock.change(_rtnl.RTM_NEWADDR, _rtnl.NLM_F_CREATE | _rtnl.NLM_F_REPLACE,
                        _rtnl.ifaddrmsg(socket.AF_INET, int(length), live.index)
                        + _rtnl.attr(_rtnl.IFA_LOCAL, _rtnl.ip_bytes(ip))
                        + _rtnl.attr(_rtnl.IFA_ADDRESS, _rtnl.ip_bytes(ip)))
-    nl.set_link(live.index, True, _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu))
+    nl.set_link(live.index, _rtnl.attr_u32(_rtnl.IFLA_MTU, veth.mtu), up=True)
 
 
 def _create(nl: Netlink, veth: Veth) -> None:

@@ -30,11 +30,21 @@ LOCAL_TABLE, MAIN_TABLE, DEFAULT_TABLE = 255, 254, 253
 RESERVED_TABLES = frozenset({0, DEFAULT_TABLE, MAIN_TABLE, LOCAL_TABLE})
 SCOPE_UNIVERSE = "universe"
 SCOPE_LINK = "link"
+#: The pod end of the underlay veth pair (its node end is ``rt`` + the container id).
+UNDERLAY_VETH = "veth0"
+
+#: Route protocols of routes route-tune finds, not makes: the kernel's own prefix routes, and
+#: routes added without a protocol (``ip route add``, IPAM plugins).
+RTPROT_KERNEL, RTPROT_BOOT = 2, 3
+#: The metrics the kernel gives IPv6 routes added without one (IPv4 routes get 0): a prefix
+#: route of an address, and any other route. A plan states them so it compares equal to what
+#: the kernel reports.
+IPV6_CONNECTED_METRIC, IPV6_DEFAULT_METRIC = 256, 1024
 
 # The kernel's numbers, named as iproute2 names them (rtnetlink.h, fib_rules.h).
 TABLE_NAMES = {LOCAL_TABLE: "local", MAIN_TABLE: "main", DEFAULT_TABLE: "default"}
-PROTO_NAMES = {0: "unspec", 1: "redirect", 2: "kernel", 3: "boot", 4: "static", 16: "dhcp",
-               RTPROT_ROUTE_TUNE: "route-tune"}
+PROTO_NAMES = {0: "unspec", 1: "redirect", RTPROT_KERNEL: "kernel", RTPROT_BOOT: "boot",
+               4: "static", 16: "dhcp", RTPROT_ROUTE_TUNE: "route-tune"}
 SCOPE_NAMES = {0: SCOPE_UNIVERSE, 200: "site", 253: SCOPE_LINK, 254: "host", 255: "nowhere"}
 SCOPE_NUMBERS = {v: k for k, v in SCOPE_NAMES.items()}
 ROUTE_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast",
@@ -58,6 +68,16 @@ def _ip_cmd(family: int) -> str:
 
 def default_dst(family: int) -> str:
     return "::/0" if family == 6 else "0.0.0.0/0"
+
+
+def connected_metric(family: int) -> int:
+    """The metric of the kernel's prefix route for an address of ``family``."""
+    return IPV6_CONNECTED_METRIC if family == 6 else 0
+
+
+def default_metric(family: int) -> int:
+    """The metric the kernel gives any other route of ``family`` added without one."""
+    return IPV6_DEFAULT_METRIC if family == 6 else 0
 
 
 def _table_word(table: int) -> str:
@@ -265,9 +285,11 @@ class Veth:
 class NftTable:
     """route-tune's nftables table (``inet route_tune``, see ``kernel.nft``): reply steering."""
 
-    ifname: str = "veth0"
+    ifname: str = UNDERLAY_VETH
     mark: int = 0x1
     mask: int = 0x1
+    #: Read back only: what the live table is when its rules are not the ones route-tune writes.
+    foreign: str = _live("")
 
     kind = "nft"
 
@@ -275,6 +297,8 @@ class NftTable:
         return ("nft", "inet", "route_tune")
 
     def render(self) -> str:
+        if self.foreign:
+            return self.foreign
         return (f"nft -f -  # table inet route_tune: connections in via {self.ifname} get ct "
                 f"mark {self.mark:#x}/{self.mask:#x}, their replies the same meta mark")
 
@@ -364,6 +388,11 @@ class Desired:
 
     def node_objects(self) -> list[KernelObject]:
         return [*self.node_owned, *self.node_shared]
+
+    @property
+    def host_rule_table(self) -> int | None:
+        """The node table this plan routes the pod's addresses in (None: no node side)."""
+        return next((o.table for o in self.node_shared), None)
 
     def render_lines(self) -> list[str]:
         """The whole plan as commands, grouped by side, in installation order."""

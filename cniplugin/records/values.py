@@ -2,7 +2,7 @@
 route-tune's engine records, at a fraction of the class-creation cost.
 
 A dataclass compiles each generated method from source when its class is created: ten for a
-frozen ordered class (``Rule``: ~1.4 ms), paid again by every plugin process for some twenty
+frozen ordered class such as ``Rule``, paid again by every plugin process for some twenty
 classes. ``@value`` lets ``dataclass`` generate only ``__init__`` and the frozen
 ``__setattr__``/``__delattr__`` and installs ``__eq__``, ``__hash__``, ``__repr__`` and the
 orderings written once here, with the semantics ``dataclass`` gives them: same-class comparison of

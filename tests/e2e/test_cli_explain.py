@@ -13,7 +13,7 @@ import pytest
 from cniplugin.cli import explain as _explain
 from cniplugin.records.facts import Addr
 from cniplugin.cli.live import LiveRoute, LiveRule, Snapshot
-from cniplugin.kernel.netlink import RouteGet
+from cniplugin.kernel.reads import RouteGet
 from cniplugin.cli.render import explain_text
 from harness.cli import cli
 from harness.lab import VETH_PAIR, scratch_netns

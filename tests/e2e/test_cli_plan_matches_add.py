@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cniplugin.records.objects import Desired, LinkAttr, NftTable, Sysctl, Veth
-from cniplugin.engine.gather import sessions
+from cniplugin.engine.gather import sessions_bound_to
 from cniplugin.kernel import netns as _netns
 from harness.cli import CID, cli, make_pod, require_lab
 from harness.snapshot import owned_objects
@@ -41,7 +41,7 @@ def _read_back(pod_netns: str, node_netns: str, desired: Desired) -> dict[str, o
                 for o in objects if isinstance(o, (Sysctl, LinkAttr, Veth, NftTable))}
     pod_fd, node_fd = _netns.open_netns(pod_netns), _netns.open_netns(node_netns)
     try:
-        with sessions(pod_fd, node_fd) as (pod_nl, node_nl):
+        with sessions_bound_to(pod_fd, node_fd) as (pod_nl, node_nl):
             return {**read(pod_nl, desired.pod_objects()), **read(node_nl, desired.node_objects())}
     finally:
         os.close(pod_fd)

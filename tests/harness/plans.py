@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from cniplugin.engine import planner
+from cniplugin.engine.attachment import Attachment
+from cniplugin.engine.mode import resolve_mode
+from cniplugin.records.facts import Facts
 from cniplugin.records.objects import Desired, apply_order
 from cniplugin.protocol.config import PluginConfig, build
 from cniplugin.protocol.env import NodeDefaults
@@ -15,6 +19,13 @@ NODE_DEFAULTS = {"overlayPodCIDR": ["10.233.64.0/18", "fd00:64::/64"],
 def config(**keys: object) -> PluginConfig:
     """The validated config for conflist ``keys`` (camelCase) on top of ``NODE_DEFAULTS``."""
     return build(keys, NodeDefaults("/etc/cni/route-tune/defaults.json", dict(NODE_DEFAULTS)))
+
+
+def plan(config: PluginConfig, attachment: Attachment, facts: Facts,
+         prior: Desired | None = None) -> Desired:
+    """The planner with the mode the engine's gather resolves from these facts."""
+    mode = resolve_mode(config, attachment.ifname, [link.name for link in facts.pod.links])
+    return planner.plan(config, attachment, facts, prior, mode=mode)
 
 
 def golden(desired: Desired) -> str:

@@ -35,7 +35,7 @@ def pod_fd(lab_session):
 
 
 def test_engine_and_cli_read_the_same_route(pod_fd):
-    with _netlink.open_session(pod_fd) as nl:
+    with _netlink.Netlink.bound_to(pod_fd) as nl:
         engine = nl.routes(4, table=200)
         cli = nl.all_routes(4, table=200)
     assert [r.dst for r in engine] == ["100.64.0.0/10", "100.64.0.0/10", "203.0.113.0/24"]

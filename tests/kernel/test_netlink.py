@@ -24,7 +24,7 @@ def test_route_get_reports_the_policy_table(policy_netns, dst, src):
     from cniplugin.kernel import netns as _netns
     fd = _netns.open_netns(policy_netns)
     try:
-        with _netlink.session(fd) as nl:
+        with _netlink.Netlink.entered(fd) as nl:
             got = nl.route_get(dst, src=src)
     finally:
         os.close(fd)

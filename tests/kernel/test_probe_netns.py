@@ -30,8 +30,8 @@ from harness.host import in_netns, require_root
 from cniplugin.kernel import packets as pk
 from cniplugin.protocol.errors import GatewayUnreachable, InterfaceNotFound, IPConflict, TryAgainLater
 from cniplugin.kernel.probe import (ProbeOptions, announce, check_conflicts, check_gateways,
-                              mac_from_prefix, probe_interface, wait_dad,
-                              wait_sockets_closed)
+                              mac_from_prefix, probe_interface, wait_dad)
+from cniplugin.kernel.rawsock import wait_sockets_closed
 
 pytestmark = pytest.mark.netns
 T = TypeVar("T")

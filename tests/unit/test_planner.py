@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
 from cniplugin.records.facts import Addr, Facts, Link, NodeFacts, PodFacts
 from cniplugin.records.objects import MAIN_TABLE, Desired, Neighbour, Route, Rule, Sysctl
-from cniplugin.engine.planner import Attachment, plan
-from harness.plans import assert_plan, config
+from cniplugin.engine.attachment import Attachment
+from harness.plans import assert_plan, config, plan
 
 HOST_TABLE = 500
 

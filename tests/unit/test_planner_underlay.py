@@ -7,8 +7,10 @@ import pytest
 from cniplugin.protocol.errors import InvalidConfig, UnderlayNotReady
 from cniplugin.records.facts import Addr, Facts, Link, NodeFacts, PodFacts
 from cniplugin.records.objects import MAIN_TABLE, Desired, Route, Veth
-from cniplugin.engine.planner import (Attachment, node_veth_name, plan, planned_mac, resolve_mode)
-from harness.plans import assert_plan, config
+from cniplugin.engine.attachment import Attachment
+from cniplugin.engine.mode import resolve_mode
+from cniplugin.engine.planner import node_veth_name, planned_mac
+from harness.plans import assert_plan, config, plan
 
 CID = "0123456789abcdef" * 4
 
