@@ -1,7 +1,7 @@
 """Process helpers shared by chain.py and _profile.py: spawn-to-exit timing, tiny C programs.
 
-Timing is ``posix_spawn`` to ``wait4`` with stdin/stdout/stderr on memory files, so that a 3 ms
-process (sbr's VERSION) is not drowned by the measuring side's own pipes and threads.
+Timing is ``posix_spawn`` to ``wait4`` with stdin/stdout/stderr on memory files, so that a process as
+short as sbr's VERSION is not drowned by the measuring side's own pipes and threads.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Measure the wall time of route-tune's start-up paths against a bare interpreter start.
 
 Run:  .venv/bin/python bench/startup.py [--runs 20] [--lab]
-Prints a Markdown table (median and min over the runs, in milliseconds) for the README.
+Prints a Markdown table (median and min over the runs, in milliseconds) for bench/README.md.
 Each command runs as a runtime would run it: the installed executables (the venv's `route-tune` is the native forwarder), env + stdin only.
 
 ``--lab`` (root) adds a real in-process ADD and DEL of rail 1 on a 1-rail lab (docs/lab.md):
