@@ -11,7 +11,6 @@ import hashlib
 import ipaddress
 
 from cniplugin.engine.attachment import Attachment, attachment_from_result
-from cniplugin.records.defaults import normalise_mode
 from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
 from cniplugin.records.facts import Facts, NodeFacts, PodFacts
 from cniplugin.records.objects import (MAIN_TABLE, SCOPE_LINK, SCOPE_UNIVERSE, Desired, KernelObject,
@@ -40,7 +39,7 @@ def resolve_mode(config, ifname: str, pod_links: list[str] | None = None) -> str
     the pod's link names; None (unknown, e.g. the CLI's disabled check) skips the checks that
     need them.
     """
-    mode = normalise_mode(str(config.mode))
+    mode = config.mode  # PluginConfig holds it normalised
     eth0 = config.pod_default_cni_nic
     if mode == "disabled":
         return "disabled"
