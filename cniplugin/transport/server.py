@@ -397,10 +397,7 @@ class Server:
             log.error("internal error serving %s: %r", env.get("CNI_COMMAND", "?"), exc,
                       exc_info=True)
             return _error_frame(InternalError("internal error", repr(exc)), stdin)
-        fields = {"command": env.get("CNI_COMMAND", ""),
-                  "containerID": env.get("CNI_CONTAINERID", ""),
-                  "netns": env.get("CNI_NETNS", ""), "ifname": env.get("CNI_IFNAME", "")}
-        with _logging.request_context(fields, self._log_options):
+        with _logging.request_context(_logging.request_fields(env), self._log_options):
             log.info("served via resident engine (exit %d)", code)
         return _frame(code, stdout, stderr)
 
