@@ -23,7 +23,8 @@
     │   └── UnsafeRequest             107  refused for the node's safety (e.g. pod IP is a node address)
     └── InternalError                999  anything unexpected; traceback only in the log
 
-Errors become CNI replies only at the edge (``protocol.dispatch``); everything else raises.
+Errors become CNI replies only at the edge (``protocol.dispatch``, and the forwarding client's
+code-11 reply), both through ``error_reply``; everything else raises.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ __all__ = [
     "IPConflict", "InterfaceNotFound", "RouteConflict", "CheckFailed", "UnderlayNotReady",
     "NetfilterError", "UnsafeRequest", "InternalError", "ERROR_CODES", "error_reply",
 ]
+
+#: How ``json.dumps`` writes these characters inside a string (other controls: ``\\u00XX``).
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+                  "\b": "\\b", "\f": "\\f"}
 
 
 class CNIError(Exception):
@@ -72,10 +77,6 @@ def error_reply(cni_version: str, code: int, msg: str, details: str = "") -> byt
     if details:
         out += ',\n    "details": "' + _quote(details) + '"'
     return (out + "\n}").encode("utf-8", "replace")
-
-
-_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-                  "\b": "\\b", "\f": "\\f"}
 
 
 def _quote(text: str) -> str:
