@@ -28,11 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cniplugin.engine import commands as _engine  # noqa: E402  (imports done before timing)
-from cniplugin.protocol.invocation import Invocation  # noqa: E402
+from cniplugin.protocol.invocation import Invocation, from_request  # noqa: E402
 from cniplugin.kernel import netns as _netns  # noqa: E402
-from cniplugin.protocol import config as _config  # noqa: E402
-from cniplugin.protocol import wire as _wire  # noqa: E402
-from cniplugin.protocol.env import read_node_defaults  # noqa: E402
 
 CID = "b3nchb3nchb3nchb3nch"
 
@@ -141,11 +138,7 @@ def request(lab: Lab, scratch: str, command: str, ifname: str, prev: dict | None
                "CNI_NETNS": f"/var/run/netns/{lab.pod}", "CNI_PATH": "/usr/lib/cni",
                "ROUTE_TUNE_DEFAULTS": os.path.join(scratch, "defaults.json")}
     # Parsed before timing: the engine's work is what we measure.
-    config = _config.build(raw, read_node_defaults(environ))
-    return Invocation(command, CID, ifname, environ["CNI_NETNS"], "bench", "1.0.0",
-                      config.state_dir, config,
-                      _wire.parse_result(prev, "1.0.0") if prev is not None else None, raw,
-                      pod_fd, node_fd)
+    return from_request(environ, raw, pod_netns_fd=pod_fd, node_netns_fd=node_fd)
 
 
 def measure(lab: Lab, scratch: str, cycles: int, counter: Counter, node_fd: int,

@@ -36,7 +36,6 @@ import argparse
 import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -47,12 +46,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Sequence
 
-__all__ = ["InstallError", "InstallReport", "install", "main", "build_parser"]
+from cniplugin.cli.runtime_tree import MARKER, InstallError, Source, copy_tree, is_complete, \
+    source_from_interpreter, source_from_tree, tree_digest
+
+__all__ = ["InstallError", "InstallReport", "install", "main", "build_parser", "MARKER"]
 
 SHIM_NAME = "route-tune"
-MARKER = ".route-tune-runtime.json"
 DEFAULT_CNI_BIN_DIR = "/opt/cni/bin"
 DEFAULT_RUNTIME_DIR = "/opt/route-tune"
 DEFAULT_DEFAULTS_DEST = "/etc/cni/route-tune/defaults.json"
@@ -67,15 +68,7 @@ _SHIM_SCAN = 8 << 20   # a static forwarder is under 1 MiB; a script shim a few 
 FORWARDERS = ("auto", "native", "script")
 #: Where an image's runtime ships its prebuilt forwarder (conf/Containerfile builds it).
 PREBUILT_FORWARDER = "bin/route-tune-forwarder"
-# Parts of the base interpreter's stdlib a CNI plugin never needs (libpython.a alone is ~25 MB).
-_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
-                "distutils", "site-packages", "dist-packages"}
-_STDLIB_SKIP_PREFIX = ("config-",)
 _ETXTBSY_TRIES = 50
-
-
-class InstallError(Exception):
-    """The install was refused or failed; the node is left as it was before."""
 
 
 @dataclass
@@ -99,185 +92,6 @@ class InstallReport:
         return f"route-tune {self.version} {head}:\n" + "\n".join(f"  {a}" for a in self.actions)
 
 
-class _Entry(NamedTuple):
-    rel: str              # path inside the runtime tree
-    src: str              # absolute source path
-    link: str | None      # symlink target (relative) or None for a regular file
-
-
-@dataclass
-class _Source:
-    entries: list[_Entry]
-    site_rel: str          # site-packages holding cniplugin, relative to the runtime root
-    package_version: str   # cniplugin.__version__ found in the source
-    description: str
-    compile_dirs: list[str] = field(default_factory=list)  # rel dirs to byte-compile after copy
-
-
-# --------------------------------------------------------------------------- sources
-
-def _walk_files(root: Path, rel_prefix: str, *, skip_top: Iterable[str] = (),
-                skip_prefix: tuple[str, ...] = ()) -> list[_Entry]:
-    """Regular files and symlinks under root (symlinks are kept as links, never followed)."""
-    skip = set(skip_top)
-    out: list[_Entry] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if Path(dirpath) == root:
-            dirnames[:] = [d for d in dirnames if d not in skip and not d.startswith(skip_prefix)]
-        for name in list(dirnames) + filenames:
-            path = Path(dirpath, name)
-            rel = f"{rel_prefix}/{path.relative_to(root).as_posix()}".lstrip("/")
-            if path.is_symlink():
-                out.append(_Entry(rel, str(path), os.readlink(path)))
-                if name in dirnames:
-                    dirnames.remove(name)   # never descend through a link
-            elif name in filenames and path.is_file():
-                out.append(_Entry(rel, str(path), None))
-    return out
-
-
-def _source_from_interpreter() -> _Source:
-    """Assemble a runtime from the running interpreter: base binary + stdlib + our dependencies.
-
-    Works from a venv (also an editable install, whose package is copied from its checkout).
-    Used by tests and same-distro nodes; the DaemonSet image passes --source-runtime instead.
-    """
-    import importlib.metadata as metadata
-    import sysconfig
-
-    import cniplugin
-    from cniplugin._version import __version__
-
-    pyver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    base_exe = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
-    stdlib = Path(sysconfig.get_path("stdlib", vars={"installed_base": sys.base_prefix,
-                                                     "base": sys.base_prefix}))
-    purelib = Path(sysconfig.get_path("purelib"))
-    site_rel = f"lib/{pyver}/site-packages"
-
-    entries = [_Entry("bin/python3", str(base_exe), None)]
-    # Distro symlinks out of the stdlib (Debian: sitecustomize.py -> /etc/...) would dangle on
-    # the node; the shim runs with -S, which never reads them, so they are left out.
-    entries += [e for e in _walk_files(stdlib, f"lib/{pyver}", skip_top=_STDLIB_SKIP,
-                                       skip_prefix=_STDLIB_SKIP_PREFIX)
-                if e.link is None or not _escapes(e)]
-    # A --enable-shared interpreter finds libpython via RPATH $ORIGIN/../lib: bring it along.
-    for lib in sorted(Path(sys.base_prefix, "lib").glob("libpython3*.so*")):
-        entries.append(_Entry(f"lib/{lib.name}", os.path.realpath(lib), None))
-
-    # Dependencies: the closure of route-tune's requirements, minus extras, copied file by
-    # file from each distribution's RECORD so that test tools in the venv stay behind.
-    dists = {_norm(d.metadata["Name"]): d for d in metadata.distributions(path=[str(purelib)])}
-    todo, seen = ["route-tune"], set()
-    while todo:
-        name = _norm(todo.pop())
-        if name in seen or name not in dists:
-            continue
-        seen.add(name)
-        for req in dists[name].requires or ():
-            if "extra" not in req.partition(";")[2]:
-                todo.append(re.match(r"[A-Za-z0-9._-]+", req).group(0))
-    seen.discard("route-tune")
-    for name in sorted(seen):
-        for f in dists[name].files or ():
-            src = Path(dists[name].locate_file(f)).resolve()
-            if src.is_relative_to(purelib) and src.is_file():
-                entries.append(_Entry(f"{site_rel}/{src.relative_to(purelib).as_posix()}",
-                                      str(src), None))
-
-    pkg = Path(cniplugin.__file__).resolve().parent
-    entries += [e for e in _walk_files(pkg, f"{site_rel}/cniplugin")
-                if "__pycache__" not in e.rel and e.link is None]
-    return _Source(entries, site_rel, __version__, f"interpreter {base_exe}",
-                   compile_dirs=[f"{site_rel}/cniplugin"])
-
-
-def _source_from_tree(root: Path) -> _Source:
-    """A prepared runtime tree (the image's): bin/python3 + lib/python3.X/site-packages/cniplugin."""
-    if not root.is_dir():
-        raise InstallError(f"source runtime {root} is not a directory")
-    root = root.resolve()
-    hits = sorted(root.glob("lib/python3*/site-packages/cniplugin/_version.py"))
-    if len(hits) != 1:
-        raise InstallError(f"source runtime {root}: expected one lib/python3.X/site-packages/"
-                           f"cniplugin, found {len(hits)}")
-    if not os.access(root / "bin/python3", os.X_OK):
-        raise InstallError(f"source runtime {root}: bin/python3 is missing or not executable")
-    # The marker describes a copy; a tree that was itself installed carries one: skip it.
-    entries = [e for e in _walk_files(root, "") if e.rel != MARKER]
-    for e in entries:
-        if e.link is not None and _escapes(e):
-            raise InstallError(f"source runtime {root}: symlink {e.rel} -> {e.link} leaves "
-                                   "the tree (it would dangle on the node)")
-    site_rel = hits[0].parent.parent.relative_to(root).as_posix()
-    found = re.search(r'__version__\s*=\s*["\']([^"\']+)', hits[0].read_text())
-    return _Source(entries, site_rel, found.group(1) if found else "unknown", f"tree {root}")
-
-
-def _escapes(entry: _Entry) -> bool:
-    """A symlink that is absolute or climbs out of the runtime tree."""
-    target = os.path.normpath(os.path.join(os.path.dirname(entry.rel), entry.link))
-    return os.path.isabs(entry.link) or target == ".." or target.startswith("../")
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-# --------------------------------------------------------------------------- tree helpers
-
-def _digest(entries: Sequence[_Entry], root: Path | None = None) -> str:
-    """Content digest of the entries, read from their source or (root given) from the copy."""
-    h = hashlib.sha256()
-    for e in sorted(entries):
-        path = root / e.rel if root is not None else Path(e.src)
-        h.update(e.rel.encode() + b"\0")
-        if e.link is not None:
-            h.update(b"L" + os.readlink(path).encode())
-        else:
-            h.update(b"X" if os.access(path, os.X_OK) else b"F")
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def _read_marker(vdir: Path) -> dict | None:
-    try:
-        return json.loads((vdir / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _is_complete(vdir: Path, source: _Source, digest: str) -> bool:
-    """The version dir holds exactly this source's content (marker and files agree)."""
-    marker = _read_marker(vdir)
-    if not marker or marker.get("digest") != digest:
-        return False
-    try:
-        return _digest(source.entries, vdir) == digest
-    except OSError:
-        return False
-
-
-def _copy_tree(source: _Source, dest: Path) -> None:
-    made: set[Path] = set()
-    for e in source.entries:
-        target = dest / e.rel
-        if target.parent not in made:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            made.add(target.parent)
-        if e.link is not None:
-            os.symlink(e.link, target)
-        else:
-            shutil.copy2(e.src, target)   # keeps mode and mtime, so shipped .pyc stay valid
-    if source.compile_dirs:
-        import compileall
-        for rel in source.compile_dirs:   # precompiled .pyc: the node never compiles at run time
-            compileall.compile_dir(str(dest / rel), quiet=1)
-
-
 def _self_test(vdir: Path, site_rel: str) -> str:
     """Run the copied interpreter the way the shim will; return cniplugin's version."""
     from cniplugin.transport.native import ENTRY_MODULE
@@ -291,7 +105,7 @@ def _self_test(vdir: Path, site_rel: str) -> str:
     return proc.stdout.strip()
 
 
-def _shim_bytes(host_vdir: str, version: str, source: _Source, forwarder: str) -> tuple[bytes, str]:
+def _shim_bytes(host_vdir: str, version: str, source: Source, forwarder: str) -> tuple[bytes, str]:
     """What the runtime executes, and which kind it is: the native forwarder (the source
     runtime's prebuilt one when it was built for exactly this node path and version, else
     compiled here) or a ``#!/bin/sh`` script; both run the same in-process program."""
@@ -429,8 +243,8 @@ def install(cni_bin_dir: str | os.PathLike, runtime_dir: str | os.PathLike, *,
     host_rt = _check_host_dir(host_runtime_dir or os.path.abspath(rt_dir))
     if keep < 1:
         raise InstallError("keep must be at least 1")
-    source = (_source_from_tree(Path(source_runtime)) if source_runtime
-              else _source_from_interpreter())
+    source = (source_from_tree(Path(source_runtime)) if source_runtime
+              else source_from_interpreter())
     version = version or source.package_version
     if not _VERSION_RE.match(version) or ".tmp-" in version or ".old-" in version:
         raise InstallError(f"unusable version label {version!r}")
@@ -440,7 +254,7 @@ def install(cni_bin_dir: str | os.PathLike, runtime_dir: str | os.PathLike, *,
     if shim.is_dir():
         raise InstallError(f"{shim} is a directory")
     defaults = _read_defaults(Path(defaults_file)) if defaults_file is not None else None
-    digest = _digest(source.entries)
+    digest = tree_digest(source.entries)
     text, kind = _shim_bytes(f"{host_rt}/{version}", version, source, forwarder)
 
     if dry_run:
@@ -479,13 +293,13 @@ def _clean_stale(rt_dir: Path, bin_dir: Path, report: InstallReport) -> None:
         report.actions.append(f"removed stale {p}")
 
 
-def _install_runtime(source: _Source, digest: str, vdir: Path, report: InstallReport) -> None:
-    if _is_complete(vdir, source, digest):
+def _install_runtime(source: Source, digest: str, vdir: Path, report: InstallReport) -> None:
+    if is_complete(vdir, source, digest):
         return
     tmp = vdir.with_name(f"{vdir.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(mode=0o755)
-        _copy_tree(source, tmp)
+        copy_tree(source, tmp)
         pkg_version = _self_test(tmp, source.site_rel)
         marker = {"version": vdir.name, "packageVersion": pkg_version, "digest": digest,
                   "files": len(source.entries), "site": source.site_rel,
@@ -534,11 +348,11 @@ def _prune(rt_dir: Path, version: str, previous: str | None, keep: int,
             report.actions.append(f"pruned {p}")
 
 
-def _plan_only(report: InstallReport, source: _Source, digest: str, vdir: Path, shim: Path,
+def _plan_only(report: InstallReport, source: Source, digest: str, vdir: Path, shim: Path,
                text: bytes, kind: str, host_rt: str, defaults_file, defaults_dest: Path,
                overwrite: bool) -> None:
     acts = report.actions
-    if not (vdir.is_dir() and _is_complete(vdir, source, digest)):
+    if not (vdir.is_dir() and is_complete(vdir, source, digest)):
         acts.append(f"would copy runtime ({len(source.entries)} files from "
                     f"{source.description}) to {vdir}")
     if not shim.exists() or shim.read_bytes() != text:

@@ -69,8 +69,9 @@ def remove_orphans(found: Orphans, store: Store, node_fd: int | None) -> None:
     from cniplugin.protocol.invocation import Invocation
 
     for state, _why in found.stale_states:
-        inv = Invocation("DEL", state.container_id, state.ifname, "", state.network, "",
-                         found.state_dir, node_netns_fd=node_fd)
+        inv = Invocation(command="DEL", container_id=state.container_id, ifname=state.ifname,
+                         netns="", network=state.network, cni_version="",
+                         state_dir=found.state_dir, node_netns_fd=node_fd)
         try:
             _engine.cmd_del(inv)
             found.removed.append(f"state {state_file(store, state)} (and its node entries)")

@@ -29,8 +29,6 @@ def _saved_facts(path: str):
 
 
 def _plan(args) -> int:
-    import dataclasses
-
     from cniplugin.cli import render as _render
     from cniplugin.engine import commands as _engine
     from cniplugin.engine.gather import assumed_facts, planning_input
@@ -42,7 +40,7 @@ def _plan(args) -> int:
         facts, source = assumed_facts(inv), "derived from prevResult alone"
     header = [f"plan: ADD of {inv.ifname} for network {inv.raw.get('name')} (container "
               f"{inv.container_id})", f"facts: {source}"]
-    if inv.config.disabled:
+    if inv.disabled:
         emit(args, {"mode": "disabled", "lines": []},
              "\n".join(f"# {h}" for h in header) + "\n# mode disabled: ADD passes prevResult "
              "through and installs nothing")
@@ -52,7 +50,7 @@ def _plan(args) -> int:
         desired = _engine.plan_for(inv, gathered)
     except IOFailure as err:  # the state dir is root's: plan as a first ADD
         header.append(f"state not readable ({err.msg}): planned as a first ADD")
-        desired = _engine.plan_for(dataclasses.replace(inv, state_dir="/nonexistent"), gathered)
+        desired = _engine.plan_for(inv.replace(state_dir="/nonexistent"), gathered)
     data = {"network": inv.raw.get("name"), "ifname": inv.ifname,
             "container_id": inv.container_id, "facts": source,
             "lines": desired.render_lines(), "warnings": list(desired.warnings),

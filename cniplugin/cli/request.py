@@ -94,16 +94,13 @@ class Named:
 
 
 def build_invocation(args, command: str, need_ifname: bool = True):
-    """(``Invocation``, ``Named``) from saved files, validated as the protocol layer would.
+    """(``Invocation``, ``Named``) from saved files, through the protocol layer's own constructor
+    (every check a runtime's request gets).
 
     Without ``need_ifname`` a missing interface name becomes the placeholder ``-`` (verify
     then finds the attachment by network name)."""
-    from cniplugin.protocol.invocation import Invocation
-    from cniplugin.protocol import config as _config
-    from cniplugin.protocol import wire as _wire
-    from cniplugin.protocol.env import parse_env
     from cniplugin.protocol.errors import CNIError, NotChained
-    from cniplugin.protocol.versions import negotiate
+    from cniplugin.protocol.invocation import from_request
     raw = load_route_tune_config(args.config, args.network)
     if args.prev_result:
         raw["prevResult"] = _prev_result_from(args.prev_result)
@@ -122,14 +119,10 @@ def build_invocation(args, command: str, need_ifname: bool = True):
     cni = {"CNI_COMMAND": command, "CNI_CONTAINERID": given_id or "cni-route-tune",
            "CNI_IFNAME": ifname, "CNI_NETNS": env.get("CNI_NETNS") or "/dev/null",
            "CNI_PATH": env.get("CNI_PATH") or "/opt/cni/bin", "CNI_ARGS": env.get("CNI_ARGS", "")}
+    environ.update(cni)
     try:
-        cni_env, cni_version = parse_env(cni), negotiate(raw)
-        config = _config.build(raw, node_defaults(environ))  # a bad config: usage, not drift
-        prev = raw.get("prevResult")
-        prev_result = _wire.parse_result(prev, cni_version) if prev is not None else None
-        inv = Invocation(command, cni_env.container_id, cni_env.ifname, cni_env.netns,
-                         str(raw.get("name", "")), cni_version, config.state_dir, config,
-                         prev_result, raw)
+        # A bad config is a usage error here, not drift.
+        inv = from_request(environ, raw, node_defaults(environ))
     except NotChained:
         raise UsageError("plan needs a prevResult: --prev-result FILE, or a config that holds "
                          "one") from None

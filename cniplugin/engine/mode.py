@@ -7,7 +7,6 @@ just read, and the planner takes that mode as an argument.
 from __future__ import annotations
 
 from cniplugin.protocol.errors import InvalidConfig, UnderlayNotReady
-from cniplugin.records.defaults import normalise_mode
 from cniplugin.records.objects import UNDERLAY_VETH
 
 
@@ -19,7 +18,7 @@ def resolve_mode(config, ifname: str, pod_links: list[str] | None = None) -> str
     the pod's link names; None (unknown, e.g. the CLI's disabled check) skips the checks that
     need them.
     """
-    mode = normalise_mode(str(config.mode))
+    mode = config.mode  # PluginConfig holds it normalised
     eth0 = config.pod_default_cni_nic
     if mode == "disabled":
         return "disabled"

@@ -13,15 +13,15 @@ key. Every validation failure is ``InvalidConfig`` (code 7) in the form
 """
 
 # No ``from __future__ import annotations``: pydantic would have to compile and eval every field's
-# annotation string at class creation (a measurable part of the model build per process).
+# annotation string at class creation, on every plugin process.
 import ipaddress
 import json
 import logging
 import re
 from typing import Annotated, Any, Literal, Mapping, Union
 
-from cniplugin.protocol.pydantic_base import BaseModel, Before, ConfigDict, Dump, Field, ValidationError, \
-    ValidationInfo, field_validator, model_validator
+from cniplugin.protocol.pydantic_base import Before, Dump, Field, Model, NestedModel, \
+    ValidationError, ValidationInfo, field_validator, model_validator
 
 from cniplugin.records.defaults import HOST_RULE_PRIORITY, HOST_RULE_TABLE, SOCKET_PATH, STATE_DIR, \
     normalise_mode
@@ -160,17 +160,7 @@ Table = Annotated[int, Before(_to_table)]
 AbsPath = Annotated[str, Before(_to_abs_path)]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
-
-
-class _Nested(_Model):
-    # Validated inside PluginConfig's own schema: a validator of its own is built only on first
-    # direct use (saves building one per class in every plugin process).
-    model_config = ConfigDict(defer_build=True)
-
-
-class PolicyRoute(_Nested):
+class PolicyRoute(NestedModel):
     """A static route put into the attachment's policy table: ``dst via gw dev netK``."""
 
     dst: Network
@@ -183,14 +173,14 @@ class PolicyRoute(_Nested):
         return self
 
 
-class DetectOptions(_Nested):
+class DetectOptions(NestedModel):
     retries: int = Field(3, ge=1)
     interval: Duration = Field(0.010, ge=0)  # seconds
     timeout: Duration = Field(0.100, gt=0)  # seconds
 
 
-class PluginConfig(_Model):
-    """The validated route-tune configuration (see docs/design.md "Configuration keys")."""
+class PluginConfig(Model):
+    """The validated route-tune configuration (every key, its type and default: docs/configuration.md)."""
 
     mode: Annotated[Literal["auto", "overlay", "underlay", "disabled"],
                     Before(normalise_mode)] = "auto"

@@ -53,7 +53,8 @@ class Record:
     assignment), written out because ``dataclasses`` imports ``inspect`` (and with it ``ast``,
     ``dis``, ``tokenize``): more than the rest of a light command (VERSION, DEL of a gone netns).
 
-    Subclasses list ``_fields`` and ``_defaults`` (values, or ``_new`` callables for mutable ones).
+    Subclasses list ``_fields`` and ``_defaults`` (values, or ``_new`` callables for mutable ones),
+    and may override ``_check`` (``__post_init__``: runs once the fields are set).
     """
 
     _fields: tuple[str, ...] = ()
@@ -77,6 +78,14 @@ class Record:
                 default = self._defaults[name]
                 values[name] = default() if isinstance(default, _new) else default
         self.__dict__.update(values)  # instance dict, so copy and pickle work as before
+        self._check()
+
+    def _check(self) -> None:
+        """Validate the fields together (a subclass's invariants); raise to refuse the record."""
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (``dataclasses.replace``), checked again."""
+        return type(self)(**{**self._asdict(), **changes})
 
     def _values(self) -> tuple:
         return tuple(self.__dict__[name] for name in self._fields)

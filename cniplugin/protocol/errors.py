@@ -23,7 +23,8 @@
     │   └── UnsafeRequest             107  refused for the node's safety (e.g. pod IP is a node address)
     └── InternalError                999  anything unexpected; traceback only in the log
 
-Errors become CNI replies only at the edge (``protocol.dispatch``); everything else raises.
+Errors become CNI replies only at the edge (``protocol.dispatch``, and the forwarding client's
+code-11 reply), both through ``error_reply``; everything else raises.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ __all__ = [
     "InvalidEnvironment", "IOFailure", "DecodeFailure", "InvalidConfig", "NotChained",
     "TryAgainLater", "GatewayUnreachable", "Busy", "PluginNotAvailable", "PluginError",
     "IPConflict", "InterfaceNotFound", "RouteConflict", "CheckFailed", "UnderlayNotReady",
-    "NetfilterError", "UnsafeRequest", "InternalError", "ERROR_CODES",
+    "NetfilterError", "UnsafeRequest", "InternalError", "ERROR_CODES", "error_reply",
 ]
+
+#: How ``json.dumps`` writes these characters inside a string (other controls: ``\\u00XX``).
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+                  "\b": "\\b", "\f": "\\f"}
 
 
 class CNIError(Exception):
@@ -45,17 +50,39 @@ class CNIError(Exception):
     """
 
     code = 999
+    #: The version the reply speaks, once the request's version is negotiated (else None: the
+    #: replier falls back to the config's declared version, or the newest).
+    cni_version: str | None = None
 
     def __init__(self, msg: str, details: str = "") -> None:
         super().__init__(msg)
         self.msg = msg
         self.details = details
 
-    def to_reply(self, cni_version: str) -> dict:
-        reply = {"cniVersion": cni_version, "code": self.code, "msg": self.msg}
-        if self.details:
-            reply["details"] = self.details
-        return reply
+    def reply(self, cni_version: str) -> bytes:
+        """This error as the CNI error object the plugin prints."""
+        return error_reply(cni_version, self.code, self.msg, self.details)
+
+
+def error_reply(cni_version: str, code: int, msg: str, details: str = "") -> bytes:
+    """A CNI error object exactly as Go's ``PrintResult`` writes it (``MarshalIndent`` with four
+    spaces, no trailing newline; ``details`` left out when empty): the one builder, for
+    dispatch and the forwarding client alike.
+
+    Written out rather than json-encoded: the forwarding client answers with it on its failure
+    path and imports no ``json`` (nor ``re``, ``enum``) to do so.
+    """
+    out = '{\n    "cniVersion": "' + _quote(cni_version) + '",\n    "code": ' + str(int(code))
+    out += ',\n    "msg": "' + _quote(msg) + '"'
+    if details:
+        out += ',\n    "details": "' + _quote(details) + '"'
+    return (out + "\n}").encode("utf-8", "replace")
+
+
+def _quote(text: str) -> str:
+    """A JSON string's body as ``json.dumps(ensure_ascii=False)`` writes it."""
+    return "".join(_SHORT_ESCAPES.get(ch) or (f"\\u{ord(ch):04x}" if ch < " " else ch)
+                   for ch in text)
 
 
 class IncompatibleVersion(CNIError):

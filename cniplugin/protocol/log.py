@@ -28,17 +28,18 @@ import threading
 import time
 from contextlib import contextmanager  # loaded anyway: logging -> traceback -> contextlib
 
-from cniplugin.protocol.env import Record
+from cniplugin.protocol.env import Record, parse_cni_args
 from cniplugin.protocol.errors import InvalidConfig
 
 # No ``dataclasses`` or ``typing`` at run time: the light commands (DEL of a gone
 # netns) set up logging too, and those imports cost more than the rest of such a command.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Iterator
+    from typing import Any, Iterator, Mapping
 
 __all__ = [
-    "LOGGER_NAME", "LogOptions", "resolve_log_options", "effective_log_options", "setup", "request_context", "get_logger",
+    "LOGGER_NAME", "LogOptions", "resolve_log_options", "effective_log_options", "setup",
+    "request_context", "request_fields", "note_request", "set_request_options", "get_logger",
     "RotatingJsonFile",
 ]
 
@@ -250,8 +251,10 @@ class _RequestContext:
         self.options = options
 
 
+#: The context outside any request (the CLI, a server's own lines): never written to.
+_NO_REQUEST = _RequestContext()
 _context: contextvars.ContextVar[_RequestContext] = contextvars.ContextVar(
-    "route_tune_log_context", default=_RequestContext())
+    "route_tune_log_context", default=_NO_REQUEST)
 _files: dict[str, RotatingJsonFile] = {}
 _files_lock = threading.Lock()
 
@@ -345,9 +348,28 @@ def request_context(fields: dict, options: LogOptions | None) -> Iterator[None]:
         _context.reset(token)
 
 
+def request_fields(environ: Mapping[str, str]) -> dict:
+    """The request identity every log line of a request carries, from its CNI_* variables."""
+    args = parse_cni_args(environ.get("CNI_ARGS", ""))
+    return {"containerID": environ.get("CNI_CONTAINERID", ""),
+            "netns": environ.get("CNI_NETNS", ""), "ifname": environ.get("CNI_IFNAME", ""),
+            "podNamespace": args.pod_namespace, "podName": args.pod_name,
+            "command": environ.get("CNI_COMMAND", "")}
+
+
+def note_request(environ: Mapping[str, str]) -> None:
+    """Add the request identity to the bound request context (none bound: nothing to do)."""
+    ctx = _context.get()
+    if ctx is not _NO_REQUEST:
+        ctx.fields.update(request_fields(environ))
+
+
 def set_request_options(options: LogOptions | None) -> None:
-    """Set the current request's file options once the config is known (inside request_context)."""
-    _context.get().options = options
+    """Set the bound request's file options once the config is known (none bound, as in the
+    CLI: nothing to do)."""
+    ctx = _context.get()
+    if ctx is not _NO_REQUEST:
+        ctx.options = options
 
 
 def get_logger(name: str = LOGGER_NAME) -> logging.Logger:

@@ -1,12 +1,12 @@
-"""The one door to pydantic for route-tune's models (``protocol.wire``, ``protocol.config``).
+"""The one door to pydantic for route-tune's models (``protocol.wire``, ``protocol.config``), and
+their one pair of base classes.
 
 pydantic looks for plugins when it builds the first model validator: ``pydantic.plugin._loader``
-imports ``importlib.metadata`` (email, zipfile, csv, pathlib ...) and then reads the metadata of
-every installed distribution: about 50 ms of CPU on the 2-core VM, paid once per pod interface
-by the in-process plugin. route-tune ships and wants no pydantic plugins, so the processes that
-route-tune owns (the plugin executable, the resident engine) call
-``transport.pydantic_setup.disable_plugin_discovery()`` before pydantic is imported. A program that merely
-imports ``cniplugin`` as a library keeps pydantic exactly as it is.
+imports ``importlib.metadata`` and then reads the metadata of every installed distribution, a
+cost paid once per pod interface by the in-process plugin. route-tune ships and wants no
+pydantic plugins, so the processes that route-tune owns (the plugin executable, the resident
+engine) call ``transport.pydantic_setup.disable_plugin_discovery()`` before pydantic is imported.
+A program that merely imports ``cniplugin`` as a library keeps pydantic exactly as it is.
 
 ``Before`` and ``Dump`` are lighter spellings of ``BeforeValidator`` and ``PlainSerializer``.
 """
@@ -18,8 +18,22 @@ from pydantic import (  # noqa: E402
     model_validator)
 from pydantic_core import core_schema  # noqa: E402
 
-__all__ = ["BaseModel", "Before", "ConfigDict", "Dump", "Field", "ValidationError",
-           "ValidationInfo", "field_validator", "model_validator"]
+__all__ = ["BaseModel", "Before", "ConfigDict", "Dump", "Field", "Model", "NestedModel",
+           "ValidationError", "ValidationInfo", "field_validator", "model_validator"]
+
+
+class Model(BaseModel):
+    """route-tune's models: unknown keys ignored (as Go's ``json.Unmarshal`` does), fields filled
+    by alias or name, JSON types taken strictly."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
+
+
+class NestedModel(Model):
+    """A model only ever validated inside another's schema: its own validator is built on first
+    direct use, so a plugin process does not build one per nested class."""
+
+    model_config = ConfigDict(defer_build=True)
 
 
 class Before:

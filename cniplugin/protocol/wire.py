@@ -20,11 +20,11 @@ Version negotiation is stdlib and lives in ``protocol.versions``; it is re-expor
 """
 
 # No ``from __future__ import annotations``: pydantic would have to compile and eval every field's
-# annotation string at class creation (a measurable part of the model build per process).
+# annotation string at class creation, on every plugin process.
 import ipaddress
 from typing import Annotated, Any, Union
 
-from cniplugin.protocol.pydantic_base import BaseModel, Before, ConfigDict, Dump, Field, ValidationError
+from cniplugin.protocol.pydantic_base import Before, Dump, Field, Model, NestedModel, ValidationError
 from cniplugin.protocol.errors import IncompatibleVersion, InvalidConfig
 from cniplugin.protocol.versions import negotiate, parse_version, version_at_least
 from cniplugin._version import SUPPORTED_VERSIONS
@@ -63,18 +63,7 @@ AddressField = Annotated[Union[IPAddress, None], Before(_to_address),
                          Dump(lambda v: "" if v is None else str(v))]
 
 
-class _WireModel(BaseModel):
-    # Unknown keys are ignored (as Go's json.Unmarshal does); JSON types are taken strictly.
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
-
-
-class _Nested(_WireModel):
-    # Validated inside Result's own schema: a validator of its own is built only on first direct
-    # use (saves building one per class in every plugin process).
-    model_config = ConfigDict(defer_build=True)
-
-
-class Interface(_Nested):
+class Interface(NestedModel):
     name: str
     mac: str = ""
     mtu: int = 0
@@ -83,7 +72,7 @@ class Interface(_Nested):
     pci_id: str = Field("", alias="pciID")
 
 
-class IPConfig(_Nested):
+class IPConfig(NestedModel):
     address: CIDRField
     gateway: AddressField = None
     interface: int | None = Field(None, ge=0)
@@ -93,7 +82,7 @@ class IPConfig(_Nested):
         return self.address.version
 
 
-class Route(_Nested):
+class Route(NestedModel):
     dst: CIDRField
     gw: AddressField = None
     mtu: int = 0
@@ -103,14 +92,14 @@ class Route(_Nested):
     scope: int | None = None
 
 
-class DNS(_Nested):
+class DNS(NestedModel):
     nameservers: list[str] = []
     domain: str = ""
     search: list[str] = []
     options: list[str] = []
 
 
-class Result(_WireModel):
+class Result(Model):
     """The canonical (1.1.0) result. ``cni_version`` is where it came from; dumping sets it anew."""
 
     cni_version: str = Field("", alias="cniVersion")

@@ -80,7 +80,7 @@ static int replay_stdin(void) {
 /* The in-process plugin, with this process's arguments. `failed` non-NULL: the engine may
  * have run the request (or stdin cannot be replayed), so it must not run here; the plugin then
  * only prints the code-11 reply "<failed>: <details>" in the config's cniVersion. */
-static void exec_plugin_failed(const char *failed, const char *details) {
+static void exec_python_plugin(const char *failed, const char *details) {
     char *argv[64] = {RT_PYTHON, "-I", "-S", "-c", RT_CODE};
     int n = 5;
     if (stdin_was_read && replay_stdin() != 0 && !failed) {
@@ -106,10 +106,10 @@ static void exec_plugin_failed(const char *failed, const char *details) {
     _exit(1);
 }
 
-static void exec_plugin(void) { exec_plugin_failed(NULL, NULL); }
+static void exec_plugin(void) { exec_python_plugin(NULL, NULL); }
 
 static void exec_dropped(const char *details) {
-    exec_plugin_failed("resident engine dropped the request", details);
+    exec_python_plugin("resident engine dropped the request", details);
 }
 
 static int mode_is(const char *want) {
@@ -230,7 +230,7 @@ int main(int argc, char **argv) {
     if (connect(sock, (struct sockaddr *)&addr, sizeof addr) != 0) exec_plugin();
 
     struct buf in = {0}, env = {0};
-    if (read_all(0, &in)) exec_plugin_failed("error reading from stdin", strerror(errno));
+    if (read_all(0, &in)) exec_python_plugin("error reading from stdin", strerror(errno));
     read_stdin = in.data ? in.data : "";
     read_stdin_len = in.len;
     stdin_was_read = 1;

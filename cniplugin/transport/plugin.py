@@ -10,24 +10,20 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["main", "serve_request"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+__all__ = ["main", "serve_request", "FORWARDER_FAILED"]
 
 #: Commands whose config arrives on stdin (skel reads no stdin for VERSION or the about text).
 _READS_STDIN = ("ADD", "DEL", "CHECK", "GC", "STATUS")
-
-
-def _print_version() -> None:
-    from cniplugin._version import PLUGIN_NAME, SUPPORTED_VERSIONS, __version__
-    sys.stdout.write(f"{PLUGIN_NAME} {__version__}\n"
-                     f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
-
-
 #: Passed by the native forwarder (transport/forwarder.c) when the resident engine may have run
 #: the request but gave no complete reply: only the code-11 reply is printed, nothing is re-run.
 FORWARDER_FAILED = "--forwarder-failed"
 
 
-def main() -> None:
+def main() -> NoReturn:
     """Run one CNI invocation and exit with its status."""
     args = sys.argv[1:]
     if args in (["--version"], ["-V"]):
@@ -37,46 +33,38 @@ def main() -> None:
     command = environ.get("CNI_COMMAND", "")
     if len(args) == 3 and args[0] == FORWARDER_FAILED:
         from cniplugin.transport.shim import try_again_reply
-        _write(try_again_reply(_read_stdin(command), args[1], args[2]), b"", 1)
+        _reply_and_exit(try_again_reply(_read_stdin(command), args[1], args[2]), b"", 1)
     if command in ("VERSION", ""):
         # VERSION and the about text: no stdin, no json, no dispatch module.
         from cniplugin._version import about_text, version_reply
         if command:
-            _write(version_reply(), b"", 0)
-        _write(b"", about_text().encode(), 0)
+            _reply_and_exit(version_reply(), b"", 0)
+        _reply_and_exit(b"", about_text().encode(), 0)
+    stdin = _read_stdin(command)
     if command in _READS_STDIN:
-        try:
-            stdin = sys.stdin.buffer.read()
-        except OSError as exc:
-            from cniplugin.protocol import dispatch as _protocol
-            from cniplugin.protocol.errors import IOFailure
-            _emit(_protocol.error_outcome(IOFailure(f"error reading from stdin: {exc}")))
-        # Fast path: a resident engine (`cni-route-tune serve`) has everything imported already.
-        # `transport.shim` imports only C-level stdlib, so trying it costs well under a millisecond.
+        # Fast path: a resident engine (`cni-route-tune serve`) has everything imported already;
+        # `transport.shim` imports only C-level stdlib, so trying it is nearly free.
         from cniplugin.transport import shim as _shim
         if _shim.mode(environ) != "inprocess":
             reply = _shim.forward(environ, stdin)
             if reply is not None:
                 code, out, err = reply
-                _write(out, err, code)
-    else:
-        stdin = b""
+                _reply_and_exit(out, err, code)
     # One request, then exit: the cyclic collector would only walk pydantic's import-time
-    # objects again and again (about 4% of an in-process ADD). Exit frees everything anyway.
+    # objects again and again. Exit frees everything anyway.
     import gc
     gc.disable()
     # No OpenSSL in this process: pydantic.types imports hashlib (through secrets and random),
-    # and loading libcrypto costs ~3.5 MiB of peak RSS and a few ms. Without `_hashlib`, hashlib
+    # and loading libcrypto adds to the peak RSS and the start. Without `_hashlib`, hashlib
     # serves the same digests from CPython's built-in modules (what a no-OpenSSL build does).
     sys.modules.setdefault("_hashlib", None)
     from cniplugin.transport.pydantic_setup import disable_plugin_discovery
     disable_plugin_discovery()
     outcome = serve_request(environ, stdin, via="in-process" if command in _READS_STDIN else "")
     # Exit follows the reply. Interpreter shutdown would run a full cyclic collection over every
-    # object pydantic and the engine created (~35 ms, a fifth of an in-process ADD); it skips
-    # frozen objects.
+    # object pydantic and the engine created; it skips frozen objects.
     gc.freeze()
-    _emit(outcome)
+    _reply_and_exit(outcome.stdout, outcome.stderr, outcome.exit_code)
 
 
 def serve_request(environ, stdin: bytes, **options):
@@ -93,18 +81,28 @@ def _engine(inv):
     return execute(inv)
 
 
+def _print_version() -> None:
+    from cniplugin._version import PLUGIN_NAME, SUPPORTED_VERSIONS, __version__
+    sys.stdout.write(f"{PLUGIN_NAME} {__version__}\n"
+                     f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
+
+
 def _read_stdin(command: str) -> bytes:
-    try:
-        return sys.stdin.buffer.read() if command in _READS_STDIN else b""
-    except OSError:
+    """The request's config (b"" for a command that takes none). Unreadable stdin is answered
+    here, as every plugin answers it: a code-5 reply, and exit."""
+    if command not in _READS_STDIN:
         return b""
+    try:
+        return sys.stdin.buffer.read()
+    except OSError as exc:
+        from cniplugin.protocol import dispatch as _protocol
+        from cniplugin.protocol.errors import IOFailure
+        outcome = _protocol.error_outcome(IOFailure(f"error reading from stdin: {exc}"))
+        _reply_and_exit(outcome.stdout, outcome.stderr, outcome.exit_code)
 
 
-def _emit(outcome) -> None:
-    _write(outcome.stdout, outcome.stderr, outcome.exit_code)
-
-
-def _write(stdout: bytes, stderr: bytes, exit_code: int) -> None:
+def _reply_and_exit(stdout: bytes, stderr: bytes, exit_code: int) -> NoReturn:
+    """Write the reply (stderr first, then stdout) and end the process with ``exit_code``."""
     if stderr:
         sys.stderr.buffer.write(stderr)
         sys.stderr.flush()

@@ -1,8 +1,8 @@
 """Switch off pydantic's plugin discovery in processes route-tune owns (stdlib only).
 
 pydantic's ``pydantic.plugin._loader`` imports ``importlib.metadata`` and reads the metadata of
-every installed distribution when the first model validator is built (~50 ms of CPU per
-in-process plugin run). route-tune ships and wants no pydantic plugins. The plugin executable
+every installed distribution when the first model validator is built, on every in-process
+plugin run. route-tune ships and wants no pydantic plugins. The plugin executable
 and the resident engine call ``disable_plugin_discovery()`` before pydantic is imported: a
 stand-in loader answers "no plugins" (what ``PYDANTIC_DISABLE_PLUGINS=__all__`` does, minus the
 import). Library users of ``cniplugin`` never reach this.

@@ -10,7 +10,6 @@ however malformed - ends the server.
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import errno
 import fcntl
@@ -22,30 +21,23 @@ import select
 import signal
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 
 from cniplugin.protocol import log as _logging
-from cniplugin.kernel import netns as _netns
 from cniplugin.transport import shim as _shim
 from cniplugin.protocol.env import read_node_defaults
 from cniplugin.protocol.errors import CNIError, InternalError, IOFailure, UnsafeRequest
+from cniplugin.transport.frames import BadRequest, Mismatch, close_all, error_frame, frame, \
+    peer_cred, read_request
 
 log = logging.getLogger("cniplugin.server")
 
-#: Request limits: a CNI env is a few hundred bytes, a config with an 8-rail prevResult a few KiB.
-MAX_ENV = 1 << 20
-MAX_STDIN = 4 << 20
-#: At most the pod netns fd and the caller's netns fd.
-MAX_FDS = 2
 #: A peer has this long to deliver its request and to take the reply (run() itself is untimed).
 IO_TIMEOUT = 30.0
 DEFAULT_THREADS = 32
-
-_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 
 #: Test hooks, read from the SERVER's own environment at start (never from a request), set only by
 #: tests/kernel/test_server.py: append "enter|exit <netns key> <monotonic ns>" lines to this file around
@@ -54,116 +46,6 @@ TRACE_ENV = "ROUTE_TUNE_SERVER_TEST_TRACE"
 DELAY_ENV = "ROUTE_TUNE_SERVER_TEST_DELAY"
 
 Runner = Callable[..., object]  # _protocol.run's signature
-
-
-class BadRequest(Exception):
-    """A request that cannot be served; the message goes into the error reply."""
-
-
-class _Mismatch(Exception):
-    """The peer speaks another protocol version (or no protocol at all)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# replies
-
-
-def _frame(exit_code: int, stdout: bytes, stderr: bytes) -> bytes:
-    return (_shim.MAGIC + bytes((exit_code,)) + len(stdout).to_bytes(4, "big")
-            + len(stderr).to_bytes(4, "big") + stdout + stderr)
-
-
-def _error_frame(err: CNIError, stdin: bytes = b"") -> bytes:
-    """An error reply shaped exactly like the plugin's own (``protocol.dispatch.error_outcome``)."""
-    from cniplugin.protocol.dispatch import error_outcome  # stdlib-only module, loaded by warm_up anyway
-
-    out = error_outcome(err, _shim.config_version(stdin) or "1.1.0")
-    return _frame(out.exit_code, out.stdout, out.stderr)
-
-
-# ----------------------------------------------------------------------------------------------
-# request decoding
-
-
-def _collect_fds(ancdata, fds: list[int]) -> None:
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-
-
-def _recv_exact(conn: socket.socket, n: int, fds: list[int]) -> bytes:
-    """Exactly ``n`` bytes; every fd that arrives on the way lands in ``fds`` (caller closes)."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        nbytes, ancdata, flags, _ = conn.recvmsg_into(
-            [view[got:]], _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
-        _collect_fds(ancdata, fds)
-        if flags & socket.MSG_CTRUNC:
-            raise BadRequest(f"too many file descriptors (at most {MAX_FDS})")
-        if nbytes == 0:
-            raise BadRequest(f"truncated request ({got} of {n} bytes)")
-        got += nbytes
-    return bytes(buf)
-
-
-def _close_all(fds: list[int]) -> None:
-    while fds:
-        os.close(fds.pop())
-
-
-def decode_env(block: bytes) -> dict[str, str]:
-    """``K=V\\0...`` -> dict, keeping only the forwarded prefixes."""
-    if block and not block.endswith(b"\0"):
-        raise BadRequest("env block not NUL-terminated")
-    env: dict[str, str] = {}
-    for item in block.split(b"\0")[:-1]:
-        key, sep, value = item.partition(b"=")
-        if not sep or not key:
-            raise BadRequest("env entry without '='")
-        k = key.decode("utf-8", "surrogateescape")
-        if k.startswith(_shim.ENV_PREFIXES):
-            env[k] = value.decode("utf-8", "surrogateescape")
-    return env
-
-
-def read_request(conn: socket.socket, fds: list[int]):
-    """Read one request: ``(env, stdin, pod_fd | None, node_fd | None)``.
-
-    Raises _Mismatch for a foreign magic, BadRequest for anything else that is wrong.
-    """
-    head = _recv_exact(conn, 4, fds)
-    if head != _shim.MAGIC:
-        raise _Mismatch(head)
-    head += _recv_exact(conn, _shim.HEADER_LEN - 4, fds)
-    flags = head[4]
-    env_len = int.from_bytes(head[5:9], "big")
-    stdin_len = int.from_bytes(head[9:13], "big")
-    if flags & ~(_shim.FLAG_POD_NETNS | _shim.FLAG_NODE_NETNS):
-        raise BadRequest(f"unknown request flags {flags:#x}")
-    if env_len > MAX_ENV or stdin_len > MAX_STDIN:
-        raise BadRequest(f"request too large (env {env_len} bytes, stdin {stdin_len} bytes; "
-                         f"limits {MAX_ENV} and {MAX_STDIN})")
-    body = _recv_exact(conn, env_len + stdin_len, fds)
-    want = bin(flags).count("1")
-    if len(fds) != want:
-        raise BadRequest(f"expected {want} file descriptors, got {len(fds)}")
-    for fd in fds:
-        if not _netns.is_netns(fd):
-            raise BadRequest("a passed file descriptor is not a network namespace")
-    it = iter(fds)
-    pod_fd = next(it) if flags & _shim.FLAG_POD_NETNS else None
-    node_fd = next(it) if flags & _shim.FLAG_NODE_NETNS else None
-    return decode_env(body[:env_len]), body[env_len:], pod_fd, node_fd
-
-
-def _peer_cred(conn: socket.socket) -> tuple[int, int, int]:
-    pid, uid, gid = struct.unpack("3i", conn.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid, uid, gid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,37 +213,37 @@ class Server:
     def handle(self, conn: socket.socket) -> None:
         """Serve one connection: check the peer, read, run, reply. Always closes received fds."""
         conn.settimeout(IO_TIMEOUT)
-        pid, uid, _ = _peer_cred(conn)
+        pid, uid, _ = peer_cred(conn)
         if uid != 0:
             log.warning("refused request from pid %d uid %d: only root may use the engine",
                         pid, uid)
-            self._send(conn, _error_frame(UnsafeRequest(
+            self._send(conn, error_frame(UnsafeRequest(
                 "refused by the resident engine", f"peer uid {uid} is not root")))
             return
         fds: list[int] = []
         try:
             env, stdin, pod_fd, node_fd = read_request(conn, fds)
-        except _Mismatch as exc:
-            _close_all(fds)
+        except Mismatch as exc:
+            close_all(fds)
             log.warning("pid %d speaks another protocol (magic %r)", pid, bytes(exc.args[0]))
             self._send(conn, _shim.MISMATCH + bytes(_shim.HEADER_LEN - 4))
             return
         except BadRequest as exc:
-            _close_all(fds)
+            close_all(fds)
             log.warning("malformed request from pid %d: %s", pid, exc)
-            self._send(conn, _error_frame(IOFailure("malformed request", str(exc))))
+            self._send(conn, error_frame(IOFailure("malformed request", str(exc))))
             return
         except OSError as exc:  # timeout or peer gone: nobody to answer
-            _close_all(fds)
+            close_all(fds)
             log.warning("request from pid %d not received: %s", pid, exc)
             return
         except BaseException:
-            _close_all(fds)
+            close_all(fds)
             raise
         try:
             reply = self._run(env, stdin, pod_fd, node_fd)
         finally:
-            _close_all(fds)
+            close_all(fds)
         self._send(conn, reply)
 
     def _send(self, conn: socket.socket, frame: bytes) -> None:
@@ -396,13 +278,10 @@ class Server:
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure is a 999 reply
             log.error("internal error serving %s: %r", env.get("CNI_COMMAND", "?"), exc,
                       exc_info=True)
-            return _error_frame(InternalError("internal error", repr(exc)), stdin)
-        fields = {"command": env.get("CNI_COMMAND", ""),
-                  "containerID": env.get("CNI_CONTAINERID", ""),
-                  "netns": env.get("CNI_NETNS", ""), "ifname": env.get("CNI_IFNAME", "")}
-        with _logging.request_context(fields, self._log_options):
+            return error_frame(InternalError("internal error", repr(exc)), stdin)
+        with _logging.request_context(_logging.request_fields(env), self._log_options):
             log.info("served via resident engine (exit %d)", code)
-        return _frame(code, stdout, stderr)
+        return frame(code, stdout, stderr)
 
     def _trace_line(self, what: str, key: object) -> None:
         if not self._trace:

@@ -30,8 +30,8 @@ FLAG_NODE_NETNS = 2
 #: Env variables forwarded to the engine (the CNI ones and route-tune's own node settings).
 ENV_PREFIXES = ("CNI_", "ROUTE_TUNE_")
 
-#: records/defaults.py's SOCKET_PATH, spelled out: importing cniplugin.records.defaults here costs
-#: ~1 ms (two more module loads) on every CNI call, about 10% of the shim's start.
+#: records/defaults.py's SOCKET_PATH, spelled out: importing cniplugin.records.defaults here would
+#: add two module loads to every CNI call, a visible share of the shim's start.
 #: tests/unit/test_single_source.py keeps the two equal.
 DEFAULT_SOCKET = "/run/route-tune/engine.sock"
 MODES = ("auto", "resident", "inprocess")
@@ -186,31 +186,10 @@ def _recv_exact(sock, n: int) -> bytes:
 
 
 def try_again_reply(stdin: bytes, msg: str, details: str) -> bytes:
-    """A CNI code-11 error reply, built by hand (no json here), in the config's cniVersion.
-
-    Same layout as ``protocol.dispatch``'s error replies (Go's MarshalIndent with 4 spaces).
-    """
-    version = config_version(stdin) or "1.1.0"
-    return (b'{\n    "cniVersion": "' + version.encode() + b'",\n    "code": 11,\n    "msg": "'
-            + _quote(msg) + b'",\n    "details": "' + _quote(details) + b'"\n}')
-
-
-_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
-
-
-def _quote(text: str) -> bytes:
-    """JSON string body: escape backslash, quote and control characters."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch in _SHORT_ESCAPES:
-            out.append(_SHORT_ESCAPES[ch])
-        elif ch < " ":
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return "".join(out).encode("utf-8", "replace")
+    """A CNI code-11 error reply in the config's cniVersion (``protocol.errors.error_reply``:
+    stdlib-only and import-free, and loaded only on this failure path)."""
+    from cniplugin.protocol.errors import TryAgainLater, error_reply
+    return error_reply(config_version(stdin) or "1.1.0", TryAgainLater.code, msg, details)
 
 
 def config_version(stdin: bytes) -> str | None:

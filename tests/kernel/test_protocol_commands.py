@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from cniplugin.protocol import dispatch as _protocol
-from cniplugin.transport.plugin import serve_request
 from harness.host import require_root, run_plugin
 
 
@@ -156,11 +155,10 @@ def test_d4_del_without_prior_add_succeeds_twice(env, node_ns, with_prev):
 
 def test_unexpected_exception_is_999_with_traceback_only_in_the_log(env, monkeypatch, tmp_path,
                                                                     capsys):
-    def explode(*args):  # whatever _dispatch is handed: it fails unexpectedly
+    def explode(inv):  # the engine: where a surprise would come from
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(_protocol, "_dispatch", explode)
-    outcome = serve_request(env, json.dumps(conf(prevResult=PREV)).encode())
+    outcome = _protocol.run(env, json.dumps(conf(prevResult=PREV)).encode(), explode)
     assert outcome.exit_code == 1
     assert outcome.stdout == exact({
         "cniVersion": "1.0.0", "code": 999, "msg": "internal error: ZeroDivisionError: boom",
