@@ -211,13 +211,13 @@ class FabricLab(NetnsTools):
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(ip_batch, lines, ns) for ns, lines in jobs]
             futures += [pool.submit(self._sysctls, self.node(i), self._node_sysctls()) for i in self.node_ids]
-            if self.layout == "shared":
-                futures += [pool.submit(self._sysctls, self.leaf(k), {"net.ipv4.conf.seg.proxy_arp": 1,
-                                                                      "net.ipv4.neigh.seg.proxy_delay": 0,
-                                                                      "net.ipv6.conf.seg.proxy_ndp": 1})
-                            for k in self.rail_ids]
             for fut in futures:
                 fut.result()
+        if self.layout == "shared":
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda k: self._sysctls(self.leaf(k), {
+                    "net.ipv4.conf.seg.proxy_arp": 1, "net.ipv4.neigh.seg.proxy_delay": 0,
+                    "net.ipv6.conf.seg.proxy_ndp": 1, "net.ipv6.neigh.seg.proxy_delay": 0}), self.rail_ids))
 
     def _node_sysctls(self) -> dict[str, str | int]:
         if self.mode == "underlay":
@@ -256,7 +256,9 @@ class FabricLab(NetnsTools):
             if self.layout == "shared":
                 # One subnet for all rails: the leaf switches only its own rail's addresses
                 # (the more specific route) and answers ARP/NDP for the others, which it routes.
+                spine = f"10.254.{k}.1" if fam == "4" else f"fd00:254:{k}::1"
                 lines.append(f"route add {self.rail_block(k, fam)} dev seg")
+                lines += [f"route add {self.rail_block(j, fam)} via {spine}" for j in self.rail_ids if j != k]
                 if fam == "6":
                     lines += [f"neigh add proxy {self.rail_ip(i, j, fam)} dev seg" for j in self.rail_ids
                               if j != k for i in self.node_ids]
