@@ -23,14 +23,17 @@ Like the one-node lab it only creates and deletes namespaces named `<prefix>-...
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .runtime import Libcni, PluginEnv, PyRuntime, RailPod, cluster_defaults
-from .topology import CALI_LL6, CALI_MAC, FAMILIES, HIJACK_GW4, NetnsTools, cleanup, ip_batch, netns_names, run
+from .topology import (CALI_LL6, CALI_MAC, FAMILIES, HIJACK_GW4, LabError, NetnsTools, cleanup,
+                       ip_batch, netns_names, run)
 
 MODES = ("overlay", "underlay")
 LAYOUTS = ("separate", "shared")
@@ -213,11 +216,29 @@ class FabricLab(NetnsTools):
             futures += [pool.submit(self._sysctls, self.node(i), self._node_sysctls()) for i in self.node_ids]
             for fut in futures:
                 fut.result()
+        self._wait_link_locals()
         if self.layout == "shared":
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(lambda k: self._sysctls(self.leaf(k), {
                     "net.ipv4.conf.seg.proxy_arp": 1, "net.ipv4.neigh.seg.proxy_delay": 0,
                     "net.ipv6.conf.seg.proxy_ndp": 1, "net.ipv6.neigh.seg.proxy_delay": 0}), self.rail_ids))
+
+    def _wait_link_locals(self, timeout: float = 30.0) -> None:
+        """Until every link with carrier has its IPv6 link-local address: the kernel adds them
+        after the link comes up, and a snapshot taken before would differ from any later one."""
+        def settled(ns: str) -> bool:
+            links = json.loads(run("ip", "-j", "-n", ns, "link", "show").stdout)
+            addrs = json.loads(run("ip", "-j", "-6", "-n", ns, "addr", "show", "scope", "link").stdout)
+            with_ll = {a["ifname"] for a in addrs if a.get("addr_info")}
+            return all(link["ifname"] in with_ll for link in links
+                       if "LOWER_UP" in link.get("flags", []) and "LOOPBACK" not in link.get("flags", []))
+        deadline = time.monotonic() + timeout
+        pending = list(self.namespaces)
+        while pending:
+            pending = [ns for ns in pending if not settled(ns)]
+            if pending and time.monotonic() > deadline:
+                raise LabError(f"IPv6 link-local addresses still missing in {pending} after {timeout:g} s")
+            time.sleep(0.02 if pending else 0)
 
     def _node_sysctls(self) -> dict[str, str | int]:
         if self.mode == "underlay":

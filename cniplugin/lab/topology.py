@@ -79,7 +79,7 @@ def cleanup(prefix: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _decode_many(text: str) -> list:
+def decode_many(text: str) -> list:
     """Split concatenated JSON documents (one per batch command)."""
     decoder, docs, pos = json.JSONDecoder(), [], 0
     while True:
@@ -305,9 +305,9 @@ def namespace_state(ns: str) -> dict:
     kernel makes for multicast/broadcast, which come and go with traffic.
     """
     # Without a family, `route show table all` lists both families; `rule show` only IPv4.
-    rules4, routes, neigh, links, addrs = _decode_many(ip_batch(
+    rules4, routes, neigh, links, addrs = decode_many(ip_batch(
         ["rule show", "route show table all", "neigh show", "link show", "addr show"], ns, "-j", "-d"))
-    (rules6,) = _decode_many(ip_batch(["rule show"], ns, "-j", "-6"))
+    (rules6,) = decode_many(ip_batch(["rule show"], ns, "-j", "-6"))
     routes4 = [r for r in routes if ":" not in r.get("dst", "") + r.get("gateway", "")]
     routes6 = [r for r in routes if r not in routes4]
     sysctl = run("ip", "netns", "exec", ns, "sysctl", "-a", "-r", r"\.(rp_filter|disable_ipv6|arp_ignore|arp_announce)$").stdout
