@@ -24,16 +24,14 @@ Like the one-node lab it only creates and deletes namespaces named `<prefix>-...
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .runtime import Libcni, PluginEnv, PyRuntime, RailPod, cluster_defaults
-from .topology import (CALI_LL6, CALI_MAC, FAMILIES, HIJACK_GW4, LabError, NetnsTools, cleanup,
-                       ip_batch, netns_names, run)
+from .topology import (CALI_LL6, CALI_MAC, FAMILIES, HIJACK_GW4, LabError, NetnsTools,
+                       ip_batch, run)
 
 MODES = ("overlay", "underlay")
 LAYOUTS = ("separate", "shared")
@@ -168,28 +166,7 @@ class FabricLab(NetnsTools):
                                                  for f in self.families]
         return out
 
-    # -- life cycle --------------------------------------------------------------------------
-    def __enter__(self) -> FabricLab:
-        cleanup(self.prefix + "-")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-lab-"))
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        ip_batch([f"netns del {n}" for n in netns_names(self.prefix + "-")])
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def _sysctls(self, ns: str, settings: dict[str, str | int]) -> None:
-        if settings:
-            run("ip", "netns", "exec", ns, "sysctl", "-qw", *[f"{k}={v}" for k, v in settings.items()])
-
+    # -- building --------------------------------------------------------------------------
     def _build(self) -> None:
         ip_batch([f"netns add {n}" for n in self.namespaces])
         forwarders = {self.lan, self.spine, *(self.node(i) for i in self.node_ids),
@@ -392,18 +369,18 @@ class FabricPods:
 
     def setup_eth0(self) -> None:
         """Underlay: ADD every pod's eth0 chain (nothing to do in overlay: the lab built eth0)."""
-        if self.fabric.mode != "underlay":
-            return
-        for i, pod in self.pods.items():
-            pod.runtime.add(self.eth0_conflist(i), netns=pod.lab.pod_netns, ifname="eth0",
-                            container_id=pod.container_id)
+        self._eth0("add")
 
     def teardown_eth0(self) -> None:
+        """Underlay: DEL every pod's eth0 chain (after its rails)."""
+        self._eth0("delete")
+
+    def _eth0(self, command: str) -> None:
         if self.fabric.mode != "underlay":
             return
         for i, pod in self.pods.items():
-            pod.runtime.delete(self.eth0_conflist(i), netns=pod.lab.pod_netns, ifname="eth0",
-                               container_id=pod.container_id)
+            getattr(pod.runtime, command)(self.eth0_conflist(i), netns=pod.lab.pod_netns, ifname="eth0",
+                                          container_id=pod.container_id)
 
     def add_rails(self) -> None:
         """ADD net1..netK on every node, the nodes in parallel (each has its own runtime)."""

@@ -105,8 +105,38 @@ def _sort(items: list[dict]) -> list[dict]:
 
 
 class NetnsTools:
-    """Commands any lab runs in its namespaces (no lab state needed): exec, ip, route get, pings,
-    whole-state snapshots.  `OverlayLab` and `fabric.FabricLab` both build on it."""
+    """What every lab shares: the life cycle of namespaces named `<prefix>-...` (a context
+    manager: leftovers removed, `_build()`, everything deleted on exit, `tmp` a private temp dir)
+    and the commands run in them: exec, ip, route get, pings, whole-state snapshots.
+    `OverlayLab` and `fabric.FabricLab` both build on it."""
+
+    prefix: str
+    tmp: Path
+
+    def __enter__(self):  # -> the lab itself (its own class)
+        cleanup(self.prefix + "-")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-lab-"))
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Delete every namespace of the lab (their links go with them) and the temp dir."""
+        ip_batch([f"netns del {n}" for n in netns_names(self.prefix + "-")])
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _build(self) -> None:
+        raise NotImplementedError("a lab builds its namespaces in _build")
+
+    def _sysctls(self, ns: str, settings: dict[str, str | int]) -> None:
+        if settings:
+            run("ip", "netns", "exec", ns, "sysctl", "-qw", *[f"{k}={v}" for k, v in settings.items()])
 
     def exec(self, ns: str, *cmd: str, check: bool = True, env: dict[str, str] | None = None,
              stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -211,29 +241,6 @@ class OverlayLab(NetnsTools):
         return [[{"subnet": subnets[fam],
                   "rangeStart": self.rail_ip(k, fam), "rangeEnd": self.rail_ip(k, fam),
                   "gateway": self.gw_ip(k, fam)}] for fam in self.families]
-
-    # -- life cycle ------------------------------------------------------------
-    def __enter__(self) -> OverlayLab:
-        cleanup(self.prefix + "-")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-lab-"))
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Delete every namespace of the lab (their links go with them) and the temp dir."""
-        ip_batch([f"netns del {n}" for n in netns_names(self.prefix + "-")])
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def _sysctls(self, ns: str, settings: dict[str, str | int]) -> None:
-        args = [f"{k}={v}" for k, v in settings.items()]
-        run("ip", "netns", "exec", ns, "sysctl", "-qw", *args)
 
     def _build(self) -> None:
         v4, v6 = "4" in self.families, "6" in self.families
