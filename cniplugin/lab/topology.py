@@ -79,7 +79,7 @@ def cleanup(prefix: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _decode_many(text: str) -> list:
+def decode_many(text: str) -> list:
     """Split concatenated JSON documents (one per batch command)."""
     decoder, docs, pos = json.JSONDecoder(), [], 0
     while True:
@@ -104,8 +104,77 @@ def _sort(items: list[dict]) -> list[dict]:
     return sorted(items, key=lambda d: json.dumps(d, sort_keys=True))
 
 
+class NetnsTools:
+    """What every lab shares: the life cycle of namespaces named `<prefix>-...` (a context
+    manager: leftovers removed, `_build()`, everything deleted on exit, `tmp` a private temp dir)
+    and the commands run in them: exec, ip, route get, pings, whole-state snapshots.
+    `OverlayLab` and `fabric.FabricLab` both build on it."""
+
+    prefix: str
+    tmp: Path
+
+    def __enter__(self):  # -> the lab itself (its own class)
+        cleanup(self.prefix + "-")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-lab-"))
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Delete every namespace of the lab (their links go with them) and the temp dir."""
+        ip_batch([f"netns del {n}" for n in netns_names(self.prefix + "-")])
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _build(self) -> None:
+        raise NotImplementedError("a lab builds its namespaces in _build")
+
+    def _sysctls(self, ns: str, settings: dict[str, str | int]) -> None:
+        if settings:
+            run("ip", "netns", "exec", ns, "sysctl", "-qw", *[f"{k}={v}" for k, v in settings.items()])
+
+    def exec(self, ns: str, *cmd: str, check: bool = True, env: dict[str, str] | None = None,
+             stdin: str | None = None) -> subprocess.CompletedProcess:
+        """Run `cmd` inside namespace `ns` (text mode, output captured)."""
+        proc = subprocess.run(["ip", "netns", "exec", ns, *cmd], input=stdin, capture_output=True,
+                              text=True, env=env)
+        if check and proc.returncode != 0:
+            raise LabError(f"[{ns}] {' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def ip(self, ns: str, *args: str) -> str:
+        """`ip -n NS ARGS...` → stdout."""
+        return run("ip", "-n", ns, *args).stdout
+
+    def route_get(self, ns: str, dst: str, src: str | None = None) -> dict:
+        """`ip -j route get DST [from SRC]` in `ns`: the kernel's answer as a dict (dev, gateway, prefsrc...)."""
+        args = ["-j", "route", "get", dst] + (["from", src] if src else [])
+        return json.loads(self.ip(ns, *args))[0]
+
+    def ping_many(self, ns: str, pairs: list[tuple[str, str]], timeout: float = 2.0) -> list[dict]:
+        """One ICMP echo per (src, dst) pair, all from one helper process in `ns`."""
+        if not pairs:
+            return []
+        proc = self.exec(ns, sys.executable, "-I", "-S", str(PING_SCRIPT), "--timeout", str(timeout),
+                         *[f"{s}>{d}" for s, d in pairs])
+        return json.loads(proc.stdout)
+
+    def ping(self, ns: str, src: str | None, dst: str, timeout: float = 2.0) -> dict:
+        """One echo from `src` (None/"" = kernel's choice) to `dst`: {"ok", "rtt_ms", "error"}."""
+        return self.ping_many(ns, [(src or "", dst)], timeout)[0]
+
+    def state(self, ns: str) -> dict:
+        """A whole-state snapshot of `ns` for before/after comparisons (`namespace_state`)."""
+        return namespace_state(ns)
+
+
 @dataclass
-class OverlayLab:
+class OverlayLab(NetnsTools):
     """Context manager building the seed topology (docs/lab.md) under `prefix`.
 
     `prefix` must be unique among concurrently running labs and at most 11 characters
@@ -166,28 +235,12 @@ class OverlayLab:
     def behind_ip(self, k: int, family: str) -> str:
         return behind_addr(k, family)
 
-    # -- life cycle ------------------------------------------------------------
-    def __enter__(self) -> OverlayLab:
-        cleanup(self.prefix + "-")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-lab-"))
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Delete every namespace of the lab (their links go with them) and the temp dir."""
-        ip_batch([f"netns del {n}" for n in netns_names(self.prefix + "-")])
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def _sysctls(self, ns: str, settings: dict[str, str | int]) -> None:
-        args = [f"{k}={v}" for k, v in settings.items()]
-        run("ip", "netns", "exec", ns, "sysctl", "-qw", *args)
+    def rail_ranges(self, k: int) -> list[list[dict]]:
+        """host-local `ranges` for pod netK: the one address `rail_ip` (see `runtime.rail_conflist`)."""
+        subnets = {"4": f"172.16.1{k}.0/24", "6": f"fd00:16:1{k}::/64"}
+        return [[{"subnet": subnets[fam],
+                  "rangeStart": self.rail_ip(k, fam), "rangeEnd": self.rail_ip(k, fam),
+                  "gateway": self.gw_ip(k, fam)}] for fam in self.families]
 
     def _build(self) -> None:
         v4, v6 = "4" in self.families, "6" in self.families
@@ -246,42 +299,6 @@ class OverlayLab:
             for fut in futures:
                 fut.result()
 
-    # -- helpers -------------------------------------------------------------
-    def exec(self, ns: str, *cmd: str, check: bool = True, env: dict[str, str] | None = None,
-             stdin: str | None = None) -> subprocess.CompletedProcess:
-        """Run `cmd` inside namespace `ns` (text mode, output captured)."""
-        proc = subprocess.run(["ip", "netns", "exec", ns, *cmd], input=stdin, capture_output=True,
-                              text=True, env=env)
-        if check and proc.returncode != 0:
-            raise LabError(f"[{ns}] {' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return proc
-
-    def ip(self, ns: str, *args: str) -> str:
-        """`ip -n NS ARGS...` → stdout."""
-        return run("ip", "-n", ns, *args).stdout
-
-    def route_get(self, ns: str, dst: str, src: str | None = None) -> dict:
-        """`ip -j route get DST [from SRC]` in `ns`: the kernel's answer as a dict (dev, gateway, prefsrc...)."""
-        args = ["-j", "route", "get", dst] + (["from", src] if src else [])
-        return json.loads(self.ip(ns, *args))[0]
-
-    def ping_many(self, ns: str, pairs: list[tuple[str, str]], timeout: float = 2.0) -> list[dict]:
-        """One ICMP echo per (src, dst) pair, all from one helper process in `ns`."""
-        if not pairs:
-            return []
-        proc = self.exec(ns, sys.executable, "-I", "-S", str(PING_SCRIPT), "--timeout", str(timeout),
-                         *[f"{s}>{d}" for s, d in pairs])
-        return json.loads(proc.stdout)
-
-    def ping(self, ns: str, src: str | None, dst: str, timeout: float = 2.0) -> dict:
-        """One echo from `src` (None/"" = kernel's choice) to `dst`: {"ok", "rtt_ms", "error"}."""
-        return self.ping_many(ns, [(src or "", dst)], timeout)[0]
-
-    def state(self, ns: str) -> dict:
-        """A whole-state snapshot of `ns` for before/after comparisons (`namespace_state`)."""
-        return namespace_state(ns)
-
-
 def namespace_state(ns: str) -> dict:
     """A whole-state snapshot of `ns` for before/after comparisons.
 
@@ -295,9 +312,9 @@ def namespace_state(ns: str) -> dict:
     kernel makes for multicast/broadcast, which come and go with traffic.
     """
     # Without a family, `route show table all` lists both families; `rule show` only IPv4.
-    rules4, routes, neigh, links, addrs = _decode_many(ip_batch(
+    rules4, routes, neigh, links, addrs = decode_many(ip_batch(
         ["rule show", "route show table all", "neigh show", "link show", "addr show"], ns, "-j", "-d"))
-    (rules6,) = _decode_many(ip_batch(["rule show"], ns, "-j", "-6"))
+    (rules6,) = decode_many(ip_batch(["rule show"], ns, "-j", "-6"))
     routes4 = [r for r in routes if ":" not in r.get("dst", "") + r.get("gateway", "")]
     routes6 = [r for r in routes if r not in routes4]
     sysctl = run("ip", "netns", "exec", ns, "sysctl", "-a", "-r", r"\.(rp_filter|disable_ipv6|arp_ignore|arp_announce)$").stdout
