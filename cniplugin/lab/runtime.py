@@ -18,9 +18,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .topology import OverlayLab
 
 RUNNER_SRC = Path(__file__).with_name("cnirunner") / "main.go"
 SYSTEM_CNI_DIR = "/usr/lib/cni"
@@ -148,21 +147,23 @@ class PluginEnv:
 
 def rail_conflist(k: int, family: str = "4", extra_route_tune_keys: dict | None = None, *,
                   data_dir: str | os.PathLike, cni_version: str = "1.0.0",
-                  chained: str | None = "route-tune") -> dict:
-    """Rail k's chain: macvlan on `railK` with host-local IPAM (pod gets .10 / ::10), then `chained`.
+                  chained: str | None = "route-tune", ranges: list[list[dict]] | None = None) -> dict:
+    """Rail k's chain: macvlan on `railK` with host-local IPAM, then `chained`.
 
+    `ranges` (host-local's) default to the one-node lab's: pod gets .10 / ::10, gateway .254.
     The range holds that one address: host-local hands out addresses round-robin, so a
-    wider range would give a re-ADDed rail a different address; one pod per lab needs one.
+    wider range would give a re-ADDed rail a different address; one pod per node needs one.
 
     `chained=None` gives the bare macvlan list; `chained="sbr"` the differential variant.
     """
-    ranges = []
-    if family in ("4", "dual"):
-        ranges.append([{"subnet": f"172.16.1{k}.0/24", "rangeStart": f"172.16.1{k}.10",
-                        "rangeEnd": f"172.16.1{k}.10", "gateway": f"172.16.1{k}.254"}])
-    if family in ("6", "dual"):
-        ranges.append([{"subnet": f"fd00:16:1{k}::/64", "rangeStart": f"fd00:16:1{k}::10",
-                        "rangeEnd": f"fd00:16:1{k}::10", "gateway": f"fd00:16:1{k}::254"}])
+    if ranges is None:
+        ranges = []
+        if family in ("4", "dual"):
+            ranges.append([{"subnet": f"172.16.1{k}.0/24", "rangeStart": f"172.16.1{k}.10",
+                            "rangeEnd": f"172.16.1{k}.10", "gateway": f"172.16.1{k}.254"}])
+        if family in ("6", "dual"):
+            ranges.append([{"subnet": f"fd00:16:1{k}::/64", "rangeStart": f"fd00:16:1{k}::10",
+                            "rangeEnd": f"fd00:16:1{k}::10", "gateway": f"fd00:16:1{k}::254"}])
     plugins: list[dict] = [{"type": "macvlan", "master": f"rail{k}", "mode": "bridge",
                             "ipam": {"type": "host-local", "dataDir": str(data_dir), "ranges": ranges}}]
     if chained:
@@ -319,6 +320,17 @@ class PyRuntime:
         self._cache_file(conflist["name"], container_id, ifname).unlink(missing_ok=True)
 
 
+class RailHost(Protocol):
+    """What `RailPod` needs of a lab: `OverlayLab`, or one node of a `fabric.FabricLab`."""
+
+    node: str  # the node netns, where the runtime runs the plugins
+    pod_netns: str  # CNI_NETNS
+    rails: int
+    family: str
+
+    def rail_ranges(self, k: int) -> list[list[dict]]: ...
+
+
 @dataclass
 class RailPod:
     """The seed pod's rail chains on a lab: conflists, ADD/CHECK/DEL per rail, kept results.
@@ -326,7 +338,7 @@ class RailPod:
     `keys` are route-tune keys for every rail, `per_rail[k]` extra keys for rail k.
     """
 
-    lab: OverlayLab
+    lab: RailHost
     penv: PluginEnv
     runtime: Libcni | PyRuntime
     keys: dict = field(default_factory=dict)
@@ -342,7 +354,8 @@ class RailPod:
 
     def conflist(self, k: int) -> dict:
         return rail_conflist(k, self.lab.family, {**self.keys, **self.per_rail.get(k, {})},
-                             data_dir=self.penv.ipam_dir, cni_version=self.cni_version, chained=self.chained)
+                             data_dir=self.penv.ipam_dir, cni_version=self.cni_version, chained=self.chained,
+                             ranges=self.lab.rail_ranges(k))
 
     def _kw(self, k: int, netns: str | None) -> dict:
         return {"netns": self.lab.pod_netns if netns is None else netns, "ifname": f"net{k}",

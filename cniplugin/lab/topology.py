@@ -104,8 +104,47 @@ def _sort(items: list[dict]) -> list[dict]:
     return sorted(items, key=lambda d: json.dumps(d, sort_keys=True))
 
 
+class NetnsTools:
+    """Commands any lab runs in its namespaces (no lab state needed): exec, ip, route get, pings,
+    whole-state snapshots.  `OverlayLab` and `fabric.FabricLab` both build on it."""
+
+    def exec(self, ns: str, *cmd: str, check: bool = True, env: dict[str, str] | None = None,
+             stdin: str | None = None) -> subprocess.CompletedProcess:
+        """Run `cmd` inside namespace `ns` (text mode, output captured)."""
+        proc = subprocess.run(["ip", "netns", "exec", ns, *cmd], input=stdin, capture_output=True,
+                              text=True, env=env)
+        if check and proc.returncode != 0:
+            raise LabError(f"[{ns}] {' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def ip(self, ns: str, *args: str) -> str:
+        """`ip -n NS ARGS...` → stdout."""
+        return run("ip", "-n", ns, *args).stdout
+
+    def route_get(self, ns: str, dst: str, src: str | None = None) -> dict:
+        """`ip -j route get DST [from SRC]` in `ns`: the kernel's answer as a dict (dev, gateway, prefsrc...)."""
+        args = ["-j", "route", "get", dst] + (["from", src] if src else [])
+        return json.loads(self.ip(ns, *args))[0]
+
+    def ping_many(self, ns: str, pairs: list[tuple[str, str]], timeout: float = 2.0) -> list[dict]:
+        """One ICMP echo per (src, dst) pair, all from one helper process in `ns`."""
+        if not pairs:
+            return []
+        proc = self.exec(ns, sys.executable, "-I", "-S", str(PING_SCRIPT), "--timeout", str(timeout),
+                         *[f"{s}>{d}" for s, d in pairs])
+        return json.loads(proc.stdout)
+
+    def ping(self, ns: str, src: str | None, dst: str, timeout: float = 2.0) -> dict:
+        """One echo from `src` (None/"" = kernel's choice) to `dst`: {"ok", "rtt_ms", "error"}."""
+        return self.ping_many(ns, [(src or "", dst)], timeout)[0]
+
+    def state(self, ns: str) -> dict:
+        """A whole-state snapshot of `ns` for before/after comparisons (`namespace_state`)."""
+        return namespace_state(ns)
+
+
 @dataclass
-class OverlayLab:
+class OverlayLab(NetnsTools):
     """Context manager building the seed topology (docs/lab.md) under `prefix`.
 
     `prefix` must be unique among concurrently running labs and at most 11 characters
@@ -165,6 +204,13 @@ class OverlayLab:
 
     def behind_ip(self, k: int, family: str) -> str:
         return behind_addr(k, family)
+
+    def rail_ranges(self, k: int) -> list[list[dict]]:
+        """host-local `ranges` for pod netK: the one address `rail_ip` (see `runtime.rail_conflist`)."""
+        subnets = {"4": f"172.16.1{k}.0/24", "6": f"fd00:16:1{k}::/64"}
+        return [[{"subnet": subnets[fam],
+                  "rangeStart": self.rail_ip(k, fam), "rangeEnd": self.rail_ip(k, fam),
+                  "gateway": self.gw_ip(k, fam)}] for fam in self.families]
 
     # -- life cycle ------------------------------------------------------------
     def __enter__(self) -> OverlayLab:
@@ -245,42 +291,6 @@ class OverlayLab:
             futures.append(pool.submit(self._sysctls, self.node, cali_sysctls))
             for fut in futures:
                 fut.result()
-
-    # -- helpers -------------------------------------------------------------
-    def exec(self, ns: str, *cmd: str, check: bool = True, env: dict[str, str] | None = None,
-             stdin: str | None = None) -> subprocess.CompletedProcess:
-        """Run `cmd` inside namespace `ns` (text mode, output captured)."""
-        proc = subprocess.run(["ip", "netns", "exec", ns, *cmd], input=stdin, capture_output=True,
-                              text=True, env=env)
-        if check and proc.returncode != 0:
-            raise LabError(f"[{ns}] {' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return proc
-
-    def ip(self, ns: str, *args: str) -> str:
-        """`ip -n NS ARGS...` → stdout."""
-        return run("ip", "-n", ns, *args).stdout
-
-    def route_get(self, ns: str, dst: str, src: str | None = None) -> dict:
-        """`ip -j route get DST [from SRC]` in `ns`: the kernel's answer as a dict (dev, gateway, prefsrc...)."""
-        args = ["-j", "route", "get", dst] + (["from", src] if src else [])
-        return json.loads(self.ip(ns, *args))[0]
-
-    def ping_many(self, ns: str, pairs: list[tuple[str, str]], timeout: float = 2.0) -> list[dict]:
-        """One ICMP echo per (src, dst) pair, all from one helper process in `ns`."""
-        if not pairs:
-            return []
-        proc = self.exec(ns, sys.executable, "-I", "-S", str(PING_SCRIPT), "--timeout", str(timeout),
-                         *[f"{s}>{d}" for s, d in pairs])
-        return json.loads(proc.stdout)
-
-    def ping(self, ns: str, src: str | None, dst: str, timeout: float = 2.0) -> dict:
-        """One echo from `src` (None/"" = kernel's choice) to `dst`: {"ok", "rtt_ms", "error"}."""
-        return self.ping_many(ns, [(src or "", dst)], timeout)[0]
-
-    def state(self, ns: str) -> dict:
-        """A whole-state snapshot of `ns` for before/after comparisons (`namespace_state`)."""
-        return namespace_state(ns)
-
 
 def namespace_state(ns: str) -> dict:
     """A whole-state snapshot of `ns` for before/after comparisons.
