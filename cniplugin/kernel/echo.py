@@ -123,9 +123,9 @@ def echo_all(probes: Sequence[tuple[str, str]], *, attempts: int = 3,
     finally:
         for sock in socks.values():
             sock.close()
-    return [r if r is not None else EchoResult(False, error=f"no reply within {attempts} x "
-                                                             f"{timeout:g} s")
-            for r in results]
+    return [r if r is not None else EchoResult(False, error=f"no reply from {dst} within "
+                                                             f"{attempts} x {timeout:g} s")
+            for r, (_, dst) in zip(results, probes)]
 
 
 def _collect(probes, socks, sent, results, ident: int, deadline: float) -> None:
