@@ -11,6 +11,7 @@ import pytest
 from harness.fixtures import (calico_rails, cni_env, engine, fabric, lab_session, libcni,  # noqa: F401
                               make_netns, make_rig, netns_group, overlay_lab, plugin_env,
                               rail_pod, underlay_factory)
+from harness.fabric import fabric_rig  # noqa: F401
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

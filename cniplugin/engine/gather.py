@@ -83,6 +83,11 @@ def gather_node(nl: Netlink, pod_eth0: Link | None, eth0_addrs: list[str],
                 same = nl.route_get(ip).prefsrc
             except RouteConflict:
                 continue
+            # The kernel may pick an excluded link's address (a VIP on lo, say) as the source,
+            # and once hostRuleTable routes the pod through its veth it may pick another one than
+            # at eth0's ADD: only a usable address is a node IP.
+            if same not in {a.address for a in usable}:
+                same = ""
         if same and same not in node_ips:
             node_ips.append(same)
     node_ips += [a.address for a in usable if a.address not in node_ips]

@@ -1,5 +1,7 @@
 """`cni-route-tune demo`: the 8-rail AI pod, end to end through libcni, then torn down.
 
+`--nodes N` (N >= 2) runs `fabric_demo` instead: pods on N nodes and the cross-node matrix.
+
 Builds the lab (cniplugin.lab.topology), runs `[macvlan, route-tune]` for net1..net8
 through Debian's libcni (our Go runner), prints the pod's rules and tables and the node's
 rule and table, one connectivity line per rail, runs CHECK, DELs every chain in reverse
@@ -139,10 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detect", dest="detect", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--chained", default="route-tune", help=argparse.SUPPRESS)  # e.g. sbr, to test the lab
     parser.add_argument("--keep", action="store_true", help="leave the pod set up (no DEL, no teardown)")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="2 or more: pods on that many nodes joined by a rail fabric, and the cross-node matrix")
+    parser.add_argument("--mode", choices=("overlay", "underlay"), default="overlay", help="with --nodes")
+    parser.add_argument("--layout", choices=("separate", "shared"), default="separate",
+                        help="with --nodes: a subnet per rail, or one subnet for all rails")
     args = parser.parse_args(argv)
+    if not 1 <= args.nodes <= 9:
+        parser.error("--nodes must be 1..9")
     if os.geteuid() != 0 or not shutil.which("ip"):
         print("the demo needs root and iproute2 (it only touches network namespaces it creates)", file=sys.stderr)
         return 2
+    if args.nodes > 1:
+        from .fabric_demo import run_fabric_demo
+        return run_fabric_demo(args)
     return run_demo(args)
 
 

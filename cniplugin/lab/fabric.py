@@ -23,14 +23,15 @@ Like the one-node lab it only creates and deletes namespaces named `<prefix>-...
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .runtime import Libcni, PluginEnv, PyRuntime, RailPod, cluster_defaults
-from .topology import CALI_LL6, CALI_MAC, FAMILIES, HIJACK_GW4, NetnsTools, cleanup, ip_batch, netns_names, run
+from .topology import (CALI_LL6, CALI_MAC, FAMILIES, HIJACK_GW4, LabError, NetnsTools,
+                       ip_batch, run)
 
 MODES = ("overlay", "underlay")
 LAYOUTS = ("separate", "shared")
@@ -165,28 +166,7 @@ class FabricLab(NetnsTools):
                                                  for f in self.families]
         return out
 
-    # -- life cycle --------------------------------------------------------------------------
-    def __enter__(self) -> FabricLab:
-        cleanup(self.prefix + "-")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-lab-"))
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        ip_batch([f"netns del {n}" for n in netns_names(self.prefix + "-")])
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def _sysctls(self, ns: str, settings: dict[str, str | int]) -> None:
-        if settings:
-            run("ip", "netns", "exec", ns, "sysctl", "-qw", *[f"{k}={v}" for k, v in settings.items()])
-
+    # -- building --------------------------------------------------------------------------
     def _build(self) -> None:
         ip_batch([f"netns add {n}" for n in self.namespaces])
         forwarders = {self.lan, self.spine, *(self.node(i) for i in self.node_ids),
@@ -211,13 +191,31 @@ class FabricLab(NetnsTools):
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(ip_batch, lines, ns) for ns, lines in jobs]
             futures += [pool.submit(self._sysctls, self.node(i), self._node_sysctls()) for i in self.node_ids]
-            if self.layout == "shared":
-                futures += [pool.submit(self._sysctls, self.leaf(k), {"net.ipv4.conf.seg.proxy_arp": 1,
-                                                                      "net.ipv4.neigh.seg.proxy_delay": 0,
-                                                                      "net.ipv6.conf.seg.proxy_ndp": 1})
-                            for k in self.rail_ids]
             for fut in futures:
                 fut.result()
+        self._wait_link_locals()
+        if self.layout == "shared":
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda k: self._sysctls(self.leaf(k), {
+                    "net.ipv4.conf.seg.proxy_arp": 1, "net.ipv4.neigh.seg.proxy_delay": 0,
+                    "net.ipv6.conf.seg.proxy_ndp": 1, "net.ipv6.neigh.seg.proxy_delay": 0}), self.rail_ids))
+
+    def _wait_link_locals(self, timeout: float = 30.0) -> None:
+        """Until every link with carrier has its IPv6 link-local address: the kernel adds them
+        after the link comes up, and a snapshot taken before would differ from any later one."""
+        def settled(ns: str) -> bool:
+            links = json.loads(run("ip", "-j", "-n", ns, "link", "show").stdout)
+            addrs = json.loads(run("ip", "-j", "-6", "-n", ns, "addr", "show", "scope", "link").stdout)
+            with_ll = {a["ifname"] for a in addrs if a.get("addr_info")}
+            return all(link["ifname"] in with_ll for link in links
+                       if "LOWER_UP" in link.get("flags", []) and "LOOPBACK" not in link.get("flags", []))
+        deadline = time.monotonic() + timeout
+        pending = list(self.namespaces)
+        while pending:
+            pending = [ns for ns in pending if not settled(ns)]
+            if pending and time.monotonic() > deadline:
+                raise LabError(f"IPv6 link-local addresses still missing in {pending} after {timeout:g} s")
+            time.sleep(0.02 if pending else 0)
 
     def _node_sysctls(self) -> dict[str, str | int]:
         if self.mode == "underlay":
@@ -256,7 +254,9 @@ class FabricLab(NetnsTools):
             if self.layout == "shared":
                 # One subnet for all rails: the leaf switches only its own rail's addresses
                 # (the more specific route) and answers ARP/NDP for the others, which it routes.
+                spine = f"10.254.{k}.1" if fam == "4" else f"fd00:254:{k}::1"
                 lines.append(f"route add {self.rail_block(k, fam)} dev seg")
+                lines += [f"route add {self.rail_block(j, fam)} via {spine}" for j in self.rail_ids if j != k]
                 if fam == "6":
                     lines += [f"neigh add proxy {self.rail_ip(i, j, fam)} dev seg" for j in self.rail_ids
                               if j != k for i in self.node_ids]
@@ -373,18 +373,18 @@ class FabricPods:
 
     def setup_eth0(self) -> None:
         """Underlay: ADD every pod's eth0 chain (nothing to do in overlay: the lab built eth0)."""
-        if self.fabric.mode != "underlay":
-            return
-        for i, pod in self.pods.items():
-            pod.runtime.add(self.eth0_conflist(i), netns=pod.lab.pod_netns, ifname="eth0",
-                            container_id=pod.container_id)
+        self._eth0("add")
 
     def teardown_eth0(self) -> None:
+        """Underlay: DEL every pod's eth0 chain (after its rails)."""
+        self._eth0("delete")
+
+    def _eth0(self, command: str) -> None:
         if self.fabric.mode != "underlay":
             return
         for i, pod in self.pods.items():
-            pod.runtime.delete(self.eth0_conflist(i), netns=pod.lab.pod_netns, ifname="eth0",
-                               container_id=pod.container_id)
+            getattr(pod.runtime, command)(self.eth0_conflist(i), netns=pod.lab.pod_netns, ifname="eth0",
+                                          container_id=pod.container_id)
 
     def add_rails(self) -> None:
         """ADD net1..netK on every node, the nodes in parallel (each has its own runtime)."""

@@ -79,7 +79,7 @@ def cleanup(prefix: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _decode_many(text: str) -> list:
+def decode_many(text: str) -> list:
     """Split concatenated JSON documents (one per batch command)."""
     decoder, docs, pos = json.JSONDecoder(), [], 0
     while True:
@@ -105,8 +105,38 @@ def _sort(items: list[dict]) -> list[dict]:
 
 
 class NetnsTools:
-    """Commands any lab runs in its namespaces (no lab state needed): exec, ip, route get, pings,
-    whole-state snapshots.  `OverlayLab` and `fabric.FabricLab` both build on it."""
+    """What every lab shares: the life cycle of namespaces named `<prefix>-...` (a context
+    manager: leftovers removed, `_build()`, everything deleted on exit, `tmp` a private temp dir)
+    and the commands run in them: exec, ip, route get, pings, whole-state snapshots.
+    `OverlayLab` and `fabric.FabricLab` both build on it."""
+
+    prefix: str
+    tmp: Path
+
+    def __enter__(self):  # -> the lab itself (its own class)
+        cleanup(self.prefix + "-")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-lab-"))
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Delete every namespace of the lab (their links go with them) and the temp dir."""
+        ip_batch([f"netns del {n}" for n in netns_names(self.prefix + "-")])
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _build(self) -> None:
+        raise NotImplementedError("a lab builds its namespaces in _build")
+
+    def _sysctls(self, ns: str, settings: dict[str, str | int]) -> None:
+        if settings:
+            run("ip", "netns", "exec", ns, "sysctl", "-qw", *[f"{k}={v}" for k, v in settings.items()])
 
     def exec(self, ns: str, *cmd: str, check: bool = True, env: dict[str, str] | None = None,
              stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -212,29 +242,6 @@ class OverlayLab(NetnsTools):
                   "rangeStart": self.rail_ip(k, fam), "rangeEnd": self.rail_ip(k, fam),
                   "gateway": self.gw_ip(k, fam)}] for fam in self.families]
 
-    # -- life cycle ------------------------------------------------------------
-    def __enter__(self) -> OverlayLab:
-        cleanup(self.prefix + "-")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-lab-"))
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Delete every namespace of the lab (their links go with them) and the temp dir."""
-        ip_batch([f"netns del {n}" for n in netns_names(self.prefix + "-")])
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def _sysctls(self, ns: str, settings: dict[str, str | int]) -> None:
-        args = [f"{k}={v}" for k, v in settings.items()]
-        run("ip", "netns", "exec", ns, "sysctl", "-qw", *args)
-
     def _build(self) -> None:
         v4, v6 = "4" in self.families, "6" in self.families
         ks = range(1, self.rails + 1)
@@ -305,9 +312,9 @@ def namespace_state(ns: str) -> dict:
     kernel makes for multicast/broadcast, which come and go with traffic.
     """
     # Without a family, `route show table all` lists both families; `rule show` only IPv4.
-    rules4, routes, neigh, links, addrs = _decode_many(ip_batch(
+    rules4, routes, neigh, links, addrs = decode_many(ip_batch(
         ["rule show", "route show table all", "neigh show", "link show", "addr show"], ns, "-j", "-d"))
-    (rules6,) = _decode_many(ip_batch(["rule show"], ns, "-j", "-6"))
+    (rules6,) = decode_many(ip_batch(["rule show"], ns, "-j", "-6"))
     routes4 = [r for r in routes if ":" not in r.get("dst", "") + r.get("gateway", "")]
     routes6 = [r for r in routes if r not in routes4]
     sysctl = run("ip", "netns", "exec", ns, "sysctl", "-a", "-r", r"\.(rp_filter|disable_ipv6|arp_ignore|arp_announce)$").stdout

@@ -19,5 +19,7 @@ in pyproject.toml); ``tests/conftest.py`` only registers its fixtures and option
 - ``fixtures``: ``engine`` (in-process vs resident), ``overlay_lab``, ``plugin_env``, ``libcni``,
   ``rail_pod``, ``make_rig``, ``netns_group``, ``make_netns``, ``cni_env``, ``calico_rails``,
   ``underlay_factory``, ``fabric``.
+- ``fabric``: the two-node fabric suites' module-scoped ``fabric_rig`` (a ``cniplugin.lab.fabric``
+  lab with its pods through libcni, per mode/layout/family), their snapshots and an ARP probe.
 - ``plans``: planner tests' real ``PluginConfig``, the planner with the mode the engine resolves, and golden plans.
 """

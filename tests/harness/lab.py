@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from cniplugin.lab.sessions import LabNames
-from cniplugin.lab.topology import (CALI_MAC, OverlayLab, _decode_many, cleanup, ip_batch,
+from cniplugin.lab.topology import (CALI_MAC, OverlayLab, decode_many, cleanup, ip_batch,
                                     netns_names, run)
 from harness.host import require_root, wait_until
 
@@ -169,7 +169,7 @@ class Farm(OverlayLab):
     def route_get_many(self, ns: str, queries: list[tuple[str, str | None]]) -> list[dict]:
         """``ip route get DST [from SRC]`` for every query, in ONE ``ip -batch`` process."""
         lines = [f"route get {dst}" + (f" from {src}" if src else "") for dst, src in queries]
-        return [doc[0] for doc in _decode_many(ip_batch(lines, ns, "-j"))]
+        return [doc[0] for doc in decode_many(ip_batch(lines, ns, "-j"))]
 
 
 def delete_pod_netns(lab: OverlayLab) -> None:

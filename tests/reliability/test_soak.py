@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from cniplugin.lab.topology import _decode_many, ip_batch
+from cniplugin.lab.topology import decode_many, ip_batch
 
 pytestmark = [pytest.mark.netns]
 WARM_UP = 5
@@ -31,9 +31,9 @@ def counts(lab) -> tuple:
     """(rules, routes, configured neighbours) in the pod and on the node, both families."""
     out = []
     for ns in (lab.pod, lab.node):
-        rules4, routes, neigh = _decode_many(ip_batch(["rule show", "route show table all", "neigh show"],
+        rules4, routes, neigh = decode_many(ip_batch(["rule show", "route show table all", "neigh show"],
                                                       ns, "-j"))
-        (rules6,) = _decode_many(ip_batch(["rule show"], ns, "-j", "-6"))
+        (rules6,) = decode_many(ip_batch(["rule show"], ns, "-j", "-6"))
         configured = [n for n in neigh if "PERMANENT" in n.get("state", []) or n.get("protocol")]
         out.append((len(rules4) + len(rules6), len(routes), len(configured)))
     return tuple(out)

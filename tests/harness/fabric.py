@@ -1,0 +1,110 @@
+"""The two-node fabric suites' harness: a module-scoped lab with its pods set up through libcni
+(``fabric_rig``), whole-state snapshots of both nodes and pods, the cross-node flows, and an
+active ARP probe from a leaf's segment.
+
+``fabric_rig`` is parametrised over ``CASES`` (mode, layout, family); pytest groups a module's
+tests by case, so each case builds its lab once. Tests that change the lab (DEL, re-ADD) leave
+it as they found it; the module's last test DELs everything and compares with the pre-ADD state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import select
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from cniplugin.kernel import packets as pk
+from cniplugin.lab.fabric import FabricLab, FabricPods
+from cniplugin.lab.flows import Flow
+from cniplugin.lab.topology import netns_names
+from harness.host import in_netns
+from harness.lab import NAMES
+from harness.snapshot import ns_state
+
+#: (mode, layout, family): overlay and underlay, IPv4 and dual stack, separate subnets and one
+#: shared subnet; the dual-stack cases cover IPv4 too, so IPv4 alone runs once per mode.
+CASES = [("overlay", "separate", "4"), ("overlay", "separate", "dual"), ("overlay", "shared", "dual"),
+         ("underlay", "separate", "dual"), ("underlay", "shared", "4")]
+ANSWER_WINDOW = 0.5  # seconds a leaf listens for ARP answers after its last request
+PACKET_OUTGOING = 4
+
+
+@dataclass
+class FabricRig:
+    """A built `FabricLab` with its `FabricPods` (rails ADDed) and the pre-ADD state."""
+
+    lab: FabricLab
+    pods: FabricPods
+    before_add: dict = field(default_factory=dict)
+    _ports: Iterator[int] = field(default_factory=lambda: itertools.count(20000))
+
+    @property
+    def a(self) -> str:
+        return self.lab.pod(1)
+
+    @property
+    def b(self) -> str:
+        return self.lab.pod(2)
+
+    def port(self) -> int:
+        """A server port no earlier flow of this lab used (no TIME_WAIT leftovers in the counts)."""
+        return next(self._ports)
+
+    def states(self) -> dict:
+        """Whole state (rules, routes, links, addresses, neighbours, sysctls, nft) of both nodes
+        and both pods."""
+        names = [self.lab.node(i) for i in self.lab.node_ids] + [self.lab.pod(i) for i in self.lab.node_ids]
+        return {ns: ns_state(ns) for ns in names if ns in netns_names(self.lab.prefix)}
+
+    def rail_flow(self, k: int, fam: str, j: int | None = None, bound: bool = True) -> Flow:
+        """Pod A netK (bound, or the kernel's choice) to pod B netJ (default: the same rail)."""
+        j = k if j is None else j
+        return Flow(self.a, self.b, self.lab.rail_ip(1, k, fam) if bound else "",
+                    self.lab.rail_ip(2, j, fam), self.port())
+
+    def cluster_dev(self) -> str:
+        """Where the pod's cluster traffic leaves: Calico's eth0, or the underlay's veth0."""
+        return "eth0" if self.lab.mode == "overlay" else "veth0"
+
+
+def case_id(case: tuple[str, str, str]) -> str:
+    mode, layout, family = case
+    return f"{mode}-{layout}-{'v4' if family == '4' else family}"
+
+
+@pytest.fixture(scope="module", params=CASES, ids=case_id)
+def fabric_rig(request: pytest.FixtureRequest, lab_session: None, libcni: str) -> Iterator[FabricRig]:
+    mode, layout, family = request.param
+    with FabricLab(NAMES.next(), family=family, mode=mode, layout=layout) as lab:
+        pods = FabricPods(lab, runner=libcni)  # type: ignore[arg-type]
+        before = {ns: ns_state(ns) for ns in [lab.node(i) for i in lab.node_ids]}
+        pods.setup_eth0()
+        rig = FabricRig(lab, pods)
+        rig.before_add = {"nodes": before, "rails": rig.states()}
+        pods.add_rails()
+        yield rig
+
+
+def arp_answers(ns: str, dev: str, sender_ip: str, targets: list[str]) -> dict[str, set[str]]:
+    """From ``dev`` in ``ns``: one ARP request for each target; target -> MACs that answered."""
+    def body() -> dict[str, set[str]]:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(pk.ETH_P_ARP)) as sock:
+            sock.bind((dev, pk.ETH_P_ARP))
+            mac = sock.getsockname()[4]
+            for target in targets:
+                sock.send(pk.build_arp(pk.ARP_REQUEST, mac, sender_ip, target))
+            answers: dict[str, set[str]] = {}
+            deadline = time.monotonic() + ANSWER_WINDOW
+            while (left := deadline - time.monotonic()) > 0 and select.select([sock], [], [], left)[0]:
+                frame, addr = sock.recvfrom(65535)
+                packet = pk.parse_arp(frame)
+                if addr[2] != PACKET_OUTGOING and packet and packet.op == pk.ARP_REPLY \
+                        and str(packet.sender_ip) in targets:
+                    answers.setdefault(str(packet.sender_ip), set()).add(pk.mac_to_str(packet.sender_mac))
+            return answers
+    return in_netns(ns, body)
