@@ -21,11 +21,14 @@ from collections.abc import Iterator
 import pytest
 
 from cniplugin.lab.fabric import FabricLab, FabricPods
-from cniplugin.lab.topology import ip_batch, namespace_state, state_diff
+from cniplugin.lab.flows import run_flows
+from cniplugin.lab.topology import ip_batch, state_diff
 from harness.cli import Run, cli
+from harness.fabric import FabricRig
 from harness.golden import assert_golden, normalise
 from harness.host import require
 from harness.lab import NAMES
+from harness.snapshot import without_dev
 
 pytestmark = pytest.mark.usefixtures("lab_session")
 
@@ -36,12 +39,12 @@ _RTT_TEXT = re.compile(r" +\d+\.\d{3} ms")
 _RTT_JSON = re.compile(r'"rtt_ms": [0-9.]+')
 
 
-class Moved:
-    """The module's lab: the fabric, its pods, and each node's state before any ADD."""
+class Moved(FabricRig):
+    """The module's lab (the fabric suites' rig), each VF's MAC in the node before any ADD."""
 
     def __init__(self, lab: FabricLab, pods: FabricPods) -> None:
-        self.lab, self.pods = lab, pods
-        self.before = {i: namespace_state(lab.node(i)) for i in lab.node_ids}
+        super().__init__(lab, pods)
+        self.before_add = self.states()
         self.vf_macs = {(i, k): self.link(lab.node(i), f"rail{k}")["address"]
                         for i in lab.node_ids for k in lab.rail_ids}
 
@@ -59,13 +62,13 @@ class Moved:
 
 
 @pytest.fixture(scope="module")
-def moved() -> Iterator[Moved]:
+def moved(libcni: str) -> Iterator[Moved]:
     require("" if os.path.exists("/usr/lib/cni/host-device") else
             "needs containernetworking-plugins (/usr/lib/cni/host-device)")
     with FabricLab(NAMES.next(), nodes=2, rails=8, family="dual") as lab:
         for i in lab.node_ids:
             ip_batch([f"link set rail{k} down" for k in lab.rail_ids], lab.node(i))
-        pods = FabricPods(lab, device="host-device", ipam="static", keys=KEYS)
+        pods = FabricPods(lab, runner=libcni, device="host-device", ipam="static", keys=KEYS)  # type: ignore[arg-type]
         state = Moved(lab, pods)
         pods.add_all()
         yield state
@@ -79,16 +82,35 @@ def _paths_on_own_rail(run: Run) -> None:
             assert (path["dev"], path["reply_dev"]) == (path["rail"], path["rail"]), path
 
 
+def _streams_on_own_rails(moved: Moved, rails) -> None:
+    """A netK -> B netK for every K in ``rails`` and family at once, a 2 MiB echo each: every
+    stream left and arrived on netK in both pods, replies included, and on no other interface."""
+    flows = {(k, fam): moved.rail_flow(k, fam) for fam in moved.lab.families for k in rails}
+    paths = run_flows(list(flows.values()))
+    bad = [p for (k, _), p in zip(flows, paths) if not (p.ok and p.only(f"net{k}", f"net{k}"))]
+    assert not bad, "\n".join(f"{p.flow}: ok={p.ok} {p.error} {p.ifaces()}" for p in bad)
+
+
+def test_every_rail_carries_its_own_stream_both_ways(moved: Moved):
+    _streams_on_own_rails(moved, moved.lab.rail_ids)
+
+
+def test_different_rails_bound_and_unbound(moved: Moved):
+    """A net1 -> B net2: bound to net1's address, out and back on A's net1 (routed by the
+    leaves and the spine); unbound, A's net2 (the connected subnet) both ways."""
+    for fam in moved.lab.families:
+        paths = run_flows([moved.rail_flow(1, fam, 2), moved.rail_flow(1, fam, 2, bound=False)])
+        assert [p.ok and p.only(dev, "net2") for p, dev in zip(paths, ("net1", "net2"))] == [True, True], \
+            [(p.flow, p.error, p.ifaces()) for p in paths]
+
+
 def test_reach_every_rail_both_ways(moved: Moved):
-    """Pod 1 to pod 2's netK from every rail, and back, both families: the whole table."""
+    """reach from pod 1 to pod 2's net1 (the whole table), and per rail both ways."""
     lab = moved.lab
     moved.golden(moved.reach(1, lab.rail_ip(2, 1, "4")), "reach_same_rail")
     for i, j in ((1, 2), (2, 1)):
-        for k in lab.rail_ids:
-            for fam in lab.families:
-                run = moved.reach(i, lab.rail_ip(j, k, fam), "--ifname", f"net{k}", "--json")
-                _paths_on_own_rail(run)
-                assert run.json()["paths"][0]["gateway"] == ""  # same rail: switched, no hop
+        for fam in lab.families:
+            _paths_on_own_rail(moved.reach(i, lab.rail_ip(j, 1, fam), "--json"))
 
 
 def test_reach_other_rail_is_routed_by_the_bound_source(moved: Moved):
@@ -124,21 +146,50 @@ def test_moved_netdev_keeps_its_mac_and_takes_txqueuelen(moved: Moved):
 
 
 def test_del_returns_the_device_and_readd_restores_the_matrix(moved: Moved):
-    """DEL of pod 1's rail 3: the VF is back in node 1 as it was, pod 2 and pod 1's other rails
-    are untouched; a re-ADD restores the matrix; DEL of everything gives both nodes back."""
-    lab, pods = moved.lab, moved.pods
-    pod2_before = namespace_state(lab.pod(2))
-    pods[1].delete(3)
-    vf = moved.link(lab.node(1), "rail3")
-    assert (vf["address"], vf["txqlen"], vf["operstate"]) == (moved.vf_macs[(1, 3)], 1000, "DOWN")
-    assert "net3" not in lab.ip(lab.pod(1), "-br", "link")
-    assert state_diff(pod2_before, namespace_state(lab.pod(2))) == ""
-    run = moved.reach(1, lab.rail_ip(2, 4, "4"))
-    assert run.code == 0 and "net3" not in run.out, run.out
-    pods[1].add(3)
-    for fam in lab.families:
-        _paths_on_own_rail(moved.reach(1, lab.rail_ip(2, 3, fam), "--ifname", "net3", "--json"))
-        _paths_on_own_rail(moved.reach(2, lab.rail_ip(1, 3, fam), "--ifname", "net3", "--json"))
-    pods.delete_rails()
-    for i in lab.node_ids:
-        assert state_diff(moved.before[i], namespace_state(lab.node(i))) == ""
+    """DEL of pod 1's rail 3: the VF is back in node 1 as it was before any ADD (MAC,
+    txqueuelen, sysctls), node 1 otherwise lost exactly net3's entries, pod 2 and node 2 are
+    untouched, pod 1's other rails carry their streams; a re-ADD restores the whole state and
+    the matrix."""
+    lab, pods, k = moved.lab, moved.pods, 3
+    full = moved.states()
+    pods[1].delete(k)
+    after = moved.states()
+    for ns in (lab.pod(2), lab.node(2)):
+        assert state_diff(full[ns], after[ns]) == "", ns
+    node1 = lab.node(1)
+    addrs = {lab.rail_ip(1, k, fam) for fam in lab.families}
+    gone = state_diff(full[node1], without_dev(after[node1], f"rail{k}")).splitlines()
+    assert gone and all(": - " in line and any(f'"{a}"' in line for a in addrs) for line in gone), gone
+    assert state_diff(_of_dev(after[node1], f"rail{k}"),
+                      _of_dev(moved.before_add[node1], f"rail{k}")) == ""
+    _streams_on_own_rails(moved, [r for r in lab.rail_ids if r != k])
+    pods[1].add(k)
+    again = moved.states()
+    for ns in full:
+        assert state_diff(_rules_sorted(full[ns]), _rules_sorted(again[ns])) == "", ns
+    _streams_on_own_rails(moved, lab.rail_ids)
+
+
+def test_del_of_everything_gives_both_nodes_back(moved: Moved):
+    """Last: DEL every rail on both nodes: every VF back, both nodes and pods as before ADD."""
+    moved.pods.delete_rails()
+    now = moved.states()
+    for ns, state in moved.before_add.items():
+        assert state_diff(state, now[ns]) == "", ns
+
+
+def _of_dev(state: dict, dev: str) -> dict:
+    """The entries of ``state`` (``ns_state``) that belong to interface ``dev``."""
+    out: dict = {}
+    for key, value in state.items():
+        if isinstance(value, list):
+            out[key] = [e for e in value if dev in (e.get("dev"), e.get("ifname"))]
+        elif isinstance(value, dict):
+            out[key] = {name: v for name, v in value.items() if f".{dev}." in name}
+    return out
+
+
+def _rules_sorted(state: dict) -> dict:
+    """The kernel lists rules of one priority in insertion order; a re-ADD appends its own."""
+    return {**state, **{key: sorted(state[key], key=lambda r: json.dumps(r, sort_keys=True))
+                        for key in ("rules4", "rules6")}}
