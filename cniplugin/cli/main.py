@@ -4,7 +4,7 @@ Adding a subcommand = one ``main(argv) -> int`` (``cli.common.subcommand`` build
 description, a run function and option names) + one ``SUBCOMMANDS`` entry here. The target is
 imported (and its heavy imports made) only when that subcommand runs, so ``--version`` and
 ``--help`` stay as cheap as an interpreter start. Families: ``cli.read`` (show, facts, orphans),
-``cli.plan`` (plan, verify), ``cli.packet`` (explain, probe), ``cli.replay``. Facts, plans and
+``cli.plan`` (plan, verify), ``cli.packet`` (explain, probe, reach), ``cli.replay``. Facts, plans and
 checks are the engine's own (``engine.gather``, ``engine.commands.plan_for`` / ``diff_state``),
 never a second implementation; ``cli.live`` reads the kernel and ``cli.render`` prints.
 """
@@ -42,6 +42,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("cniplugin.cli.replay:cmd_replay",
                "run a captured request (env + stdin) as a runtime would"),
     "probe": ("cniplugin.cli.packet:cmd_probe", "the gateway and IP-conflict checks, by hand"),
+    "reach": ("cniplugin.cli.packet:cmd_reach",
+              "per rail, the kernel's path to a peer and whether the peer answers over it"),
     "orphans": ("cniplugin.cli.read:cmd_orphans",
                 "route-tune node entries and state files nobody owns any more (--remove)"),
 }

@@ -122,3 +122,52 @@ cmd_probe = subcommand(
              "default routes); the conflict check runs first and a conflict skips the gateway "
              "probe (#4475). Needs root.",
     _probe, _probe_options, "json")
+
+
+# -- reach ---------------------------------------------------------------------------------
+def _reach_options(p) -> None:
+    p.add_argument("peer", metavar="PEER", help="the address to reach (a pod on another node)")
+    p.add_argument("--ifname", metavar="IF", help="only this rail (default: every interface "
+                                                  "but lo and the pod's default NIC)")
+    p.add_argument("--attempts", type=int, default=3, help="echoes per path at most (default 3)")
+    p.add_argument("--timeout", default="1s", help="wait for each echo's reply (Go duration, 1s)")
+
+
+def _reach(args) -> int:
+    import ipaddress
+    from cniplugin.cli import live as _live
+    from cniplugin.cli import reach as _reach_paths
+    from cniplugin.cli import render as _render
+    from cniplugin.cli.common import pod_default_nic
+    from cniplugin.protocol.config import parse_go_duration
+    from cniplugin.protocol.errors import InterfaceNotFound
+    try:
+        peer = str(ipaddress.ip_address(args.peer))
+        timeout = parse_go_duration(args.timeout)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.attempts < 1 or timeout <= 0:
+        raise UsageError("--attempts must be at least 1 and --timeout positive")
+    path = _live.resolve_netns(args.netns)
+    pod_fd = _live.open_netns(path)
+    try:
+        result = _reach_paths.reach(pod_fd, path, peer, default_nic=pod_default_nic(args),
+                                    ifname=args.ifname or "", attempts=args.attempts,
+                                    timeout=timeout)
+    except InterfaceNotFound as err:
+        raise UsageError(err.msg) from None
+    finally:
+        close(pod_fd)
+    emit(args, _render.reach_json(result),
+         _render.reach_text(result, args.attempts, args.timeout))
+    return EXIT_OK if result.ok else EXIT_PROBLEM
+
+
+cmd_reach = subcommand(
+    "reach", "The cross-node check at the routing level, from inside the pod: per rail, the "
+             "interface, source and next hop the kernel picks for PEER from that rail's address "
+             "(route get, through the pod's policy rules), and unbound; then an ICMP echo over "
+             "each path. A path is good when PEER answers and the reply arrives on the "
+             "interface the request left by. Exit 1 if a path has no route or no such answer. "
+             "Needs root.",
+    _reach, _reach_options, "netns", "pod-default-nic", "json")

@@ -14,6 +14,7 @@ import os
 from cniplugin.cli.explain import Explanation
 from cniplugin.cli.iptext import text, to_json
 from cniplugin.cli.orphans import Orphans
+from cniplugin.cli.reach import Reach
 from cniplugin.cli.show import InterfaceView, NodeView, PodView, Problem
 from cniplugin.records.objects import Rule, table_name
 
@@ -235,6 +236,45 @@ def explain_json(netns: str, e: Explanation) -> dict:
                     "error": ""} if k else {"error": e.kernel_error}),
         "agree": e.agree, "disagreement": e.disagreement, "notes": e.notes,
     }
+
+
+# -- reach -------------------------------------------------------------------------------
+_REACH_HEAD = ("rail", "source", "table", "dev", "via", "reply on", "rtt")
+
+
+def _reach_row(p) -> tuple[str, ...]:
+    r = p.route
+    rtt = f"{p.echo.rtt_ms:.3f} ms" if p.echo and p.echo.answered else "-"
+    return (p.rail or "unbound", p.source or "-", table_name(r.table) if r else "-",
+            r.dev if r else "-", (r.gateway or "direct") if r else "-", p.reply_dev or "-", rtt)
+
+
+def reach_text(r: Reach, attempts: int, timeout: str) -> str:
+    rows = [_REACH_HEAD] + [_reach_row(p) for p in r.paths]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_REACH_HEAD) - 1)]
+    lines = [f"reach {r.peer} (IPv{r.family}) from {r.netns}: the kernel's route per source, "
+             f"then up to {attempts} ICMP echo(es), {timeout} apart"]
+    for row, path in zip(rows, [None] + r.paths):
+        cells = "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths))
+        verdict = "result" if path is None else (
+            f"FAILED: {path.problem}" if path.problem else "ok")
+        lines.append(f"{cells}  {row[-1]:>10}  {verdict}")
+    bad = sum(1 for p in r.paths if p.problem)
+    lines.append(f"{len(r.paths) - bad} of {len(r.paths)} paths answered on the interface "
+                 f"their request left by")
+    return "\n".join(lines)
+
+
+def reach_json(r: Reach) -> dict:
+    def path(p) -> dict:
+        k, e = p.route, p.echo
+        return {"rail": p.rail, "bound": p.bound, "source": p.source,
+                "table": k.table if k else None, "dev": k.dev if k else "",
+                "gateway": k.gateway if k else "", "route_error": p.route_error,
+                "answered": bool(e and e.answered), "reply_dev": p.reply_dev,
+                "rtt_ms": e.rtt_ms if e else None, "problem": p.problem, "ok": not p.problem}
+    return {"netns": r.netns, "peer": r.peer, "family": r.family,
+            "paths": [path(p) for p in r.paths], "ok": r.ok}
 
 
 # -- orphans -----------------------------------------------------------------------------

@@ -253,14 +253,14 @@ def assumed_facts(inv: Invocation) -> Facts:
     """Facts assumed from prevResult alone, for planning where no pod can be read (the CLI's
     ``plan`` without saved facts).
 
-    Assumed: the pod has ``podDefaultCniNic`` (a veth, addresses unknown) and netK with
-    prevResult's addresses and MAC; netK's main table holds the kernel's connected routes and
-    prevResult's routes via netK (as IPAM installs them); no rules or tables besides main and
-    local; no node facts. So the plan has no table 100, no cluster routes and no node side.
+    Assumed: the pod has ``podDefaultCniNic`` (a veth, addresses unknown) and netK (a
+    macvlan) with prevResult's addresses and MAC; netK's main table holds the kernel's
+    connected routes and prevResult's routes via netK (as IPAM installs them); no rules or
+    tables besides main and local; no node facts. So the plan has no table 100, no cluster routes and no node side.
     """
     ifname, eth0, prev = inv.ifname, inv.config.pod_default_cni_nic, inv.prev_result
     mac = next((i.mac for i in prev.interfaces if i.name == ifname and i.mac), "")
-    links = (Link(2, eth0, "veth"), Link(3, ifname, "", mac or ""))
+    links = (Link(2, eth0, "veth"), Link(3, ifname, "macvlan", mac or ""))
     attachment = attachment_from_result(prev, ifname, inv.container_id, "", PodFacts())
     addrs, routes = [], []
     for cidr in attachment.addresses:

@@ -13,13 +13,13 @@ import ipaddress
 from cniplugin._version import RTPROT_ROUTE_TUNE
 from cniplugin.engine.attachment import Attachment
 from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnsafeRequest
-from cniplugin.records.facts import Facts, NodeFacts, PodFacts
+from cniplugin.records.facts import Facts, Link, NodeFacts, PodFacts
 from cniplugin.records.objects import (MAIN_TABLE, RESERVED_TABLES, SCOPE_LINK, SCOPE_UNIVERSE,
                                        UNDERLAY_VETH, Desired, KernelObject, LinkAttr, Neighbour,
                                        NftTable, Route, Rule, Sysctl, Veth, connected_metric,
                                        default_dst, default_metric)
 
-__all__ = ["plan", "node_veth_name", "planned_mac"]
+__all__ = ["plan", "keeps_its_mac", "node_veth_name", "planned_mac"]
 
 ETH0_REPLY_TABLE = 100          # overlay: eth0's replies; underlay: replies steered to veth0
 FIRST_SECONDARY_TABLE = 101
@@ -43,6 +43,26 @@ def planned_mac(container_id: str, role: str) -> str:
     raw = bytearray(hashlib.sha256(f"{container_id}/{role}".encode()).digest()[:6])
     raw[0] = (raw[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in raw)
+
+
+def keeps_its_mac(link: Link | None) -> str:
+    """Why podMACPrefix leaves ``link``'s MAC alone ("" when it rewrites it).
+
+    The prefix exists for interfaces a plugin created in the pod with a random MAC (macvlan).
+    A netdev moved into the pod (host-device, sriov) brings the NIC's MAC: an SR-IOV VF's
+    spoof check passes only the MAC its PF set, and RoCE derives GIDs from it. A hardware
+    netdev has no link kind; host-device keeps the node name in the alias for the way back.
+    """
+    if link is None:
+        return ""
+    octets = len(link.mac.split(":")) if link.mac else 6
+    if octets != 6:
+        return f"has a {octets}-byte hardware address, not an Ethernet MAC"
+    if not link.kind:
+        return "is a hardware netdev (a NIC or SR-IOV VF moved into the pod)"
+    if link.alias:
+        return f"was moved into the pod (host-device keeps its node name {link.alias!r})"
+    return ""
 
 
 def plan(config, attachment: Attachment, facts: Facts, prior: Desired | None = None, *,
@@ -240,7 +260,12 @@ class _Plan:
         if self.config.tx_queue_len:
             self.pod_owned.append(LinkAttr(self.netk, "txqlen", str(self.config.tx_queue_len)))
         if self.att.mac:
-            self.pod_owned.append(LinkAttr(self.netk, "address", self.att.mac.lower()))
+            why = keeps_its_mac(self.pod.link(self.netk))
+            if why:
+                self.warnings.append(f"podMACPrefix not applied: {self.netk} {why}; it keeps "
+                                     f"its MAC")
+            else:
+                self.pod_owned.append(LinkAttr(self.netk, "address", self.att.mac.lower()))
 
     def _sysctls(self) -> None:
         value = int(self.config.pod_rp_filter)

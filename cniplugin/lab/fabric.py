@@ -338,7 +338,9 @@ class FabricPods:
     ("libcni": our Go runner on Debian's libcni; "py": `PyRuntime`), run inside each node's netns.
 
     `keys` are route-tune keys for every rail (the lab's `mode` is always added); `env` extra
-    environment for the plugins (e.g. ROUTE_TUNE_ENGINE).  Underlay: `setup_eth0()` ADDs each
+    environment for the plugins (e.g. ROUTE_TUNE_ENGINE); `device` and `ipam` the rails' first
+    plugin and its IPAM (`runtime.rail_conflist`: "host-device" moves the node's `railK` into the
+    pod, the SR-IOV shape).  Underlay: `setup_eth0()` ADDs each
     pod's eth0 chain first; `add_all()` does both.
     """
 
@@ -348,6 +350,8 @@ class FabricPods:
     env: dict[str, str] = field(default_factory=dict)
     runner: Path | None = None
     container_id: str = "fabric-pod"
+    device: str = "macvlan"
+    ipam: str = "host-local"
     penvs: dict[int, PluginEnv] = field(init=False, default_factory=dict)
     pods: dict[int, RailPod] = field(init=False, default_factory=dict)
 
@@ -359,7 +363,7 @@ class FabricPods:
             rt = Libcni(view.node, penv, self.runner) if self.runtime == "libcni" else PyRuntime(view.node, penv)
             self.penvs[i] = penv
             self.pods[i] = RailPod(view, penv, rt, keys={"mode": self.fabric.mode, **self.keys},  # type: ignore[arg-type]
-                                   container_id=f"{self.container_id}-{i}")
+                                   container_id=f"{self.container_id}-{i}", device=self.device, ipam=self.ipam)
 
     def __getitem__(self, i: int) -> RailPod:
         return self.pods[i]

@@ -147,8 +147,13 @@ class PluginEnv:
 
 def rail_conflist(k: int, family: str = "4", extra_route_tune_keys: dict | None = None, *,
                   data_dir: str | os.PathLike, cni_version: str = "1.0.0",
-                  chained: str | None = "route-tune", ranges: list[list[dict]] | None = None) -> dict:
+                  chained: str | None = "route-tune", ranges: list[list[dict]] | None = None,
+                  device: str = "macvlan", ipam: str = "host-local") -> dict:
     """Rail k's chain: macvlan on `railK` with host-local IPAM, then `chained`.
+
+    `device="host-device"` moves `railK` itself into the pod instead (the shape SR-IOV and RDMA
+    exclusive mode give a pod: a netdev of the node, not a macvlan); `ipam="static"` gives each
+    range's one address with its gateway instead of host-local.
 
     `ranges` (host-local's) default to the one-node lab's: pod gets .10 / ::10, gateway .254.
     The range holds that one address: host-local hands out addresses round-robin, so a
@@ -164,8 +169,15 @@ def rail_conflist(k: int, family: str = "4", extra_route_tune_keys: dict | None 
         if family in ("6", "dual"):
             ranges.append([{"subnet": f"fd00:16:1{k}::/64", "rangeStart": f"fd00:16:1{k}::10",
                             "rangeEnd": f"fd00:16:1{k}::10", "gateway": f"fd00:16:1{k}::254"}])
-    plugins: list[dict] = [{"type": "macvlan", "master": f"rail{k}", "mode": "bridge",
-                            "ipam": {"type": "host-local", "dataDir": str(data_dir), "ranges": ranges}}]
+    if ipam == "static":
+        ipam_conf: dict = {"type": "static", "addresses": [
+            {"address": f"{r[0]['rangeStart']}/{r[0]['subnet'].split('/')[1]}", "gateway": r[0]["gateway"]}
+            for r in ranges]}
+    else:
+        ipam_conf = {"type": "host-local", "dataDir": str(data_dir), "ranges": ranges}
+    main = ({"type": "host-device", "device": f"rail{k}"} if device == "host-device"
+            else {"type": "macvlan", "master": f"rail{k}", "mode": "bridge"})
+    plugins: list[dict] = [{**main, "ipam": ipam_conf}]
     if chained:
         plugins.append({"type": chained, **(extra_route_tune_keys or {})})
     return {"cniVersion": cni_version, "name": f"rail{k}", "plugins": plugins}
@@ -335,7 +347,8 @@ class RailHost(Protocol):
 class RailPod:
     """The seed pod's rail chains on a lab: conflists, ADD/CHECK/DEL per rail, kept results.
 
-    `keys` are route-tune keys for every rail, `per_rail[k]` extra keys for rail k.
+    `keys` are route-tune keys for every rail, `per_rail[k]` extra keys for rail k; `device` and
+    `ipam` choose the chain's first plugin and its IPAM (`rail_conflist`).
     """
 
     lab: RailHost
@@ -347,6 +360,8 @@ class RailPod:
     chained: str | None = "route-tune"
     container_id: str = "lab-pod-1"
     results: dict[int, dict] = field(default_factory=dict)
+    device: str = "macvlan"
+    ipam: str = "host-local"
 
     @property
     def rails(self) -> range:
@@ -355,7 +370,7 @@ class RailPod:
     def conflist(self, k: int) -> dict:
         return rail_conflist(k, self.lab.family, {**self.keys, **self.per_rail.get(k, {})},
                              data_dir=self.penv.ipam_dir, cni_version=self.cni_version, chained=self.chained,
-                             ranges=self.lab.rail_ranges(k))
+                             ranges=self.lab.rail_ranges(k), device=self.device, ipam=self.ipam)
 
     def _kw(self, k: int, netns: str | None) -> dict:
         return {"netns": self.lab.pod_netns if netns is None else netns, "ifname": f"net{k}",

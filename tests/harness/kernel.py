@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 
 from cniplugin.lab.ping import probe
@@ -39,5 +38,5 @@ def table_of(ns: str, dst: str, src: str) -> str:
 
 def pings(ns: str, dst: str, src: str, timeout: float = 2.0) -> bool:
     """One ICMP echo from ``src`` to ``dst`` inside ``ns`` (the lab's echo client, in-process)."""
-    return in_netns(ns, lambda: probe(src, dst, timeout, secrets.randbits(16), 1))["ok"]
+    return in_netns(ns, lambda: probe(src, dst, timeout))["ok"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from cniplugin.protocol.errors import InterfaceNotFound, InvalidConfig, UnderlayNotReady, UnsafeRequest
 from cniplugin.records.facts import Addr, Facts, Link, NodeFacts, PodFacts
-from cniplugin.records.objects import MAIN_TABLE, Desired, Neighbour, Route, Rule, Sysctl
+from cniplugin.records.objects import MAIN_TABLE, Desired, LinkAttr, Neighbour, Route, Rule, Sysctl
 from cniplugin.engine.attachment import Attachment
 from harness.plans import assert_plan, config, plan
 
@@ -101,6 +102,31 @@ def test_arp_isolation_sets_netk_only(v6):
     assert got == want
     off = sysctls(plan(config(podARPIsolation=False), att, eth0_facts(2, v6=v6)))
     assert off == {k: v for k, v in want.items() if "/arp_" not in k}
+
+
+@pytest.mark.parametrize("kind, mac, alias, kept", [
+    ("macvlan", "aa:00:00:00:01:01", "", ""),
+    ("", "aa:00:00:00:01:01", "", "is a hardware netdev (a NIC or SR-IOV VF moved into the pod)"),
+    ("veth", "aa:00:00:00:01:01", "vf1", "was moved into the pod (host-device keeps its node "
+                                         "name 'vf1')"),
+    ("ipoib", ":".join(["80"] * 20), "", "has a 20-byte hardware address, not an Ethernet MAC"),
+])
+def test_mac_prefix_rewrites_only_a_mac_the_pod_invented(kind, mac, alias, kept):
+    """podMACPrefix rewrites a macvlan's random MAC; a netdev moved into the pod (host-device,
+    sriov) keeps its own (the VF's spoof check passes only the MAC its PF set), and says so."""
+    facts = eth0_facts(1)
+    links = tuple(replace(link, kind=kind, mac=mac, alias=alias) if link.name == "net1" else link
+                  for link in facts.pod.links)
+    facts = replace(facts, pod=replace(facts.pod, links=links))
+    att = replace(attachment(1), mac="0a:1b:ac:10:0b:0a")
+    desired = plan(config(podMACPrefix="0a:1b"), att, facts)
+    rewrites = [o.render() for o in desired.pod_owned if isinstance(o, LinkAttr)]
+    if kept:
+        assert rewrites == []
+        assert f"podMACPrefix not applied: net1 {kept}; it keeps its MAC" in desired.warnings
+    else:
+        assert rewrites == [LinkAttr("net1", "address", "0a:1b:ac:10:0b:0a").render()]
+        assert not any("podMACPrefix" in w for w in desired.warnings)
 
 
 def test_shared_subnet_rails_each_route_the_subnet_via_themselves():
