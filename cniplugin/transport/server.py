@@ -397,7 +397,7 @@ def _set_ready(path: str | None, ready: bool) -> None:
         out.write(f"{os.getpid()}\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     """``cni-route-tune serve [--socket PATH] [--threads N] [--ready-file PATH]
     [--after-handover exit|wait]``."""
     parser = argparse.ArgumentParser(prog="cni-route-tune serve",
@@ -414,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="once a new engine took the socket and in-flight requests are "
                              "done: exit 0, or wait idle for SIGTERM (under a DaemonSet) "
                              "(default %(default)s)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from cniplugin.transport.pydantic_setup import disable_plugin_discovery
     disable_plugin_discovery()
     _setup_logging()
