@@ -70,6 +70,7 @@ class Resident:
 
     def launch(self) -> subprocess.Popen:
         """Start the process and return at once (``start()`` also waits until it serves)."""
+        self.ready_file.unlink(missing_ok=True)  # a SIGKILLed namesake's: it never removed it
         if self.own_netns:
             subprocess.run(["ip", "netns", "add", self.netns], check=True)
         #: The server's process environment (a second server can be started with it).

@@ -98,11 +98,16 @@ class Burst:
         return proc.returncode == 0
 
 
-def _resident(f: Farm, tmp: Path, trace: Path) -> tuple[PluginEnv, Resident]:
-    penv = PluginEnv(tmp, family="4", env={"ROUTE_TUNE_ENGINE": "resident"})
-    server = Resident(f.node, penv, {"ROUTE_TUNE_SERVER_TEST_TRACE": str(trace)})
-    penv.env.update(server.env)
-    return penv, server
+def _engines(f: Farm, tmp: Path, successor: str) -> tuple[Path, PluginEnv, Resident, Resident, dict]:
+    """A serving engine and its successor (not started) on a fresh socket, state and log dir;
+    their shared trace file, the PluginEnv, and the farm's state before any call."""
+    trace = tmp / "trace"
+    penv = PluginEnv(tmp / "penv", family="4", env={"ROUTE_TUNE_ENGINE": "resident"})
+    old = Resident(f.node, penv, {"ROUTE_TUNE_SERVER_TEST_TRACE": str(trace)})
+    penv.env.update(old.env)
+    before = _states(f)
+    old.start()
+    return trace, penv, old, old.successor(successor), before
 
 
 def _trace(path: Path) -> list[tuple[str, int, int, str, str]]:
@@ -144,13 +149,10 @@ def _logs(penv: PluginEnv) -> str:
 
 def test_burst_across_a_handover(farm, tmp_path):
     """Every call succeeds; the old engine served some, handed over, finished and exited 0; the
-    new one served the rest; every call ran exactly once and none in-process (bench/handover.py measures the gap)."""
+    new one served the rest; every call ran exactly once and none in-process
+    (bench/handover.py measures the gap)."""
     f, prevs = farm
-    trace = tmp_path / "trace"
-    penv, old = _resident(f, tmp_path / "penv", trace)
-    before = _states(f)
-    old.start()
-    new = old.successor("successor")
+    trace, penv, old, new, before = _engines(f, tmp_path, "successor")
     try:
         with Burst(f, prevs, penv) as burst:
             burst.wait_calls(12)
@@ -180,11 +182,7 @@ def test_burst_across_sigkill_and_restart(farm, tmp_path):
     """SIGKILL mid-burst, then a restart on the stale socket: every call succeeds except code 11
     for the calls the outage cut (in flight at the kill, or made before the restart served)."""
     f, prevs = farm
-    trace = tmp_path / "trace"
-    penv, old = _resident(f, tmp_path / "penv", trace)
-    before = _states(f)
-    old.start()
-    new = old.successor("restarted")
+    trace, penv, old, new, before = _engines(f, tmp_path, "restarted")
     try:
         with Burst(f, prevs, penv) as burst:
             burst.wait_calls(12)
