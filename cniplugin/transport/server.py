@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import fcntl
 import importlib
 import json
 import logging
@@ -20,13 +18,13 @@ import os
 import select
 import signal
 import socket
-import stat
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 
 from cniplugin.protocol import log as _logging
+from cniplugin.transport import handover as _handover
 from cniplugin.transport import shim as _shim
 from cniplugin.protocol.env import read_node_defaults
 from cniplugin.protocol.errors import CNIError, InternalError, IOFailure, UnsafeRequest
@@ -40,8 +38,9 @@ IO_TIMEOUT = 30.0
 DEFAULT_THREADS = 32
 
 #: Test hooks, read from the SERVER's own environment at start (never from a request), set only by
-#: tests/kernel/test_server.py: append "enter|exit <netns key> <monotonic ns>" lines to this file around
-#: every run, and sleep this many seconds inside the per-netns critical section.
+#: tests/kernel/test_server.py: append "enter|exit <netns key> <monotonic ns> <pid> <command>
+#: <container id>/<ifname>" lines to this file around every run, and sleep this many seconds
+#: inside the per-netns critical section.
 TRACE_ENV = "ROUTE_TUNE_SERVER_TEST_TRACE"
 DELAY_ENV = "ROUTE_TUNE_SERVER_TEST_DELAY"
 
@@ -93,8 +92,8 @@ class Server:
         self._workers: set[threading.Thread] = set()
         self._workers_mu = threading.Lock()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._gate = _handover.Gate()
         self._listener: socket.socket | None = None
-        self._dir_fd: int | None = None
         self._log_options = _server_log_options()
         self._trace = os.environ.get(TRACE_ENV) or None
         self._delay = float(os.environ.get(DELAY_ENV) or 0)
@@ -102,52 +101,19 @@ class Server:
     # -- lifecycle --------------------------------------------------------------------------
 
     def bind(self) -> None:
-        """Create the socket: parent dir 0700, umask 077, a stale socket removed only if dead."""
-        parent = os.path.dirname(os.path.abspath(self.socket_path))
-        try:
-            os.mkdir(parent, 0o700)
-        except FileExistsError:
-            st = os.stat(parent)
-            if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                raise OSError(errno.EPERM, f"{parent}: must be owned by us and not group/"
-                                           f"world-writable") from None
-        # One server per directory: flock the directory itself (no lock file left behind).
-        self._dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OSError(errno.EADDRINUSE, f"another server holds {parent}") from None
-        self._remove_stale()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o077)  # the socket is never, even briefly, reachable by others
-        try:
-            sock.bind(self.socket_path)
-        finally:
-            os.umask(old)
-        os.chmod(self.socket_path, 0o600)
-        sock.listen(128)
-        self._listener = sock
+        """Get the listening socket: a new one, or the running engine's (``transport.handover``)."""
+        self._listener, how = _handover.take_listener(self.socket_path)
+        log.info("listening on %s: %s", self.socket_path, how)
 
-    def _remove_stale(self) -> None:
-        try:
-            st = os.lstat(self.socket_path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{self.socket_path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            probe.connect(self.socket_path)
-        except ConnectionRefusedError:
-            log.info("removing stale socket %s", self.socket_path)
-            os.unlink(self.socket_path)
-            return
-        finally:
-            probe.close()
-        raise OSError(errno.EADDRINUSE, f"a server already answers on {self.socket_path}")
+    @property
+    def handed_over(self) -> bool:
+        """The loop ended because a successor took the socket (which must then stay in place)."""
+        return self._gate.state == "handed-over"
 
     def stop(self) -> None:
         """Ask the accept loop to stop (async-signal-safe: one write to a pipe)."""
+        if self._gate.state == "closed":
+            return  # the pipe is closed (or closing); its fd number may be reused
         with contextlib.suppress(OSError):
             os.write(self._stop_w, b"x")
 
@@ -157,6 +123,7 @@ class Server:
         poller = select.poll()
         poller.register(self._listener.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        poller.register(self._gate.fileno(), select.POLLIN)
         try:
             while True:
                 self._slots.acquire()  # backpressure: the kernel backlog queues the rest
@@ -164,6 +131,11 @@ class Server:
                 if self._stop_r in ready:
                     self._slots.release()
                     break
+                if self._gate.fileno() in ready:
+                    self._slots.release()
+                    if self._gate.pause():  # until a handover succeeded (True) or failed
+                        break
+                    continue
                 try:
                     conn, _ = self._listener.accept()
                 except OSError as exc:  # e.g. EMFILE: keep serving the others
@@ -171,18 +143,26 @@ class Server:
                     log.warning("accept failed: %s", exc)
                     time.sleep(0.05)
                     continue
-                worker = threading.Thread(target=self._worker, args=(conn,), daemon=True,
-                                          name="route-tune-request")
-                with self._workers_mu:
-                    self._workers.add(worker)
-                worker.start()
+                self._start_worker(conn)
         finally:
             self._shutdown()
 
+    def _start_worker(self, conn: socket.socket) -> None:
+        """Serve ``conn`` on its own thread; the caller holds a slot for it."""
+        worker = threading.Thread(target=self._worker, args=(conn,), daemon=True,
+                                  name="route-tune-request")
+        with self._workers_mu:
+            self._workers.add(worker)
+        worker.start()
+
     def _shutdown(self) -> None:
-        # Unlink first: new shims then fall back in-process instead of queueing on a dying server.
-        with contextlib.suppress(OSError):
-            os.unlink(self.socket_path)
+        if not self._gate.close():  # not handed over: the socket and its path are ours to end
+            # Unlink first: new clients then fall back in-process instead of queueing on a
+            # dying server; whoever already queued is still served.
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+            self._drain_backlog()
+        # After a handover the socket (and its path) is the successor's: only our fd goes.
         if self._listener is not None:
             self._listener.close()
         with self._workers_mu:
@@ -191,10 +171,25 @@ class Server:
             log.info("waiting for %d in-flight request(s)", len(pending))
         for worker in pending:
             worker.join()
-        for fd in (self._stop_r, self._stop_w, self._dir_fd):
-            if fd is not None:
-                os.close(fd)
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
+        self._gate.release()
         log.info("resident engine stopped")
+
+    def _drain_backlog(self) -> None:
+        """Accept and serve every connection already queued on the (now unlinked) socket."""
+        if self._listener is None:
+            return
+        poller = select.poll()
+        poller.register(self._listener.fileno(), select.POLLIN)
+        while poller.poll(0):
+            self._slots.acquire()
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                self._slots.release()
+                return
+            self._start_worker(conn)
 
     # -- one connection ---------------------------------------------------------------------
 
@@ -222,9 +217,15 @@ class Server:
             return
         fds: list[int] = []
         try:
+            if not conn.recv(1, socket.MSG_PEEK):
+                return  # connected and closed without a byte: someone checking that we answer
             env, stdin, pod_fd, node_fd = read_request(conn, fds)
         except Mismatch as exc:
             close_all(fds)
+            if bytes(exc.args[0]) == _handover.REQUEST:
+                assert self._listener is not None
+                self._gate.hand_over(conn, self._listener, pid)
+                return
             log.warning("pid %d speaks another protocol (magic %r)", pid, bytes(exc.args[0]))
             self._send(conn, _shim.MISMATCH + bytes(_shim.HEADER_LEN - 4))
             return
@@ -259,13 +260,13 @@ class Server:
             st = os.fstat(pod_fd)
             key = (st.st_dev, st.st_ino)
         with self._netns_locks.hold(key) if key else contextlib.nullcontext():
-            self._trace_line("enter", key)
+            self._trace_line("enter", key, env)
             if self._delay:
                 time.sleep(self._delay)
             try:
                 out = self._call(env, stdin, pod_fd, node_fd)
             finally:
-                self._trace_line("exit", key)
+                self._trace_line("exit", key, env)
         return out
 
     def _call(self, env: Mapping[str, str], stdin: bytes, pod_fd: int | None,
@@ -283,10 +284,13 @@ class Server:
             log.info("served via resident engine (exit %d)", code)
         return frame(code, stdout, stderr)
 
-    def _trace_line(self, what: str, key: object) -> None:
+    def _trace_line(self, what: str, key: object, env: Mapping[str, str]) -> None:
         if not self._trace:
             return
-        line = f"{what} {key[1] if key else '-'} {time.monotonic_ns()}\n".encode()
+        request = (f"{env.get('CNI_COMMAND') or '-'} "
+                   f"{env.get('CNI_CONTAINERID') or '-'}/{env.get('CNI_IFNAME') or '-'}")
+        line = (f"{what} {key[1] if key else '-'} {time.monotonic_ns()} {os.getpid()} "
+                f"{request}\n").encode()
         fd = os.open(self._trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, line)  # one short O_APPEND write: atomic between threads
@@ -331,35 +335,71 @@ def _node_env() -> dict[str, str]:
 
 
 def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THREADS,
-          runner: Runner | None = None) -> int:
-    """Run the resident engine until SIGTERM/SIGINT; returns the exit status (0 = clean stop).
+          runner: Runner | None = None, ready_file: str | None = None,
+          after_handover: str = "exit") -> int:
+    """Run the resident engine until SIGTERM/SIGINT or a successor takes its socket; returns the
+    exit status (0 = clean stop, also after a handover).
 
-    ``runner`` replaces ``transport.plugin.serve_request`` (tests only); the default is the real engine, warmed up
-    before the socket appears.
+    ``runner`` replaces ``transport.plugin.serve_request`` (tests only); the default is the real
+    engine. ``ready_file`` exists while this engine owns the socket (a readiness probe's signal).
+    ``after_handover="wait"`` stays idle after a handover until SIGTERM (under a DaemonSet, an
+    exit would make the kubelet restart the old pod's engine, which would take the socket back).
     """
     if runner is None:
         from cniplugin.transport.plugin import serve_request as runner
     server = Server(socket_path, threads=threads, runner=runner)
+    terminated = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        terminated.set()
+        server.stop()
+
     # Handlers first: a SIGTERM during warm-up or bind is a clean stop too (the pipe remembers it).
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.stop())
-    warm_up(runner)
+        signal.signal(sig, on_signal)
+    # A running engine serves on while this one warms up, so a handover costs only the exchange;
+    # with none running, listen first: callers then wait in the backlog instead of failing.
+    taking_over = _handover.engine_answers(socket_path)
+    if taking_over:
+        warm_up(runner)
     try:
         server.bind()
     except OSError as exc:
         log.error("cannot listen on %s: %s", socket_path, exc)
         return 1
-    log.info("resident engine listening on %s (pid %d, %d threads)", socket_path, os.getpid(),
+    if not taking_over:
+        warm_up(runner)
+    log.info("resident engine serving on %s (pid %d, %d threads)", socket_path, os.getpid(),
              threads)
-    server.serve_forever()
+    _set_ready(ready_file, True)
+    try:
+        server.serve_forever()
+    finally:
+        _set_ready(ready_file, False)
+    if server.handed_over and after_handover == "wait":
+        log.info("handed over; idle until SIGTERM")
+        while not terminated.wait(1.0):
+            pass
     # Already stopping: a repeated signal must not kill the interpreter while it tears down.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``cni-route-tune serve [--socket PATH] [--threads N]``."""
+def _set_ready(path: str | None, ready: bool) -> None:
+    if path is None:
+        return
+    if not ready:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    with open(path, "w", encoding="ascii") as out:
+        out.write(f"{os.getpid()}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``cni-route-tune serve [--socket PATH] [--threads N] [--ready-file PATH]
+    [--after-handover exit|wait]``."""
     parser = argparse.ArgumentParser(prog="cni-route-tune serve",
                                      description="Run the resident route-tune engine.")
     parser.add_argument("--socket", default=None,
@@ -367,11 +407,23 @@ def main(argv: list[str] | None = None) -> int:
                              f"{_shim.DEFAULT_SOCKET})")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="requests served concurrently (default %(default)s)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--ready-file", default=None,
+                        help="a file that exists while this engine owns the socket (for a "
+                             "readiness probe; keep it outside the shared socket directory)")
+    parser.add_argument("--after-handover", choices=("exit", "wait"), default="exit",
+                        help="once a new engine took the socket and in-flight requests are "
+                             "done: exit 0, or wait idle for SIGTERM (under a DaemonSet) "
+                             "(default %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from cniplugin.transport.pydantic_setup import disable_plugin_discovery
     disable_plugin_discovery()
     _setup_logging()
-    return serve(args.socket or _shim.socket_path(os.environ), threads=args.threads)
+    return serve(args.socket or _shim.socket_path(os.environ), threads=args.threads,
+                 ready_file=args.ready_file, after_handover=args.after_handover)
 
 
 def _setup_logging() -> None:

@@ -35,15 +35,24 @@ class Resident:
 
     ``own_netns``: create ``netns`` at start and delete it at stop (a server that sits in an empty
     netns of its own; the shim hands it the caller's netns with every request).
+
+    ``start()`` returns once the engine owns the socket (its ``--ready-file`` exists), so a
+    ``successor()`` started while this one serves has taken the socket over when it returns.
     """
 
     def __init__(self, netns: str | None, penv: PluginEnv, extra_env: dict[str, str] | None = None,
-                 own_netns: bool = False):
-        self.netns, self.penv, self.own_netns = netns, penv, own_netns
+                 own_netns: bool = False, name: str = "server"):
+        self.netns, self.penv, self.own_netns, self.name = netns, penv, own_netns, name
         self.sock = penv.workdir / "run" / "engine.sock"
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen | None = None
-        self.stderr_path = penv.workdir / "server.stderr"
+        self.stderr_path = penv.workdir / f"{name}.stderr"
+        self.ready_file = penv.workdir / f"{name}.ready"
+
+    def successor(self, name: str, extra_env: dict[str, str] | None = None) -> Resident:
+        """Another engine for the same socket, node defaults and netns (not started)."""
+        return Resident(self.netns, self.penv, {**self.extra_env, **(extra_env or {})},
+                        name=name)
 
     @property
     def env(self) -> dict[str, str]:
@@ -51,6 +60,17 @@ class Resident:
         return {"ROUTE_TUNE_SOCKET": str(self.sock), "ROUTE_TUNE_ENGINE": "resident"}
 
     def start(self) -> Resident:
+        self.launch()
+        def ready() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, \
+                f"server died at start:\n{self.log()}"
+            return self.ready_file.exists()
+        wait_until(ready, what=f"the server to serve on {self.sock}")
+        return self
+
+    def launch(self) -> subprocess.Popen:
+        """Start the process and return at once (``start()`` also waits until it serves)."""
+        self.ready_file.unlink(missing_ok=True)  # a SIGKILLed namesake's: it never removed it
         if self.own_netns:
             subprocess.run(["ip", "netns", "add", self.netns], check=True)
         #: The server's process environment (a second server can be started with it).
@@ -58,15 +78,15 @@ class Resident:
                            "ROUTE_TUNE_DEFAULTS": str(self.penv.defaults_file), **self.extra_env}
         inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         with open(self.stderr_path, "ab") as err:
-            self.proc = subprocess.Popen([*inside, *server_cmd(self.sock)], env=self.server_env,
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=err)
-        def up() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, \
-                f"server died at start:\n{self.log()}"
-            return self.answers()
-        wait_until(up, what=f"the server to answer on {self.sock}")
-        return self
+            self.proc = subprocess.Popen(
+                [*inside, *server_cmd(self.sock), "--ready-file", str(self.ready_file)],
+                env=self.server_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=err)
+        return self.proc
+
+    def serving(self) -> bool:
+        """Running and owning the socket (its ready file exists)."""
+        return self.proc is not None and self.proc.poll() is None and self.ready_file.exists()
 
     def answers(self) -> bool:
         return answers(self.sock)

@@ -129,20 +129,37 @@ def test_inprocess_mode_never_connects(server):
     assert _shim.forward(env, b"") is None
 
 
-def test_stale_socket_replaced_live_one_kept(workdir):
+def test_stale_socket_replaced_live_one_handed_over(workdir):
+    """A dead engine's socket is replaced; a live engine hands its socket to a second one and
+    exits 0 (tests/kernel/test_handover.py has the handover under load)."""
     sock = workdir / "run" / "engine.sock"
     sock.parent.mkdir(mode=0o700)
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(sock))
     stale.close()  # bound, never listening: connect is refused
     eng = serve(workdir)
+    second = eng.successor("second")
     try:
         assert eng.alive()
         assert oct(sock.stat().st_mode & 0o777) == "0o600"
-        second = subprocess.run(server_cmd(sock), env=eng.server_env, capture_output=True)
-        assert second.returncode == 1 and eng.alive()
+        second.start()
+        assert eng.proc.wait() == 0 and second.alive()
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
     finally:
-        assert eng.stop() == 0
+        assert second.stop() == 0
+        eng.stop()
+    assert "stale socket replaced" in eng.log() and "handed over" in eng.log()
+
+
+def test_not_a_socket_is_left_alone(workdir):
+    sock = workdir / "run" / "engine.sock"
+    sock.parent.mkdir(mode=0o700)
+    sock.write_text("operator's file")
+    proc = subprocess.run(server_cmd(sock), env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                                 "ROUTE_TUNE_DEFAULTS": str(workdir / "none.json")},
+                          capture_output=True)
+    assert proc.returncode == 1 and b"exists and is not a socket" in proc.stderr
+    assert sock.read_text() == "operator's file"
 
 
 # ------------------------------------------------------------------ hostile peers
@@ -298,7 +315,7 @@ def _trace(path: Path) -> dict[str, list[tuple[int, int]]]:
     open_at: dict[str, list[int]] = {}
     spans: dict[str, list[tuple[int, int]]] = {}
     for line in path.read_text().splitlines():
-        what, key, ts = line.split()
+        what, key, ts = line.split()[:3]
         if what == "enter":
             open_at.setdefault(key, []).append(int(ts))
         else:

@@ -172,6 +172,30 @@ def test_daemonset_install_and_serve():
     assert host[smounts[str(Path(env["ROUTE_TUNE_DEFAULTS"]).parent)]] == "/etc/cni/route-tune"
 
 
+def test_daemonset_rolls_without_a_gap():
+    """The new pod starts beside the old one (nothing it declares keeps it from being
+    scheduled there) and is Ready once its engine owns the socket; the replaced engine idles."""
+    _, ds = daemonset()
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    spec = ds["spec"]["template"]["spec"]
+    assert not any(c.get("ports") for c in spec["initContainers"] + spec["containers"])
+    (serve,) = spec["containers"]
+    from cniplugin.transport.server import build_parser
+    args = build_parser().parse_args(serve["command"][2:])
+    assert args.after_handover == "wait"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    ready_dir = next(m for m in serve["volumeMounts"]
+                     if m["mountPath"] == str(Path(args.ready_file).parent))
+    assert "emptyDir" in volumes[ready_dir["name"]]  # this pod's own, not the shared host dir
+    assert args.ready_file in " ".join(serve["readinessProbe"]["exec"]["command"])
+    assert spec["terminationGracePeriodSeconds"] >= 60
+    template = (HELM_TEMPLATES / "daemonset.yaml").read_text()
+    for line in ("maxSurge: 1", "maxUnavailable: 0", f"test -e {args.ready_file}",
+                 '"--after-handover", "wait"', "terminationGracePeriodSeconds: 60", "emptyDir"):
+        assert line in template, line
+    assert "ports:" not in template and "containerPort" not in template
+
+
 def test_helm_values_match_the_plain_manifest():
     values = yaml.safe_load((CONF / "helm/route-tune/values.yaml").read_text())
     configmap, ds = daemonset()
