@@ -331,11 +331,12 @@ def _node_env() -> dict[str, str]:
 
 
 def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THREADS,
-          runner: Runner | None = None) -> int:
+          runner: Runner | None = None, repair=None) -> int:
     """Run the resident engine until SIGTERM/SIGINT; returns the exit status (0 = clean stop).
 
     ``runner`` replaces ``transport.plugin.serve_request`` (tests only); the default is the real engine, warmed up
-    before the socket appears.
+    before the socket appears. ``repair``: the node repair's ``engine.repair.Settings`` (None:
+    no repair).
     """
     if runner is None:
         from cniplugin.transport.plugin import serve_request as runner
@@ -351,7 +352,11 @@ def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THR
         return 1
     log.info("resident engine listening on %s (pid %d, %d threads)", socket_path, os.getpid(),
              threads)
+    from cniplugin.engine import repair as _repair
+    repairer = _repair.start(repair) if repair is not None else None
     server.serve_forever()
+    if repairer is not None:
+        repairer.stop()
     # Already stopping: a repeated signal must not kill the interpreter while it tears down.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -367,11 +372,23 @@ def main(argv: list[str] | None = None) -> int:
                              f"{_shim.DEFAULT_SOCKET})")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="requests served concurrently (default %(default)s)")
+    parser.add_argument("--no-repair", action="store_true",
+                        help="do not repair node objects that something else removed")
+    parser.add_argument("--reconcile-interval", type=float, default=60.0, metavar="SECONDS",
+                        help="full node reconcile every SECONDS, +-10%% jitter (default 60)")
+    parser.add_argument("--repair-backoff-max", type=float, default=300.0, metavar="SECONDS",
+                        help="longest pause before repairing an object that keeps being "
+                             "removed (default 300)")
     args = parser.parse_args(argv)
     from cniplugin.transport.pydantic_setup import disable_plugin_discovery
     disable_plugin_discovery()
     _setup_logging()
-    return serve(args.socket or _shim.socket_path(os.environ), threads=args.threads)
+    from cniplugin.engine.repair import Settings
+    repair = None if args.no_repair else Settings(
+        reconcile_interval=max(1.0, args.reconcile_interval),
+        backoff_max=max(1.0, args.repair_backoff_max))
+    return serve(args.socket or _shim.socket_path(os.environ), threads=args.threads,
+                 repair=repair)
 
 
 def _setup_logging() -> None:
