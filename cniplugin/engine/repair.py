@@ -201,10 +201,13 @@ class Repairer:
                 pending.clear()
 
     def _guarded(self, action) -> None:
+        """One pass; its failure is logged and the next event or reconcile tries again."""
         try:
             action()
-        except (CNIError, OSError) as err:  # the next event or reconcile tries again
+        except (CNIError, OSError) as err:
             log.warning("node repair pass failed: %s", err)
+        except Exception:  # a bug in one pass must not end the repair for good
+            log.exception("node repair pass failed")
 
     def _period(self) -> float:
         s = self.settings
