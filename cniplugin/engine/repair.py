@@ -33,7 +33,8 @@ import time
 from cniplugin._version import RTPROT_ROUTE_TUNE
 from cniplugin.engine import observe
 from cniplugin.engine.commands import clean_up, compare
-from cniplugin.engine.store import PHASE_APPLIED, PHASE_LEFTOVER, AttachmentState, Store, key_text
+from cniplugin.engine.store import (PHASE_APPLIED, PHASE_APPLYING, PHASE_LEFTOVER,
+                                    AttachmentState, Store, key_text)
 from cniplugin.kernel import netns as _netns
 from cniplugin.kernel.netlink import Netlink
 from cniplugin.kernel.nft import TABLE as NFT_TABLE
@@ -120,6 +121,7 @@ class Repairer:
         self._underlay = False
         self._heard: set[int] = set()   # underlay pods the watch hears (they have an id here)
         self._stale = True
+        self._in_flight = False
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> Repairer:
@@ -193,7 +195,8 @@ class Repairer:
             elif (pending and now >= min(last + s.debounce, first + s.debounce_max)) or \
                     (self._retry_at is not None and now >= self._retry_at):
                 retry = self._retry_at is not None and now >= self._retry_at
-                self._retry_at = None
+                if retry:
+                    self._retry_at = None  # a pass that still finds it deferred sets it again
                 if "node" in pending or retry:
                     self._guarded(self.repair_node)
                 if "nft" in pending or retry:
@@ -238,8 +241,10 @@ class Repairer:
 
     # -- records ------------------------------------------------------------------------
     def _node_states(self, phase: str = PHASE_APPLIED) -> list[AttachmentState]:
-        return [s for s in self.store.all()
-                if s.phase == phase and s.node_inode == self._node_inode]
+        states = [s for s in self.store.all() if s.node_inode == self._node_inode]
+        # An ADD in flight may bring a new host peer, table or underlay pod: look again later.
+        self._in_flight = any(s.phase == PHASE_APPLYING for s in states)
+        return [s for s in states if s.phase == phase]
 
     def _refresh(self, states: list[AttachmentState]) -> None:
         self._peers = {s.desired.host_peer for s in states if s.desired.host_peer}
@@ -247,7 +252,7 @@ class Repairer:
         underlay = {s.netns_inode: s.netns for s in states if s.netns and
                     any(isinstance(o, NftTable) for o in s.desired.pod_owned)}
         self._underlay = bool(underlay)
-        self._stale = False
+        self._stale = self._in_flight
         for inode, path in underlay.items():
             if inode not in self._heard:
                 self._hear(inode, path)

@@ -117,7 +117,10 @@ def test_underlay_nft_table_is_put_back(make_rig):
     ok(rig.exec_plugin(rig.env("ADD", "eth0"), conf))
     post = rig.snapshot()
     pod_nft(rig.lab, "flush", "ruleset")
-    wait_until(lambda: "nft_table" in rig.server.log(), what="the nft table repaired")
+    try:
+        wait_until(lambda: "nft_table" in rig.server.log(), what="the nft table repaired")
+    except AssertionError:
+        raise AssertionError(rig.server.log()[-3000:]) from None
     wait_for(rig, post, "the engine to recreate the pod's nft table")
     networkd_flush(rig.lab)
     pod_nft(rig.lab, "delete", "table", "inet", "route_tune")
