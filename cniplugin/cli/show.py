@@ -162,7 +162,7 @@ def _state_problems(store: Store, snap: Snapshot, attachments: list[AttachmentSt
         where = f"attachment {state.container_id}/{state.ifname}"
         if state.phase != "applied":
             problems.append(Problem("state-phase", f"{where}: state is {state.phase!r} (an ADD "
-                                    f"did not finish; a DEL or a retried ADD cleans up)"))
+                                    f"or DEL did not finish; a DEL or a retried ADD cleans up)"))
         try:
             drifts = state_drift(state, pod_fd, node_fd)
         except CNIError as err:

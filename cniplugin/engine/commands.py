@@ -3,7 +3,8 @@
 ADD: pod lock -> facts (pod, then node) -> plan -> state written (write-ahead) -> link attrs ->
 probes -> displaced routes out -> pod objects in dependency order -> node objects under the node
 lock -> state marked applied -> announce. Any failure undoes the journal in reverse and restores
-the previous state record (or removes it) before the error propagates.
+the previous state record (or removes it) before the error propagates; whatever the rollback
+could not undo stays recorded (``rollback-incomplete``) and the error names it.
 DEL works from the state record alone, so it needs neither prevResult nor a live netns.
 A request opens one netlink session per netns (pod, node) and uses it throughout.
 """
@@ -20,13 +21,15 @@ from cniplugin.kernel import netns as _netns
 from cniplugin.protocol.errors import (CheckFailed, IOFailure, PluginError, PluginNotAvailable,
                                        UnknownContainer)
 from cniplugin.records.facts import Facts
+from cniplugin.engine import rollback as _rollback
 from cniplugin.engine.journal import READ_KINDS, Applier, Step, undo
 from cniplugin.records.objects import Desired, KernelObject, LinkAttr, Route, Sysctl, Veth, apply_order
 from cniplugin.engine.gather import (Gathered, gather_invocation, owned_node_objects,
                                      owned_pod_objects, sessions_bound_to)
 from cniplugin.protocol.invocation import Invocation
 from cniplugin.engine.planner import plan
-from cniplugin.engine.store import PHASE_APPLIED, AttachmentState, Store, key_text
+from cniplugin.engine.store import (PHASE_APPLIED, PHASE_LEFTOVER, PHASE_REMOVING,
+                                    AttachmentState, Store, key_text)
 from cniplugin.records.values import value
 
 _fault = _faults.point  # test-only fault points (see _faults and docs/routing.md)
@@ -110,6 +113,9 @@ def cmd_add(inv: Invocation):
             _netns.pod_lock(pod_fd), sessions_bound_to(pod_fd, node_fd) as (pod_nl, node_nl):
         pod_inode = _netns.inode(pod_fd)
         prior = store.load(inv.container_id, inv.ifname)
+        if prior is not None and prior.phase == PHASE_LEFTOVER:
+            _finish_first(store, prior, pod_fd, node_fd)
+            prior = None
         if prior is not None and prior.netns_inode != pod_inode:
             prior = None  # a record of another sandbox with this id: never reuse its plan
         gathered = gather_invocation(inv, pod_nl, node_nl, node_fd)
@@ -123,20 +129,22 @@ def cmd_add(inv: Invocation):
         _fault("state")
         store.write(state)  # write-ahead: from here on DEL/GC can clean up
         journal: list[Step] = []
+        failed: list[tuple[Step, str]] = []
         try:
             _fault("state:written")
             _apply_pod(inv, pod_nl, pod_fd, desired, facts, journal)
-            _apply_node(store, state, node_nl, node_fd, journal)
+            _apply_node(store, state, node_nl, node_fd, journal, failed)
             _fault("state:before-applied")
             state.phase = PHASE_APPLIED
             store.write(state)
             _fault("state:applied")
-        except BaseException:
-            _rollback(store, state, pod_nl, node_nl, node_fd, journal)
-            if prior is not None:
-                store.write(prior)
-            else:
-                store.remove(inv.container_id, inv.ifname)
+        except BaseException as err:
+            failed += _rollback.undo_journal(store, state, pod_nl, node_nl, node_fd, journal)
+            _rollback.record(store, state, prior, [step for step, _ in failed])
+            if failed and isinstance(err, Exception):
+                raise _rollback.naming_leftovers(
+                    err, failed, store.path(inv.container_id, inv.ifname), prior is not None) \
+                    from err
             raise
         _announce(inv.config, pod_fd, inv.ifname, facts)
     return _result_with_mac(inv.prev_result, inv.ifname, desired)
@@ -174,7 +182,7 @@ def _apply_pod(inv: Invocation, nl, pod_fd: int, desired: Desired, facts: Facts,
 
 
 def _apply_node(store: Store, state: AttachmentState, nl, node_fd: int,
-                journal: list[Step]) -> None:
+                journal: list[Step], failed: list[tuple[Step, str]]) -> None:
     desired = state.desired
     if not desired.node_objects():
         return
@@ -189,24 +197,18 @@ def _apply_node(store: Store, state: AttachmentState, nl, node_fd: int,
         except BaseException:
             # Undo the node part while still holding the node lock, then let _rollback do the pod.
             listed = store.still_listed(state, [s.obj for s in journal[start:]], node=True)
-            undo(nl, journal[start:], lambda o: o.key() in listed)
+            failed += undo(nl, journal[start:], lambda o: o.key() in listed)
             del journal[start:]
             raise
 
 
-def _rollback(store: Store, state: AttachmentState, pod_nl, node_nl, node_fd: int,
-              journal: list[Step]) -> None:
-    """Undo the journal: node steps (a failure after the node part) under the node lock, then
-    the pod steps."""
-    node_steps = [s for s in journal if s.side == "node"]
-    if node_steps:
-        with _netns.node_lock(node_fd):
-            listed = store.still_listed(state, [s.obj for s in node_steps], node=True)
-            undo(node_nl, node_steps, lambda o: o.key() in listed)
-    pod_steps = [s for s in journal if s.side == "pod"]
-    if pod_steps:
-        listed = store.still_listed(state, [s.obj for s in pod_steps], node=False)
-        undo(pod_nl, pod_steps, lambda o: o.key() in listed)
+def _finish_first(store: Store, prior: AttachmentState, pod_fd: int, node_fd: int) -> None:
+    """A retried ADD (pod lock held) first removes what a failed earlier one left behind."""
+    errors = _teardown(store, prior, pod_fd, node_fd, pod_locked=True,
+                       only_phase=PHASE_LEFTOVER)
+    if errors:
+        raise PluginError(f"a failed earlier ADD of {prior.ifname} left objects that cannot be "
+                          f"removed now; retry ADD, or DEL", "; ".join(errors))
 
 
 def _probe_addresses(config, ifname: str, pod_fd: int, desired: Desired, facts: Facts) -> None:
@@ -273,21 +275,34 @@ def cmd_del(inv: Invocation) -> None:
                           "; ".join(errors))
 
 
-def _teardown(store: Store, state: AttachmentState, pod_fd: int | None,
-              node_fd: int) -> list[str]:
+def _teardown(store: Store, state: AttachmentState, pod_fd: int | None, node_fd: int, *,
+              pod_locked: bool = False, only_phase: str | None = None) -> list[str]:
     """Pod side (under the pod lock), then node side (also under the node lock); every step is
-    attempted, failures are returned. When nothing failed the state record is removed while
-    both locks are still held, so a sibling DEL never counts a record whose objects are gone.
-    A veth pair goes with its pod end; when the pod cannot be reached its node end is deleted
-    from the node (only if its alias names this pod)."""
+    attempted, failures are returned. Under the first lock the record is read again and marked
+    ``removing`` before anything is removed, so the resident engine never puts back what a DEL
+    has begun to remove (``only_phase``: act only if the record is still in that phase). When
+    nothing failed the record is removed while both locks are still held, so a sibling DEL
+    never counts a record whose objects are gone. A veth pair goes with its pod end; when the
+    pod cannot be reached its node end is deleted from the node (only if its alias names this
+    pod)."""
     errors: list[str] = []
     if pod_fd is not None and _netns.inode(pod_fd) != state.netns_inode:
         pod_fd = None  # the path now names another sandbox: leave it alone
-    desired = state.desired
-    veth = next((o for o in desired.pod_owned if isinstance(o, Veth)), None)
+    node_here = _netns.inode(node_fd) == state.node_inode
     with contextlib.ExitStack() as locks:
+        node_locked = False
         if pod_fd is not None:
-            locks.enter_context(_netns.pod_lock(pod_fd))
+            if not pod_locked:
+                locks.enter_context(_netns.pod_lock(pod_fd))
+        elif node_here:
+            locks.enter_context(_netns.node_lock(node_fd))
+            node_locked = True
+        state = _claim(store, state, only_phase)
+        if state is None:
+            return errors
+        desired = state.desired
+        veth = next((o for o in desired.pod_owned if isinstance(o, Veth)), None)
+        if pod_fd is not None:
             with Netlink.bound_to(pod_fd) as nl:
                 listed = store.still_listed(state, desired.pod_shared, node=False)
                 errors += _remove_side(nl, "pod", desired.pod_owned, desired.pod_shared,
@@ -295,8 +310,9 @@ def _teardown(store: Store, state: AttachmentState, pod_fd: int | None,
                 for route in desired.displaced:
                     errors += _attempt(nl.restore, route)
                     _fault(f"del:pod:restore {route.render()}")
-        if (desired.node_objects() or veth) and _netns.inode(node_fd) == state.node_inode:
-            locks.enter_context(_netns.node_lock(node_fd))
+        if (desired.node_objects() or veth) and node_here:
+            if not node_locked:
+                locks.enter_context(_netns.node_lock(node_fd))
             with Netlink.bound_to(node_fd) as nl:
                 if veth is not None and pod_fd is None:
                     errors += _attempt(nl.remove_veth_peer, veth)
@@ -308,6 +324,18 @@ def _teardown(store: Store, state: AttachmentState, pod_fd: int | None,
             _fault("del:state")
             store.remove(state.container_id, state.ifname)
     return errors
+
+
+def _claim(store: Store, state: AttachmentState,
+           only_phase: str | None) -> AttachmentState | None:
+    """The record as it is now (a lock is held), marked ``removing``; None: nothing to do."""
+    current = store.load(state.container_id, state.ifname)
+    if current is None or (only_phase is not None and current.phase != only_phase):
+        return None
+    if current.phase != PHASE_REMOVING:
+        current.phase = PHASE_REMOVING
+        store.write(current)
+    return current
 
 
 def _remove_side(nl, side: str, owned, shared, listed: set[tuple],
@@ -349,16 +377,17 @@ def diff_state(state: AttachmentState, pod_fd: int, node_fd: int) -> list[Drift]
     desired = state.desired
     drifts: list[Drift] = []
     with sessions_bound_to(pod_fd, node_fd) as (pod_nl, node_nl):
-        drifts += _compare(pod_nl, "pod", desired.pod_objects(),
-                           owned_pod_objects(pod_nl))
+        drifts += compare(pod_nl, "pod", desired.pod_objects(), owned_pod_objects(pod_nl))
         if desired.node_objects():
             live = owned_node_objects(node_nl, desired.host_rule_table, desired.host_peer,
                                       by_peer=False)
-            drifts += _compare(node_nl, "node", desired.node_objects(), live)
+            drifts += compare(node_nl, "node", desired.node_objects(), live)
     return drifts
 
 
-def _compare(nl, side: str, expected: list[KernelObject], live: list[KernelObject]) -> list[Drift]:
+def compare(nl, side: str, expected: list[KernelObject], live: list[KernelObject]) -> list[Drift]:
+    """``expected`` vs the kernel through session ``nl`` (``live``: its rules, routes and
+    neighbours as dumped; the other kinds are read one by one)."""
     by_key = {o.key(): o for o in live}
     out = []
     for obj in apply_order(expected):
@@ -405,21 +434,32 @@ def cmd_gc(inv: Invocation) -> None:
     errors: list[str] = []
     with _node_fd(inv) as node_fd:
         for state in list(store.all()):
-            if state.network != network or (state.container_id, state.ifname) in valid:
+            leftover = state.phase == PHASE_LEFTOVER  # never a live attachment, listed or not
+            if state.network != network or \
+                    ((state.container_id, state.ifname) in valid and not leftover):
                 continue
-            pod_fd = None
-            try:
-                pod_fd = _netns.open_netns(state.netns) if state.netns else None
-            except OSError:
-                pass
-            try:
-                failed = _teardown(store, state, pod_fd, node_fd)  # removes the record if done
-            finally:
-                if pod_fd is not None:
-                    os.close(pod_fd)
+            failed = clean_up(store, state, node_fd,
+                              only_phase=PHASE_LEFTOVER if leftover else None)
             errors += [f"{state.container_id}/{state.ifname}: {e}" for e in failed]
     if errors:
         raise PluginError(f"GC left {len(errors)} object(s) behind", "; ".join(errors))
+
+
+def clean_up(store: Store, state: AttachmentState, node_fd: int, *,
+             only_phase: str | None = None) -> list[str]:
+    """Tear down one recorded attachment from its record alone, as GC does (its pod reached
+    through the recorded netns path, if it is still that sandbox); removes the record when
+    everything is gone and returns what could not be removed."""
+    pod_fd = None
+    try:
+        pod_fd = _netns.open_netns(state.netns) if state.netns else None
+    except OSError:
+        pass
+    try:
+        return _teardown(store, state, pod_fd, node_fd, only_phase=only_phase)
+    finally:
+        if pod_fd is not None:
+            os.close(pod_fd)
 
 
 def cmd_status(inv: Invocation) -> None:

@@ -2,15 +2,18 @@
 
 Every real change is journaled with what was there before it; an object that is already
 present and identical is not a change. ``undo`` walks the journal backwards and keeps going
-after errors (a rollback must try every step).
+after errors (a rollback must try every step); ``kept`` turns the steps it could not undo into
+the record that keeps track of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from cniplugin.engine import faults as _faults
-from cniplugin.records.objects import KernelObject, LinkAttr, NftTable, Route, Sysctl, Veth
+from cniplugin.records.objects import (Desired, KernelObject, LinkAttr, NftTable, Route, Sysctl,
+                                       Veth)
 from cniplugin.records.values import value
 
 #: Kinds whose live value is read one by one (the others come from the request's dumps).
@@ -63,12 +66,14 @@ class Applier:
         _faults.point(f"{self.side}:displace {route.render()}")
 
 
-def undo(nl, steps: list[Step], still_listed: Callable[[KernelObject], bool]) -> list[str]:
-    """Reverse ``steps``; returns what could not be undone."""
-    errors = []
+def undo(nl, steps: list[Step],
+         still_listed: Callable[[KernelObject], bool]) -> list[tuple[Step, str]]:
+    """Reverse ``steps``; returns the steps that could not be undone, each with its error."""
+    failed = []
     for step in reversed(steps):
         obj, previous = step.obj, step.previous
         try:
+            _faults.point(f"undo:{step.side}:{obj.render()}")
             if step.action == "displaced":
                 nl.restore(obj)
             elif isinstance(obj, (Sysctl, LinkAttr)):
@@ -82,5 +87,25 @@ def undo(nl, steps: list[Step], still_listed: Callable[[KernelObject], bool]) ->
             elif not (step.shared and still_listed(obj)):
                 nl.remove(obj)
         except Exception as err:  # rollback must try every step; report the rest
-            errors.append(f"{obj.render()}: {err}")
-    return errors
+            failed.append((step, f"{obj.render()}: {err}"))
+    return failed
+
+
+_CATEGORIES = ("pod_owned", "pod_shared", "node_owned", "node_shared")
+
+
+def kept(base: Desired, plan: Desired, steps: list[Step]) -> Desired:
+    """``base`` plus the objects of ``steps`` (changes a rollback could not undo), each in the
+    category ``plan`` lists it in, so that DEL removes (or restores) exactly them."""
+    added: dict[str, list] = {name: list(getattr(base, name)) for name in
+                              (*_CATEGORIES, "displaced")}
+    for step in steps:
+        if step.action == "displaced":
+            name = "displaced"
+        else:
+            key = step.obj.key()
+            name = next((n for n in _CATEGORIES if any(o.key() == key for o in getattr(plan, n))),
+                        f"{step.side}_owned")
+        if all(o.key() != step.obj.key() for o in added[name]):
+            added[name].append(step.obj)
+    return dataclasses.replace(base, **{name: tuple(objs) for name, objs in added.items()})

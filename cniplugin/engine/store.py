@@ -4,6 +4,11 @@
 rename, directories 0700) BEFORE the first kernel change of an ADD, so a crash at any point
 leaves a record DEL/GC can clean up from. A shared object (table 100, the node rule, ...) is
 still needed while any other state file lists it: that is the whole refcount.
+
+Phases: ``applying`` (written ahead of an ADD's changes), ``applied`` (the ADD finished: the
+resident engine keeps these objects in place), ``removing`` (a DEL or GC has started: nothing
+may put them back), ``rollback-incomplete`` (a failed ADD's rollback could not undo everything:
+the record lists only what is left, for DEL, GC or the resident engine to remove).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from cniplugin.records.values import value
 STATE_VERSION = 1
 PHASE_APPLYING = "applying"
 PHASE_APPLIED = "applied"
+PHASE_REMOVING = "removing"
+PHASE_LEFTOVER = "rollback-incomplete"
 
 
 def key_text(obj: KernelObject) -> str:

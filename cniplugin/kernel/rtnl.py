@@ -91,6 +91,13 @@ _HEADERS = {RTM_NEWLINK: _IFINFOMSG, RTM_NEWADDR: _IFADDRMSG, RTM_NEWROUTE: _RTM
             RTM_NEWRULE: _FIBRULEHDR, RTM_NEWNEIGH: _NDMSG, RTM_NEWNSID: _RTGENMSG}
 _BUFSIZE = 1 << 16
 _DUMP_RETRIES = 5
+_DELETIONS = {RTM_DELLINK: _IFINFOMSG, RTM_DELADDR: _IFADDRMSG, RTM_DELROUTE: _RTMSG,
+              RTM_DELRULE: _FIBRULEHDR, RTM_DELNEIGH: _NDMSG}
+
+
+def header_of(kind: int) -> struct.Struct | None:
+    """The fixed header of message type ``kind`` (replies, and the RTM_DEL* of announcements)."""
+    return _HEADERS.get(kind) or _DELETIONS.get(kind)
 
 
 class NetlinkError(OSError):

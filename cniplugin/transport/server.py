@@ -336,7 +336,7 @@ def _node_env() -> dict[str, str]:
 
 def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THREADS,
           runner: Runner | None = None, ready_file: str | None = None,
-          after_handover: str = "exit") -> int:
+          after_handover: str = "exit", repair=None) -> int:
     """Run the resident engine until SIGTERM/SIGINT or a successor takes its socket; returns the
     exit status (0 = clean stop, also after a handover).
 
@@ -344,6 +344,7 @@ def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THR
     engine. ``ready_file`` exists while this engine owns the socket (a readiness probe's signal).
     ``after_handover="wait"`` stays idle after a handover until SIGTERM (under a DaemonSet, an
     exit would make the kubelet restart the old pod's engine, which would take the socket back).
+    ``repair``: the node repair's ``engine.repair.Settings`` (None: no repair).
     """
     if runner is None:
         from cniplugin.transport.plugin import serve_request as runner
@@ -371,11 +372,15 @@ def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THR
         warm_up(runner)
     log.info("resident engine serving on %s (pid %d, %d threads)", socket_path, os.getpid(),
              threads)
+    from cniplugin.engine import repair as _repair
+    repairer = _repair.start(repair) if repair is not None else None
     _set_ready(ready_file, True)
     try:
         server.serve_forever()
     finally:
         _set_ready(ready_file, False)
+        if repairer is not None:  # a successor repairs from now on
+            repairer.stop()
     if server.handed_over and after_handover == "wait":
         log.info("handed over; idle until SIGTERM")
         while not terminated.wait(1.0):
@@ -414,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="once a new engine took the socket and in-flight requests are "
                              "done: exit 0, or wait idle for SIGTERM (under a DaemonSet) "
                              "(default %(default)s)")
+    parser.add_argument("--no-repair", action="store_true",
+                        help="do not repair node objects that something else removed")
+    parser.add_argument("--reconcile-interval", type=float, default=60.0, metavar="SECONDS",
+                        help="full node reconcile every SECONDS, +-10%% jitter (default 60)")
+    parser.add_argument("--repair-backoff-max", type=float, default=300.0, metavar="SECONDS",
+                        help="longest pause before repairing an object that keeps being "
+                             "removed (default 300)")
     return parser
 
 
@@ -422,8 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     from cniplugin.transport.pydantic_setup import disable_plugin_discovery
     disable_plugin_discovery()
     _setup_logging()
+    from cniplugin.engine.repair import Settings
+    repair = None if args.no_repair else Settings(
+        reconcile_interval=max(1.0, args.reconcile_interval),
+        backoff_max=max(1.0, args.repair_backoff_max))
     return serve(args.socket or _shim.socket_path(os.environ), threads=args.threads,
-                 ready_file=args.ready_file, after_handover=args.after_handover)
+                 ready_file=args.ready_file, after_handover=args.after_handover, repair=repair)
 
 
 def _setup_logging() -> None:
