@@ -30,6 +30,7 @@ from cniplugin.protocol import log as _logging
 from cniplugin.transport import shim as _shim
 from cniplugin.protocol.env import read_node_defaults
 from cniplugin.protocol.errors import CNIError, InternalError, IOFailure, UnsafeRequest
+from cniplugin.transport.inprocess_counts import node_state_dir
 from cniplugin.transport.frames import BadRequest, Mismatch, close_all, error_frame, frame, \
     peer_cred, read_request
 
@@ -46,6 +47,12 @@ TRACE_ENV = "ROUTE_TUNE_SERVER_TEST_TRACE"
 DELAY_ENV = "ROUTE_TUNE_SERVER_TEST_DELAY"
 
 Runner = Callable[..., object]  # _protocol.run's signature
+#: Called after every request: (CNI_COMMAND, exit code, stdout, seconds) - the metrics' count.
+ReplyHook = Callable[[str, int, bytes, float], None]
+
+#: The serve options a DaemonSet may set through the environment instead of arguments.
+METRICS_ADDRESS_ENV = "ROUTE_TUNE_METRICS_ADDRESS"
+POD_DRIFT_INTERVAL_ENV = "ROUTE_TUNE_POD_DRIFT_INTERVAL"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,8 +92,9 @@ class Server:
     """Bind, accept, dispatch. ``stop()`` may be called from any thread or a signal handler."""
 
     def __init__(self, socket_path: str, *, threads: int = DEFAULT_THREADS,
-                 runner: Runner) -> None:
+                 runner: Runner, on_reply: ReplyHook | None = None) -> None:
         self.socket_path = socket_path
+        self.on_reply = on_reply
         self._slots = threading.BoundedSemaphore(max(1, threads))
         self._runner = runner
         self._netns_locks = KeyedLocks()
@@ -270,6 +278,7 @@ class Server:
 
     def _call(self, env: Mapping[str, str], stdin: bytes, pod_fd: int | None,
               node_fd: int | None) -> bytes:
+        started = time.monotonic()
         try:
             out = self._runner(env, stdin, pod_netns_fd=pod_fd, node_netns_fd=node_fd)
             stdout, stderr, code = bytes(out.stdout), bytes(out.stderr), int(out.exit_code)
@@ -278,10 +287,21 @@ class Server:
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure is a 999 reply
             log.error("internal error serving %s: %r", env.get("CNI_COMMAND", "?"), exc,
                       exc_info=True)
-            return error_frame(InternalError("internal error", repr(exc)), stdin)
+            reply = error_frame(InternalError("internal error", repr(exc)), stdin)
+            self._replied(env, 1, b'{"code": 999}', started)
+            return reply
         with _logging.request_context(_logging.request_fields(env), self._log_options):
             log.info("served via resident engine (exit %d)", code)
+        self._replied(env, code, stdout, started)
         return frame(code, stdout, stderr)
+
+    def _replied(self, env: Mapping[str, str], code: int, stdout: bytes, started: float) -> None:
+        if self.on_reply is not None:
+            try:
+                self.on_reply(env.get("CNI_COMMAND", ""), code, stdout,
+                              time.monotonic() - started)
+            except Exception:  # counting must never cost a reply
+                log.exception("request metrics failed")
 
     def _trace_line(self, what: str, key: object) -> None:
         if not self._trace:
@@ -331,15 +351,38 @@ def _node_env() -> dict[str, str]:
 
 
 def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THREADS,
-          runner: Runner | None = None) -> int:
+          runner: Runner | None = None, metrics_address: str = "",
+          pod_drift_interval: float = 0.0) -> int:
     """Run the resident engine until SIGTERM/SIGINT; returns the exit status (0 = clean stop).
 
     ``runner`` replaces ``transport.plugin.serve_request`` (tests only); the default is the real engine, warmed up
-    before the socket appears.
+    before the socket appears. ``metrics_address`` (HOST:PORT, empty: none) serves Prometheus
+    metrics; ``pod_drift_interval`` (seconds, 0: never) compares every attachment's pod side
+    with its record (``engine.drift``).
     """
     if runner is None:
         from cniplugin.transport.plugin import serve_request as runner
-    server = Server(socket_path, threads=threads, runner=runner)
+    state_dir = node_state_dir(os.environ)
+    metrics = None
+    if metrics_address:
+        from cniplugin.transport import metrics as _metrics
+        try:
+            metrics = _metrics.start(metrics_address, state_dir)
+        except (OSError, ValueError) as exc:
+            log.error("cannot serve metrics on %s: %s", metrics_address, exc)
+            return 1
+        log.info("metrics on http://%s/metrics", metrics_address)
+    try:
+        return _serve(socket_path, threads, runner, metrics, state_dir, pod_drift_interval)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+
+
+def _serve(socket_path: str, threads: int, runner: Runner, metrics, state_dir: str,
+           pod_drift_interval: float) -> int:
+    server = Server(socket_path, threads=threads, runner=runner,
+                    on_reply=metrics.metrics.request if metrics is not None else None)
     # Handlers first: a SIGTERM during warm-up or bind is a clean stop too (the pipe remembers it).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
@@ -351,7 +394,16 @@ def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THR
         return 1
     log.info("resident engine listening on %s (pid %d, %d threads)", socket_path, os.getpid(),
              threads)
-    server.serve_forever()
+    drift = None
+    if pod_drift_interval:
+        from cniplugin.engine.drift import PodDriftChecker
+        drift = PodDriftChecker(state_dir, pod_drift_interval)
+        drift.start()
+    try:
+        server.serve_forever()
+    finally:
+        if drift is not None:
+            drift.stop()
     # Already stopping: a repeated signal must not kill the interpreter while it tears down.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -359,7 +411,8 @@ def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THR
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``cni-route-tune serve [--socket PATH] [--threads N]``."""
+    """``cni-route-tune serve [--socket PATH] [--threads N] [--metrics-address HOST:PORT]
+    [--pod-drift-interval SECONDS]``."""
     parser = argparse.ArgumentParser(prog="cni-route-tune serve",
                                      description="Run the resident route-tune engine.")
     parser.add_argument("--socket", default=None,
@@ -367,11 +420,33 @@ def main(argv: list[str] | None = None) -> int:
                              f"{_shim.DEFAULT_SOCKET})")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="requests served concurrently (default %(default)s)")
+    parser.add_argument("--metrics-address", metavar="HOST:PORT",
+                        default=os.environ.get(METRICS_ADDRESS_ENV, ""),
+                        help=f"serve Prometheus metrics at http://HOST:PORT/metrics ([v6]:PORT "
+                             f"for IPv6; default: ${METRICS_ADDRESS_ENV}, else none); the port is "
+                             f"shared with a second engine during an upgrade (SO_REUSEPORT)")
+    parser.add_argument("--pod-drift-interval", metavar="SECONDS", type=_drift_interval,
+                        default=os.environ.get(POD_DRIFT_INTERVAL_ENV, "60"),
+                        help=f"compare every attachment's pod side with its record this often "
+                             f"(±10%% jitter; at least 1; 0: never; default: "
+                             f"${POD_DRIFT_INTERVAL_ENV}, else 60)")
     args = parser.parse_args(argv)
     from cniplugin.transport.pydantic_setup import disable_plugin_discovery
     disable_plugin_discovery()
     _setup_logging()
-    return serve(args.socket or _shim.socket_path(os.environ), threads=args.threads)
+    return serve(args.socket or _shim.socket_path(os.environ), threads=args.threads,
+                 metrics_address=args.metrics_address,
+                 pod_drift_interval=args.pod_drift_interval)
+
+
+def _drift_interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if seconds != 0 and not 1 <= seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"{text}: 0 (never) or 1 to 86400 seconds")
+    return seconds
 
 
 def _setup_logging() -> None:
