@@ -413,6 +413,17 @@ def _serve(socket_path: str, threads: int, runner: Runner, metrics, state_dir: s
 def main(argv: list[str] | None = None) -> int:
     """``cni-route-tune serve [--socket PATH] [--threads N] [--metrics-address HOST:PORT]
     [--pod-drift-interval SECONDS]``."""
+    args = build_parser().parse_args(argv)
+    from cniplugin.transport.pydantic_setup import disable_plugin_discovery
+    disable_plugin_discovery()
+    _setup_logging()
+    return serve(args.socket or _shim.socket_path(os.environ), threads=args.threads,
+                 metrics_address=args.metrics_address,
+                 pod_drift_interval=args.pod_drift_interval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``serve``'s options (the DaemonSet's arguments are checked against it)."""
     parser = argparse.ArgumentParser(prog="cni-route-tune serve",
                                      description="Run the resident route-tune engine.")
     parser.add_argument("--socket", default=None,
@@ -430,13 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"compare every attachment's pod side with its record this often "
                              f"(±10%% jitter; at least 1; 0: never; default: "
                              f"${POD_DRIFT_INTERVAL_ENV}, else 60)")
-    args = parser.parse_args(argv)
-    from cniplugin.transport.pydantic_setup import disable_plugin_discovery
-    disable_plugin_discovery()
-    _setup_logging()
-    return serve(args.socket or _shim.socket_path(os.environ), threads=args.threads,
-                 metrics_address=args.metrics_address,
-                 pod_drift_interval=args.pod_drift_interval)
+    return parser
 
 
 def _drift_interval(text: str) -> float:
