@@ -220,17 +220,20 @@ def test_pod_drift_is_reported_and_the_pod_left_alone(rig):
             f"{expected}; route-tune does not rewrite a pod: find what changed it, then "
             f"recreate the pod (or DEL and ADD the attachment)"), warnings[0]
 
-        shown = cli("show", "--netns", lab.pod_netns, defaults=rig.penv.defaults_file)
-        section = shown.out.split("\n\n")
-        engine_part = next(p for p in section if p.startswith("pod drift found"))
-        status = read_status(state_dir)
         utc = lambda t: time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))  # noqa: E731
+        first = read_status(state_dir)
+        shown_out = cli("show", "--netns", lab.pod_netns, defaults=rig.penv.defaults_file).out
+        status = read_status(state_dir)
+        engine_part = next(p for p in shown_out.split("\n\n") if p.startswith("pod drift found"))
+        # Rounds go on every second: show printed one between the two reads around it.
+        shown_at = re.search(r"last check ([^,]+),", engine_part).group(1)
+        assert utc(first["checked_at"]) <= shown_at <= utc(status["checked_at"]), shown_at
         assert engine_part == (
-            f"pod drift found by the resident engine (last check {utc(status['checked_at'])}, "
+            f"pod drift found by the resident engine (last check {shown_at}, "
             f"{status['checked']} attachment(s) on the node compared):\n"
             f"  pod team-a/trainer-0, attachment {rig.container_id}/net2 (network "
             f"{rig.conf(2)['name']}), drifted since {utc(entry['found_at'])}:\n"
-            f"    {expected}"), shown.out
+            f"    {expected}"), shown_out
     finally:
         assert rig.rt("DEL", 2, prev, extra_env=extra).code == 0
 
