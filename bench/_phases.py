@@ -167,7 +167,8 @@ class Bench:
         os.makedirs(os.path.dirname(self.sock), mode=0o700, exist_ok=True)
         log = open(self.work / "server.log", "ab")
         env = {**self.base_env, "ROUTE_TUNE_LOG_STDERR_LEVEL": "warning"}
-        self.server = subprocess.Popen([str(BIN / "cni-route-tune"), "serve", "--socket", self.sock],
+        self.server = subprocess.Popen([str(BIN / "cni-route-tune"), "serve", "--socket", self.sock,
+                                        "--metrics-address", "127.0.0.1:9731"],
                                        env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not os.path.exists(self.sock):

@@ -5,7 +5,7 @@ routes). An operator needs everything: ``goto``/``unreachable`` rules, ``iif``/`
 selectors, blackhole and local routes. The adapter's full reads (``kernel.netlink`` ``all_rules``,
 ``all_routes``, ``configured_neighbours``) return them as the engine's own ``records.objects`` types;
 this module gathers them into a ``Snapshot`` and finds netns and state files. Planning and
-checking are never redone here: drift comes from ``engine.commands.diff_state``, facts from the engine's
+checking are never redone here: drift comes from ``engine.compare.diff_state``, facts from the engine's
 gatherers. ``show`` builds views (``cli.show``), ``orphans`` finds leftovers (``cli.orphans``),
 ``iptext`` prints objects as ``ip`` does.
 """
@@ -131,13 +131,13 @@ def state_file(store: Store, state: AttachmentState) -> str:
 
 
 def state_drift(state: AttachmentState, pod_fd: int, node_fd: int | None):
-    """``engine.commands.diff_state`` (the engine's CHECK) for one recorded attachment."""
-    from cniplugin.engine import commands as _engine
+    """``engine.compare.diff_state`` (the engine's CHECK) for one recorded attachment."""
+    from cniplugin.engine.compare import diff_state
     if node_fd is not None:
-        return _engine.diff_state(state, pod_fd, node_fd)
+        return diff_state(state, pod_fd, node_fd)
     home = _netns.current_netns()
     try:
-        return _engine.diff_state(state, pod_fd, home)
+        return diff_state(state, pod_fd, home)
     finally:
         os.close(home)
 

@@ -5,7 +5,7 @@ description, a run function and option names) + one ``SUBCOMMANDS`` entry here. 
 imported (and its heavy imports made) only when that subcommand runs, so ``--version`` and
 ``--help`` stay as cheap as an interpreter start. Families: ``cli.read`` (show, facts, orphans),
 ``cli.plan`` (plan, verify), ``cli.packet`` (explain, probe, reach), ``cli.replay``. Facts, plans and
-checks are the engine's own (``engine.gather``, ``engine.commands.plan_for`` / ``diff_state``),
+checks are the engine's own (``engine.gather``, ``engine.commands.plan_for``, ``engine.compare.diff_state``),
 never a second implementation; ``cli.live`` reads the kernel and ``cli.render`` prints.
 """
 
@@ -30,7 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
              "build a throwaway multi-NIC pod in network namespaces and run the plugin chain"),
     "install": ("cniplugin.cli.install:main",
                 "install or upgrade the plugin into a CNI bin dir (atomic, idempotent)"),
-    "serve": ("cniplugin.transport.server:main", "run the resident engine (unix socket)"),
+    "serve": ("cniplugin.transport.service:main", "run the resident engine (unix socket)"),
     "show": ("cniplugin.cli.read:cmd_show",
              "a pod's policy routing per interface: owned/foreign, problems (--node: node side)"),
     "facts": ("cniplugin.cli.read:cmd_facts", "dump the planner's facts of a pod as JSON (for plan)"),

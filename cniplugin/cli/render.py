@@ -9,13 +9,15 @@ plain objects (each with its ``text`` and ``owner``) for scripts.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import os
+import time
 
 from cniplugin.cli.explain import Explanation
 from cniplugin.cli.iptext import text, to_json
 from cniplugin.cli.orphans import Orphans
 from cniplugin.cli.reach import Reach
-from cniplugin.cli.show import InterfaceView, NodeView, PodView, Problem
+from cniplugin.cli.show import EngineDrift, InterfaceView, NodeView, PodView, Problem
 from cniplugin.records.objects import Rule, table_name
 
 _TAG_COLUMN = 70
@@ -84,8 +86,28 @@ def show_text(view: PodView) -> str:
         lines += [_line("  ", r) for r in routes]
     if view.node is not None:
         lines += [""] + _node(view.node)
+    if view.engine_drift is not None:
+        lines += [""] + _engine_drift(view.engine_drift)
     lines += [""] + _problems(view.problems)
     return "\n".join(lines)
+
+
+def utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def _engine_drift(found: EngineDrift) -> list[str]:
+    lines = [f"pod drift found by the resident engine (last check {utc(found.checked_at)}, "
+             f"{found.checked} attachment(s) on the node compared):"]
+    if not found.drifted:
+        return lines + ["  none in this pod"]
+    for entry in found.drifted:
+        pod = "/".join(p for p in (entry.get("pod_namespace"), entry.get("pod_name")) if p)
+        lines.append(f"  {f'pod {pod}, ' if pod else ''}attachment {entry.get('container_id')}/"
+                     f"{entry.get('ifname')} (network {entry.get('network')}), drifted since "
+                     f"{utc(entry.get('found_at', 0))}:")
+        lines += [f"    {d}" for d in entry.get("drifts", [])]
+    return lines
 
 
 def _node(node: NodeView) -> list[str]:
@@ -124,6 +146,8 @@ def show_json(view: PodView) -> dict:
         "problems": [p.to_json() for p in view.problems],
         "facts": view.facts.to_dict() if view.facts is not None else None,
     }
+    if view.engine_drift is not None:
+        out["engine_drift"] = asdict(view.engine_drift)
     if view.node is not None:
         n = view.node
         out["node"] = {"inode": n.inode, "host_peer": n.host_peer,

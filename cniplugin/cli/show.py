@@ -64,6 +64,27 @@ class PodView:
     problems: list[Problem]
     node: NodeView | None = None
     facts: Facts | None = None       # the planner's view (``plan --facts`` accepts show --json)
+    engine_drift: EngineDrift | None = None
+
+
+@dataclass
+class EngineDrift:
+    """The resident engine's last pod drift check (``engine.drift``), for this pod's netns."""
+
+    checked_at: float
+    checked: int                     # attachments compared on the node in that round
+    drifted: list[dict]              # the status file's entries of this pod
+
+
+def engine_drift(state_dir: str, netns_inode: int) -> EngineDrift | None:
+    """What the engine found in this pod at its last check (None: it never checked)."""
+    from cniplugin.engine.drift import read_status
+    status = read_status(state_dir)
+    if status is None or not isinstance(status.get("checked_at"), (int, float)):
+        return None
+    return EngineDrift(status["checked_at"], int(status.get("checked", 0)),
+                       [e for e in status.get("drifted", [])
+                        if isinstance(e, dict) and e.get("netns_inode") == netns_inode])
 
 
 def _tables_by_interface(snap: Snapshot) -> dict[int, str]:
@@ -119,8 +140,9 @@ def build_pod_view(netns: str, pod_fd: int, store: Store, node_fd: int | None,
         facts = gather_facts(pod_fd, node_fd, eth0)
     except CNIError:
         facts = None
-    return PodView(netns, snap, ordered, other_rules, other_tables, attachments,
-                   os.path.dirname(store.root), problems, node, facts)
+    state_dir = os.path.dirname(store.root)
+    return PodView(netns, snap, ordered, other_rules, other_tables, attachments, state_dir,
+                   problems, node, facts, engine_drift(state_dir, snap.inode))
 
 
 def routing_problems(snap: Snapshot) -> list[Problem]:

@@ -16,13 +16,15 @@ import os
 from collections.abc import Iterator
 
 from cniplugin.engine import faults as _faults
+from cniplugin.engine import observe
 from cniplugin.kernel.netlink import Netlink
 from cniplugin.kernel import netns as _netns
-from cniplugin.protocol.errors import (CheckFailed, IOFailure, PluginError, PluginNotAvailable,
-                                       UnknownContainer)
+from cniplugin.protocol.errors import (CheckFailed, GatewayUnreachable, IOFailure, IPConflict,
+                                       PluginError, PluginNotAvailable, UnknownContainer)
 from cniplugin.records.facts import Facts
 from cniplugin.engine import rollback as _rollback
-from cniplugin.engine.journal import READ_KINDS, Applier, Step, undo
+from cniplugin.engine.compare import Drift, diff_state
+from cniplugin.engine.journal import Applier, Step, undo
 from cniplugin.records.objects import Desired, KernelObject, LinkAttr, Route, Sysctl, Veth, apply_order
 from cniplugin.engine.gather import (Gathered, gather_invocation, owned_node_objects,
                                      owned_pod_objects, sessions_bound_to)
@@ -30,25 +32,8 @@ from cniplugin.protocol.invocation import Invocation
 from cniplugin.engine.planner import plan
 from cniplugin.engine.store import (PHASE_APPLIED, PHASE_LEFTOVER, PHASE_REMOVING,
                                     AttachmentState, Store, key_text)
-from cniplugin.records.values import value
 
 _fault = _faults.point  # test-only fault points (see _faults and docs/routing.md)
-
-
-@value
-class Drift:
-    """One difference between recorded intent and the kernel."""
-
-    side: str                      # pod | node
-    problem: str                   # missing | changed
-    expected: KernelObject
-    live: KernelObject | str | None = None
-
-    def describe(self) -> str:
-        text = f"{self.side}: {self.problem}: {self.expected.render()}"
-        if self.problem == "changed":
-            text += f" (live: {self.live.render() if hasattr(self.live, 'render') else self.live})"
-        return text
 
 
 # -- invocation helpers ------------------------------------------------------------------
@@ -118,13 +103,15 @@ def cmd_add(inv: Invocation):
             prior = None
         if prior is not None and prior.netns_inode != pod_inode:
             prior = None  # a record of another sandbox with this id: never reuse its plan
-        gathered = gather_invocation(inv, pod_nl, node_nl, node_fd)
+        with observe.timed("ADD", "gather"):
+            gathered = gather_invocation(inv, pod_nl, node_nl, node_fd)
         facts = gathered.facts
-        desired = _plan(inv, gathered, prior.desired if prior else None)
+        with observe.timed("ADD", "plan"):
+            desired = _plan(inv, gathered, prior.desired if prior else None)
         state = AttachmentState(
             container_id=inv.container_id, ifname=inv.ifname, network=inv.network,
             netns=inv.netns, netns_inode=pod_inode, node_inode=_netns.inode(node_fd),
-            desired=desired)
+            desired=desired, pod_namespace=inv.pod_namespace, pod_name=inv.pod_name)
         state.originals = _originals(pod_nl, desired, prior, store.pod_siblings(state))
         _fault("state")
         store.write(state)  # write-ahead: from here on DEL/GC can clean up
@@ -132,8 +119,9 @@ def cmd_add(inv: Invocation):
         failed: list[tuple[Step, str]] = []
         try:
             _fault("state:written")
-            _apply_pod(inv, pod_nl, pod_fd, desired, facts, journal)
-            _apply_node(store, state, node_nl, node_fd, journal, failed)
+            with observe.timed("ADD", "apply"):  # includes the probe phase (before the routes)
+                _apply_pod(inv, pod_nl, pod_fd, desired, facts, journal)
+                _apply_node(store, state, node_nl, node_fd, journal, failed)
             _fault("state:before-applied")
             state.phase = PHASE_APPLIED
             store.write(state)
@@ -146,7 +134,8 @@ def cmd_add(inv: Invocation):
                     err, failed, store.path(inv.container_id, inv.ifname), prior is not None) \
                     from err
             raise
-        _announce(inv.config, pod_fd, inv.ifname, facts)
+        with observe.timed("ADD", "announce"):
+            _announce(inv.config, pod_fd, inv.ifname, facts)
     return _result_with_mac(inv.prev_result, inv.ifname, desired)
 
 
@@ -172,7 +161,8 @@ def _apply_pod(inv: Invocation, nl, pod_fd: int, desired: Desired, facts: Facts,
     for obj in ordered:
         if isinstance(obj, LinkAttr):  # the MAC must be final before anyone is probed
             applier.apply(obj, shared=False)
-    _probe_addresses(inv.config, inv.ifname, pod_fd, desired, facts)
+    with observe.timed("ADD", "probe"):
+        _probe_addresses(inv.config, inv.ifname, pod_fd, desired, facts)
     for route in desired.displaced:
         if route in facts.pod.main_routes:
             applier.displace(route)
@@ -222,18 +212,26 @@ def _probe_addresses(config, ifname: str, pod_fd: int, desired: Desired, facts: 
     opts = _probe.ProbeOptions(retries=options.retries, interval=options.interval,
                                timeout=options.timeout)
     addresses = [a.cidr for a in facts.pod.addrs_of(ifname)]
-    with _netns.entered(pod_fd):
-        if config.detect_ip_conflict:
-            _probe.check_conflicts(ifname, addresses, opts)
-        if config.detect_gateway:
-            pairs = []
-            for route in desired.pod_owned:
-                if isinstance(route, Route) and route.is_default and route.dev == ifname:
-                    src = next((a.address for a in facts.pod.addrs_of(ifname, route.family)),
-                               None)
-                    if src and (src, route.gateway) not in pairs:
-                        pairs.append((src, route.gateway))
-            _probe.check_gateways(ifname, pairs, opts)
+    try:
+        with _netns.entered(pod_fd):
+            if config.detect_ip_conflict:
+                _probe.check_conflicts(ifname, addresses, opts)
+            if config.detect_gateway:
+                pairs = []
+                for route in desired.pod_owned:
+                    if isinstance(route, Route) and route.is_default and route.dev == ifname:
+                        src = next((a.address for a in facts.pod.addrs_of(ifname, route.family)),
+                                   None)
+                        if src and (src, route.gateway) not in pairs:
+                            pairs.append((src, route.gateway))
+                _probe.check_gateways(ifname, pairs, opts)
+    except IPConflict:
+        observe.event("probe", outcome="ip_conflict")
+        raise
+    except GatewayUnreachable:
+        observe.event("probe", outcome="gateway_unreachable")
+        raise
+    observe.event("probe", outcome="ok")
 
 
 def _announce(config, pod_fd: int, ifname: str, facts: Facts) -> None:
@@ -268,7 +266,8 @@ def cmd_del(inv: Invocation) -> None:
     if state is None:
         return  # write-ahead: no record means ADD changed nothing
     _faults.begin()
-    with _pod_fd(inv, required=False) as pod_fd, _node_fd(inv) as node_fd:
+    with _pod_fd(inv, required=False) as pod_fd, _node_fd(inv) as node_fd, \
+            observe.timed("DEL", "apply"):
         errors = _teardown(store, state, pod_fd, node_fd)
     if errors:
         raise PluginError(f"DEL of {inv.ifname} could not remove everything; retry DEL",
@@ -369,39 +368,8 @@ def diff(inv: Invocation) -> list[Drift]:
     with _pod_fd(inv, required=True) as pod_fd, _node_fd(inv) as node_fd:
         if _netns.inode(pod_fd) != state.netns_inode:
             raise CheckFailed(f"netns {inv.netns} is not the sandbox ADD configured")
-        return diff_state(state, pod_fd, node_fd)
-
-
-def diff_state(state: AttachmentState, pod_fd: int, node_fd: int) -> list[Drift]:
-    """Recorded intent of one attachment vs the kernel (the CLI's verify uses this too)."""
-    desired = state.desired
-    drifts: list[Drift] = []
-    with sessions_bound_to(pod_fd, node_fd) as (pod_nl, node_nl):
-        drifts += compare(pod_nl, "pod", desired.pod_objects(), owned_pod_objects(pod_nl))
-        if desired.node_objects():
-            live = owned_node_objects(node_nl, desired.host_rule_table, desired.host_peer,
-                                      by_peer=False)
-            drifts += compare(node_nl, "node", desired.node_objects(), live)
-    return drifts
-
-
-def compare(nl, side: str, expected: list[KernelObject], live: list[KernelObject]) -> list[Drift]:
-    """``expected`` vs the kernel through session ``nl`` (``live``: its rules, routes and
-    neighbours as dumped; the other kinds are read one by one)."""
-    by_key = {o.key(): o for o in live}
-    out = []
-    for obj in apply_order(expected):
-        if isinstance(obj, (Sysctl, LinkAttr)):
-            value = nl.read_attr(obj)
-            if value != obj.value:
-                out.append(Drift(side, "missing" if value is None else "changed", obj, value))
-            continue
-        found = nl.read(obj) if isinstance(obj, READ_KINDS) else by_key.get(obj.key())
-        if found is None:
-            out.append(Drift(side, "missing", obj))
-        elif found != obj:
-            out.append(Drift(side, "changed", obj, found))
-    return out
+        with observe.timed("CHECK", "gather"):
+            return diff_state(state, pod_fd, node_fd)
 
 
 def cmd_check(inv: Invocation) -> None:

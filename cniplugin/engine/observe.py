@@ -10,7 +10,8 @@ Events and their fields (an observer ignores what it does not know):
 - ``probe``: ``outcome`` = ``ok`` | ``gateway_unreachable`` | ``ip_conflict``
 - ``repair``: ``kind`` = the object kind restored on the node (``rule``, ``route``, ...)
 - ``repair_backoff``: ``kind``; a node object deleted again and again, repair paused
-- ``pod_drift``: ``attachments`` = how many recorded attachments have drifted in their pods
+- ``pod_drift``: ``attachments`` = how many recorded attachments have drifted in their pods;
+  ``new`` = how many of them were not drifted at the previous check (sent after every check)
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ import time
 
 from cniplugin._version import RTPROT_ROUTE_TUNE
 from cniplugin.engine import observe
-from cniplugin.engine.commands import clean_up, compare
+from cniplugin.engine.commands import clean_up
+from cniplugin.engine.compare import compare
 from cniplugin.engine.store import (PHASE_APPLIED, PHASE_APPLYING, PHASE_LEFTOVER,
                                     AttachmentState, Store, key_text)
 from cniplugin.kernel import netns as _netns

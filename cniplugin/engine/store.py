@@ -46,13 +46,16 @@ class AttachmentState:
     desired: Desired
     originals: dict[str, str | None] = field(default_factory=dict)  # key_text -> old value
     phase: str = PHASE_APPLYING
+    pod_namespace: str = ""  # K8S_POD_NAMESPACE / K8S_POD_NAME when the runtime passed them:
+    pod_name: str = ""       # reports (pod drift) name the pod, not only its container id
 
     def to_dict(self) -> dict:
         return {
             "version": STATE_VERSION, "container_id": self.container_id, "ifname": self.ifname,
             "network": self.network, "netns": self.netns, "netns_inode": self.netns_inode,
             "node_inode": self.node_inode, "phase": self.phase, "originals": self.originals,
-            "desired": self.desired.to_dict(),
+            "desired": self.desired.to_dict(), "pod_namespace": self.pod_namespace,
+            "pod_name": self.pod_name,
         }
 
     @classmethod
@@ -62,7 +65,8 @@ class AttachmentState:
                    netns_inode=data.get("netns_inode", 0), node_inode=data.get("node_inode", 0),
                    desired=Desired.from_dict(data["desired"]),
                    originals=dict(data.get("originals", {})),
-                   phase=data.get("phase", PHASE_APPLYING))
+                   phase=data.get("phase", PHASE_APPLYING),
+                   pod_namespace=data.get("pod_namespace", ""), pod_name=data.get("pod_name", ""))
 
     def lists(self, obj: KernelObject) -> bool:
         key = obj.key()

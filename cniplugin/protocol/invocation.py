@@ -60,15 +60,17 @@ class Invocation(Record):
     - ``raw``: the stdin config (GC reads ``cni.dev/valid-attachments`` from it)
     - ``pod_netns_fd``: given by the resident server (SCM_RIGHTS); None = open ``netns``
     - ``node_netns_fd``: the caller's netns (the node); None = this process's netns
+    - ``pod_namespace``, ``pod_name``: K8S_POD_NAMESPACE / K8S_POD_NAME of CNI_ARGS ("" when the
+      runtime passed none), recorded so that reports can name the pod
     - ``disabled``: ``mode: disabled``: the request passes through and the engine is not run
       (the config's mode; without a config, the stdin's or the node's)
     """
 
     _fields = ("command", "container_id", "ifname", "netns", "network", "cni_version",
                "state_dir", "config", "prev_result", "raw", "pod_netns_fd", "node_netns_fd",
-               "disabled")
+               "disabled", "pod_namespace", "pod_name")
     _defaults = {"config": None, "prev_result": None, "raw": {}, "pod_netns_fd": None,
-                 "node_netns_fd": None, "disabled": False}
+                 "node_netns_fd": None, "disabled": False, "pod_namespace": "", "pod_name": ""}
     command: str
     container_id: str
     ifname: str
@@ -82,6 +84,8 @@ class Invocation(Record):
     pod_netns_fd: int | None
     node_netns_fd: int | None
     disabled: bool
+    pod_namespace: str
+    pod_name: str
 
     def _check(self) -> None:
         if self.command == "ADD":
@@ -169,7 +173,8 @@ def from_request(environ: Mapping[str, str], config: bytes | Mapping[str, Any],
             command=command, container_id=env.container_id, ifname=env.ifname, netns=env.netns,
             network=str(raw.get("name", "")), cni_version=cni_version, state_dir=state_dir,
             config=model, prev_result=prev_result, raw=raw, pod_netns_fd=pod_netns_fd,
-            node_netns_fd=node_netns_fd, disabled=disabled)
+            node_netns_fd=node_netns_fd, disabled=disabled,
+            pod_namespace=env.args.pod_namespace, pod_name=env.args.pod_name)
     except CNIError as error:
         error.cni_version = cni_version
         raise

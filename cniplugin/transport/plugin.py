@@ -61,6 +61,10 @@ def main() -> NoReturn:
     from cniplugin.transport.pydantic_setup import disable_plugin_discovery
     disable_plugin_discovery()
     outcome = serve_request(environ, stdin, via="in-process" if command in _READS_STDIN else "")
+    if command in _READS_STDIN:
+        # Counted for the engine to export once one runs: a node running cold is visible.
+        from cniplugin.transport.inprocess_counts import record_outcome
+        record_outcome(environ, command, outcome.exit_code, outcome.stdout)
     # Exit follows the reply. Interpreter shutdown would run a full cyclic collection over every
     # object pydantic and the engine created; it skips frozen objects.
     gc.freeze()

@@ -9,16 +9,11 @@ however malformed - ends the server.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import importlib
-import json
 import logging
 import os
 import select
-import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +40,8 @@ TRACE_ENV = "ROUTE_TUNE_SERVER_TEST_TRACE"
 DELAY_ENV = "ROUTE_TUNE_SERVER_TEST_DELAY"
 
 Runner = Callable[..., object]  # _protocol.run's signature
+#: Called after every request: (CNI_COMMAND, exit code, stdout, seconds) - the metrics' count.
+ReplyHook = Callable[[str, int, bytes, float], None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,8 +81,9 @@ class Server:
     """Bind, accept, dispatch. ``stop()`` may be called from any thread or a signal handler."""
 
     def __init__(self, socket_path: str, *, threads: int = DEFAULT_THREADS,
-                 runner: Runner) -> None:
+                 runner: Runner, on_reply: ReplyHook | None = None) -> None:
         self.socket_path = socket_path
+        self.on_reply = on_reply
         self._slots = threading.BoundedSemaphore(max(1, threads))
         self._runner = runner
         self._netns_locks = KeyedLocks()
@@ -271,6 +269,7 @@ class Server:
 
     def _call(self, env: Mapping[str, str], stdin: bytes, pod_fd: int | None,
               node_fd: int | None) -> bytes:
+        started = time.monotonic()
         try:
             out = self._runner(env, stdin, pod_netns_fd=pod_fd, node_netns_fd=node_fd)
             stdout, stderr, code = bytes(out.stdout), bytes(out.stderr), int(out.exit_code)
@@ -279,10 +278,21 @@ class Server:
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure is a 999 reply
             log.error("internal error serving %s: %r", env.get("CNI_COMMAND", "?"), exc,
                       exc_info=True)
-            return error_frame(InternalError("internal error", repr(exc)), stdin)
+            reply = error_frame(InternalError("internal error", repr(exc)), stdin)
+            self._replied(env, 1, b'{"code": 999}', started)
+            return reply
         with _logging.request_context(_logging.request_fields(env), self._log_options):
             log.info("served via resident engine (exit %d)", code)
+        self._replied(env, code, stdout, started)
         return frame(code, stdout, stderr)
+
+    def _replied(self, env: Mapping[str, str], code: int, stdout: bytes, started: float) -> None:
+        if self.on_reply is not None:
+            try:
+                self.on_reply(env.get("CNI_COMMAND", ""), code, stdout,
+                              time.monotonic() - started)
+            except Exception:  # counting must never cost a reply
+                log.exception("request metrics failed")
 
     def _trace_line(self, what: str, key: object, env: Mapping[str, str]) -> None:
         if not self._trace:
@@ -298,156 +308,6 @@ class Server:
             os.close(fd)
 
 
-# ----------------------------------------------------------------------------------------------
-# entry points
-
-
-#: A canned ``mode: disabled`` ADD: it walks env parsing, config and prevResult validation and
-#: result encoding, so every pydantic model is built before the first real request.
-_WARM_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "route-tune-warm-up", "CNI_IFNAME": "net1",
-             "CNI_NETNS": "/proc/self/ns/net", "CNI_PATH": "/opt/cni/bin"}
-_WARM_STDIN = json.dumps({
-    "cniVersion": "1.0.0", "name": "route-tune-warm-up", "type": "route-tune", "mode": "disabled",
-    "prevResult": {"cniVersion": "1.0.0",
-                   "interfaces": [{"name": "net1", "mac": "02:00:00:00:00:01", "sandbox": "x"}],
-                   "ips": [{"address": "192.0.2.2/24", "gateway": "192.0.2.1", "interface": 0}],
-                   "routes": [{"dst": "0.0.0.0/0", "gw": "192.0.2.1"}]},
-}).encode()
-
-
-def warm_up(runner: Runner) -> None:
-    """Load the engine (pyroute2 with it) and build the models now, so the first request is fast."""
-    started = time.monotonic()
-    for name in ("protocol.config", "protocol.wire", "engine.commands", "kernel.netlink"):
-        try:
-            importlib.import_module(f"cniplugin.{name}")
-        except ImportError as exc:  # serving still works; that module loads on first use
-            log.warning("warm-up could not import %s: %s", name, exc)
-    out = runner(dict(_WARM_ENV, **_node_env()), _WARM_STDIN)
-    if out.exit_code != 0:
-        log.warning("warm-up request failed: %s", out.stdout.decode(errors="replace"))
-    log.info("warm-up done in %.0f ms", (time.monotonic() - started) * 1000)
-
-
-def _node_env() -> dict[str, str]:
-    # The warm-up request reads the same node defaults file as the real ones.
-    return {k: v for k, v in os.environ.items() if k == "ROUTE_TUNE_DEFAULTS"}
-
-
-def serve(socket_path: str = _shim.DEFAULT_SOCKET, *, threads: int = DEFAULT_THREADS,
-          runner: Runner | None = None, ready_file: str | None = None,
-          after_handover: str = "exit", repair=None) -> int:
-    """Run the resident engine until SIGTERM/SIGINT or a successor takes its socket; returns the
-    exit status (0 = clean stop, also after a handover).
-
-    ``runner`` replaces ``transport.plugin.serve_request`` (tests only); the default is the real
-    engine. ``ready_file`` exists while this engine owns the socket (a readiness probe's signal).
-    ``after_handover="wait"`` stays idle after a handover until SIGTERM (under a DaemonSet, an
-    exit would make the kubelet restart the old pod's engine, which would take the socket back).
-    ``repair``: the node repair's ``engine.repair.Settings`` (None: no repair).
-    """
-    if runner is None:
-        from cniplugin.transport.plugin import serve_request as runner
-    server = Server(socket_path, threads=threads, runner=runner)
-    terminated = threading.Event()
-
-    def on_signal(*_: object) -> None:
-        terminated.set()
-        server.stop()
-
-    # Handlers first: a SIGTERM during warm-up or bind is a clean stop too (the pipe remembers it).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    # A running engine serves on while this one warms up, so a handover costs only the exchange;
-    # with none running, listen first: callers then wait in the backlog instead of failing.
-    taking_over = _handover.engine_answers(socket_path)
-    if taking_over:
-        warm_up(runner)
-    try:
-        server.bind()
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", socket_path, exc)
-        return 1
-    if not taking_over:
-        warm_up(runner)
-    log.info("resident engine serving on %s (pid %d, %d threads)", socket_path, os.getpid(),
-             threads)
-    from cniplugin.engine import repair as _repair
-    repairer = _repair.start(repair) if repair is not None else None
-    _set_ready(ready_file, True)
-    try:
-        server.serve_forever()
-    finally:
-        _set_ready(ready_file, False)
-        if repairer is not None:  # a successor repairs from now on
-            repairer.stop()
-    if server.handed_over and after_handover == "wait":
-        log.info("handed over; idle until SIGTERM")
-        while not terminated.wait(1.0):
-            pass
-    # Already stopping: a repeated signal must not kill the interpreter while it tears down.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-    return 0
-
-
-def _set_ready(path: str | None, ready: bool) -> None:
-    if path is None:
-        return
-    if not ready:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    with open(path, "w", encoding="ascii") as out:
-        out.write(f"{os.getpid()}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """``cni-route-tune serve [--socket PATH] [--threads N] [--ready-file PATH]
-    [--after-handover exit|wait]``."""
-    parser = argparse.ArgumentParser(prog="cni-route-tune serve",
-                                     description="Run the resident route-tune engine.")
-    parser.add_argument("--socket", default=None,
-                        help=f"unix socket path (default: $ROUTE_TUNE_SOCKET or "
-                             f"{_shim.DEFAULT_SOCKET})")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help="requests served concurrently (default %(default)s)")
-    parser.add_argument("--ready-file", default=None,
-                        help="a file that exists while this engine owns the socket (for a "
-                             "readiness probe; keep it outside the shared socket directory)")
-    parser.add_argument("--after-handover", choices=("exit", "wait"), default="exit",
-                        help="once a new engine took the socket and in-flight requests are "
-                             "done: exit 0, or wait idle for SIGTERM (under a DaemonSet) "
-                             "(default %(default)s)")
-    parser.add_argument("--no-repair", action="store_true",
-                        help="do not repair node objects that something else removed")
-    parser.add_argument("--reconcile-interval", type=float, default=60.0, metavar="SECONDS",
-                        help="full node reconcile every SECONDS, +-10%% jitter (default 60)")
-    parser.add_argument("--repair-backoff-max", type=float, default=300.0, metavar="SECONDS",
-                        help="longest pause before repairing an object that keeps being "
-                             "removed (default 300)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from cniplugin.transport.pydantic_setup import disable_plugin_discovery
-    disable_plugin_discovery()
-    _setup_logging()
-    from cniplugin.engine.repair import Settings
-    repair = None if args.no_repair else Settings(
-        reconcile_interval=max(1.0, args.reconcile_interval),
-        backoff_max=max(1.0, args.repair_backoff_max))
-    return serve(args.socket or _shim.socket_path(os.environ), threads=args.threads,
-                 ready_file=args.ready_file, after_handover=args.after_handover, repair=repair)
-
-
-def _setup_logging() -> None:
-    """The plugin's handlers; a daemon's stderr is its container log, so INFO goes there too."""
-    level = os.environ.get(_logging.STDERR_LEVEL_ENV) or "info"
-    _logging.setup({_logging.STDERR_LEVEL_ENV: level})
-
-
 def _server_log_options() -> _logging.LogOptions | None:
     """Where the server's own lines go: ``<logDir>/route-tune.log`` of the node defaults."""
     try:
@@ -458,6 +318,3 @@ def _server_log_options() -> _logging.LogOptions | None:
         log.warning("server log file disabled: %s", exc.msg)
         return None
 
-
-if __name__ == "__main__":
-    sys.exit(main())

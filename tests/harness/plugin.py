@@ -74,6 +74,7 @@ class Rig:
     engine: str
     defaults: dict = field(default_factory=dict)
     container_id: str = "rtr-pod-1"
+    server_env: dict = field(default_factory=dict)  # the resident server's extra environment
     penv: PluginEnv = field(init=False)
     server: Resident | None = field(init=False, default=None)
 
@@ -82,7 +83,7 @@ class Rig:
         self.penv = PluginEnv(workdir, family=self.lab.family, defaults=dict(self.defaults),
                               env={"ROUTE_TUNE_ENGINE": self.engine})
         if self.engine == "resident":
-            self.server = Resident(self.lab.node, self.penv)
+            self.server = Resident(self.lab.node, self.penv, extra_env=self.server_env)
             self.penv.env.update(self.server.env)
             self.server.start()
         self.runtime = PyRuntime(self.lab.node, self.penv)

@@ -49,12 +49,18 @@ def without_dev(state: dict, dev: str) -> dict:
     return out
 
 
+#: What the state dir holds for monitoring, not for any attachment: the in-process request counts
+#: (every request adds to them, a refused one too) and the engine's last pod drift round.
+MONITORING = ("requests-in-process", "pod-drift.json")
+
+
 def state_files(state_dir: Path) -> list[str]:
-    """Every file and directory under the state dir (the empty ``attachments`` root excepted)."""
+    """Every file and directory under the state dir (the empty ``attachments`` root and the
+    monitoring entries excepted)."""
     out = []
     for path in sorted(state_dir.rglob("*")):
         rel = str(path.relative_to(state_dir))
-        if rel != "attachments":
+        if rel != "attachments" and rel.split("/")[0] not in MONITORING:
             out.append(rel + ("/" if path.is_dir() else ""))
     return out
 

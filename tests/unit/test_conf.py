@@ -180,7 +180,7 @@ def test_daemonset_rolls_without_a_gap():
     spec = ds["spec"]["template"]["spec"]
     assert not any(c.get("ports") for c in spec["initContainers"] + spec["containers"])
     (serve,) = spec["containers"]
-    from cniplugin.transport.server import build_parser
+    from cniplugin.transport.service import build_parser
     args = build_parser().parse_args(serve["command"][2:])
     assert args.after_handover == "wait"
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -220,3 +220,31 @@ def test_containerfile_builds_the_runtime_install_expects():
     from cniplugin.cli.install import build_parser
     args = build_parser().parse_args(init["command"][2:])
     assert f"COPY --from=build {args.source_runtime} {args.source_runtime}" in text
+
+
+def test_daemonset_serves_metrics_without_a_host_port():
+    """serve's metrics address (parsed by serve's own parser) is the port the scrape annotations
+    and the PodMonitor name, and no container declares it: a hostNetwork container port is a
+    host port, which would keep an upgrade's surge pod Pending."""
+    from cniplugin.transport.metrics import parse_address
+    from cniplugin.transport.service import build_parser
+    _, ds = daemonset()
+    template = ds["spec"]["template"]
+    (serve,) = template["spec"]["containers"]
+    args = build_parser().parse_args(serve["command"][2:])
+    assert parse_address(args.metrics_address) == ("0.0.0.0", 9731)
+    assert args.pod_drift_interval == 60
+    assert {k: v for k, v in template["metadata"]["annotations"].items()
+            if k.startswith("prometheus.io/")} == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": "9731",
+        "prometheus.io/path": "/metrics"}
+    assert all("ports" not in c for c in template["spec"]["containers"])
+    (monitor,) = yaml_docs("podmonitor.yaml")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["relabelings"][0] == {
+        "sourceLabels": ["__meta_kubernetes_pod_ip"], "targetLabel": "__address__",
+        "regex": "(.+)", "replacement": "$1:9731"}
+    assert monitor["spec"]["selector"]["matchLabels"] == template["metadata"]["labels"]
+    values = yaml.safe_load((CONF / "helm/route-tune/values.yaml").read_text())
+    assert (values["metrics"]["host"], values["metrics"]["port"]) == ("0.0.0.0", 9731)
+    assert values["podDriftInterval"] == args.pod_drift_interval

@@ -85,7 +85,7 @@ def test_a_del_whose_netns_is_gone_has_no_config_and_reads_the_node_defaults(tmp
     assert from_request(environ, json.dumps(config).encode()) == Invocation(
         command="DEL", container_id="rtA-c1", ifname="net1", netns=str(tmp_path / "gone"),
         network="rtA-net", cni_version="1.0.0", state_dir=str(tmp_path / "st"), raw=config,
-        disabled=True)
+        disabled=True, pod_namespace="team-a", pod_name="trainer-0")
 
 
 def test_the_config_holds_the_normalised_mode(tmp_path):

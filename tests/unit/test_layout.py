@@ -17,7 +17,7 @@ from harness.host import REPO
 
 PACKAGE = REPO / "cniplugin"
 DESIGN = REPO / "docs" / "design.md"
-THIRD_PARTY = {"pydantic", "pydantic_core", "netaddr", "pyroute2"}
+THIRD_PARTY = {"pydantic", "pydantic_core", "netaddr", "pyroute2", "prometheus_client"}
 
 
 def _modules() -> dict[str, Path]:

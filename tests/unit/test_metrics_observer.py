@@ -1,0 +1,113 @@
+"""The metrics without a kernel: the observer's mapping of engine events to series, the
+in-process counts in the state dir, and the metrics address syntax."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from hypothesis import given, strategies as st
+
+from cniplugin.transport import inprocess_counts
+from cniplugin.transport.metrics import EngineMetrics, parse_address
+
+
+def samples(metrics: EngineMetrics, prefix: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in metrics.registry.collect() for s in family.samples
+            if s.name.startswith(prefix) and not s.name.endswith("_created")}
+
+
+def test_events_become_bounded_series(tmp_path):
+    metrics = EngineMetrics(str(tmp_path))
+    for name, fields in [("repair", {"kind": "rule"}), ("repair", {"kind": "rule"}),
+                         ("repair", {"kind": "route"}), ("repair_backoff", {"kind": "route"}),
+                         ("repair", {"kind": "Not a kind!"}), ("probe", {"outcome": "ok"}),
+                         ("probe", {"outcome": "made-up"}), ("unknown", {"kind": "rule"}),
+                         ("pod_drift", {"attachments": 2, "new": 2}),
+                         ("pod_drift", {"attachments": 1, "new": 0})]:
+        metrics.event(name, fields)
+    metrics.phase("ADD", "gather", 0.002)
+    metrics.phase("ADD", "not-a-phase", 0.002)
+    metrics.request("BOGUS", 1, b"not json", 0.01)
+    metrics.request("ADD", 1, json.dumps({"code": 11, "msg": "x"}).encode(), 0.01)
+    metrics.request("ADD", 0, b"{}", 0.01)
+    assert samples(metrics, "route_tune_node") == {
+        ("route_tune_node_repairs_total", (("kind", "rule"),)): 2.0,
+        ("route_tune_node_repairs_total", (("kind", "route"),)): 1.0,
+        ("route_tune_node_repair_backoffs_total", (("kind", "route"),)): 1.0}
+    assert samples(metrics, "route_tune_probes") == {
+        ("route_tune_probes_total", (("outcome", "ok"),)): 1.0,
+        ("route_tune_probes_total", (("outcome", "gateway_unreachable"),)): 0.0,
+        ("route_tune_probes_total", (("outcome", "ip_conflict"),)): 0.0}
+    assert samples(metrics, "route_tune_pod_drift") == {
+        ("route_tune_pod_drift_attachments", ()): 1.0,
+        ("route_tune_pod_drift_found_total", ()): 2.0}
+    assert {k: v for k, v in samples(metrics, "route_tune_phase").items()
+            if k[0].endswith("_count")} == {
+        ("route_tune_phase_duration_seconds_count", (("command", "ADD"), ("phase", "gather"))): 1}
+    assert samples(metrics, "route_tune_requests") == {
+        ("route_tune_requests_total", (("code", "other"), ("command", "other"),
+                                       ("via", "resident"))): 1,
+        ("route_tune_requests_total", (("code", "11"), ("command", "ADD"),
+                                       ("via", "resident"))): 1,
+        ("route_tune_requests_total", (("code", "0"), ("command", "ADD"),
+                                       ("via", "resident"))): 1}
+
+
+def test_in_process_counts_are_exact_under_concurrency(tmp_path):
+    """Plugins counting at once lose nothing; the engine reads what they left, and so does its
+    attachments gauge (state files, not parsed)."""
+    defaults = tmp_path / "defaults.json"
+    defaults.write_text(json.dumps({"stateDir": str(tmp_path / "state")}))
+    environ = {"ROUTE_TUNE_DEFAULTS": str(defaults)}
+    failed = json.dumps({"cniVersion": "1.0.0", "code": 7, "msg": "bad"}).encode()
+
+    def plugin(i: int) -> None:
+        for _ in range(25):
+            inprocess_counts.record_outcome(environ, "ADD", *((0, b"") if i % 2 else (1, failed)))
+    threads = [threading.Thread(target=plugin, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    inprocess_counts.record_outcome(environ, "NOPE", 0, b"")
+    assert inprocess_counts.read_counts(str(tmp_path / "state")) == {
+        ("ADD", "0"): 100, ("ADD", "7"): 100, ("other", "0"): 1}
+    (tmp_path / "state/attachments/c1").mkdir(parents=True)
+    for name in ("net1.json", "net2.json", "net2.json.tmp.1"):
+        (tmp_path / "state/attachments/c1" / name).write_text("{}")
+    metrics = EngineMetrics(str(tmp_path / "state"))
+    assert samples(metrics, "route_tune_attachments") == {("route_tune_attachments", ()): 2}
+    assert samples(metrics, "route_tune_requests") == {
+        ("route_tune_requests_total", (("code", "0"), ("command", "ADD"),
+                                       ("via", "in-process"))): 100,
+        ("route_tune_requests_total", (("code", "7"), ("command", "ADD"),
+                                       ("via", "in-process"))): 100,
+        ("route_tune_requests_total", (("code", "0"), ("command", "other"),
+                                       ("via", "in-process"))): 1}
+
+
+def test_an_unusable_state_dir_never_fails_the_request(tmp_path):
+    (tmp_path / "file").write_text("")
+    defaults = tmp_path / "defaults.json"
+    defaults.write_text(json.dumps({"stateDir": str(tmp_path / "file" / "state")}))
+    inprocess_counts.record_outcome({"ROUTE_TUNE_DEFAULTS": str(defaults)}, "ADD", 0, b"")
+    assert inprocess_counts.read_counts(str(tmp_path / "file" / "state")) == {}
+
+
+@pytest.mark.parametrize("text, address", [
+    ("0.0.0.0:9731", ("0.0.0.0", 9731)), (":9731", ("0.0.0.0", 9731)),
+    ("[::]:9731", ("::", 9731)), ("fd00::1:80", ("fd00::1", 80)),
+    ("127.0.0.1:65535", ("127.0.0.1", 65535))])
+def test_metrics_address(text, address):
+    assert parse_address(text) == address
+
+
+@given(st.text(max_size=20).filter(lambda t: not t.rpartition(":")[2].isdigit()
+                                    or not 0 < int(t.rpartition(":")[2]) < 65536
+                                    or ":" not in t))
+def test_a_metrics_address_without_a_port_is_refused(text):
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        parse_address(text)
