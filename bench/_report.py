@@ -14,6 +14,10 @@ LABEL = {"a": "a [macvlan, host-local]", "b": "b + sbr", "c": "c + route-tune in
          "d": "d + route-tune resident"}
 #: The goals, as ratios to sbr measured in the same run.
 GOAL_RESIDENT_INC = 2.5   # (d-a)/(b-a), one NIC ADD: half of the coordinator's ratio
+#: The resident one-NIC ADD increment of the last run before the engine served metrics, repaired
+#: node state and handed over its socket (bench/README.md), printed beside this run's.
+RESIDENT_INCREMENT_BEFORE_SERVICE = 8.4
+RESIDENT_INCREMENT_BEFORE_RUN = "chain.py run of 2026-12-02"
 GOAL_INPROC_INC = 12.0    # (c-a)/(b-a), one NIC ADD: about 2.5x the coordinator's
 GOAL_VERSION = 6.0        # VERSION start-up route-tune/sbr: no slower than the coordinator's ratio
 GOAL_BURST = 1.5          # burst 16 pods x 8 rails, resident ADD wall time d/b
@@ -167,6 +171,10 @@ def report(r: Results) -> tuple[list[str], list[str]]:
         emit(fmt_row(f"one NIC DEL increment {v}-a (ms)", inc_del[v]))
     for v in "bcd":
         emit(fmt_row(f"8-rail pod ADD increment per NIC ({v}-a)/8 (ms)", inc8[v]))
+    emit("")
+    emit(f"Resident increment per NIC before the engine became a node service (metrics, repair, "
+         f"handover): {RESIDENT_INCREMENT_BEFORE_SERVICE} ms median ({RESIDENT_INCREMENT_BEFORE_RUN}); "
+         f"this run: {statistics.median(inc['d']):.1f} ms.")
     r_res, r_inp = ratio(inc["d"], inc["b"]), ratio(inc["c"], inc["b"])
     r_res8, r_inp8 = ratio(inc8["d"], inc8["b"]), ratio(inc8["c"], inc8["b"])
     r_pod, r_pod_c = ratio(s["d"]["add8"], s["b"]["add8"]), ratio(s["c"]["add8"], s["b"]["add8"])

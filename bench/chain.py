@@ -27,6 +27,9 @@ Phases, each interleaved (A B C D A B C D ...) so that background load hits all 
      socket through the shim's own client), sampled every 1,000.
   6. VERSION start-up: CNI_COMMAND=VERSION of sbr and route-tune (and /bin/true as a floor),
      spawn to exit, many interleaved runs per round; per-round route-tune/sbr.
+  7. node repair latency (bench/repair.py, on a lab of its own after this one is removed):
+     deletion to restored, median and p99; the resident increment is printed next to the
+     figure from before the engine became a node service.
 Then the goal verdicts (bench/README.md), and for each missed goal a profile (bench/_profile.py).
 The measuring is in _phases.py, the report and verdicts in _report.py.
 
@@ -106,13 +109,17 @@ def outer(args: argparse.Namespace) -> int:
                   f"{time.monotonic() - t0:.1f} s; running inside {lab.node}", flush=True)
             inner_proc = subprocess.Popen(["ip", "netns", "exec", lab.node, sys.executable,
                                            str(Path(__file__).resolve()), "--inner", str(cfg_file)])
-            return inner_proc.wait()
+            status = inner_proc.wait()
         except KeyboardInterrupt:
             if inner_proc and inner_proc.poll() is None:
                 inner_proc.terminate()
                 inner_proc.wait()
             print("interrupted; lab removed", file=sys.stderr)
             return 130
+    # Node repair latency, measured on a lab of its own once this one is gone (bench/repair.py).
+    print("\n## Node repair latency (bench/repair.py)\n", flush=True)
+    repair = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "repair.py")])
+    return status or repair.returncode
 
 
 def mount_state_tmpfs(cfg: dict) -> str:
