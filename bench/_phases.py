@@ -72,8 +72,9 @@ int main(int argc, char **argv, char **envp) {
 
 
 def burst_pod(prefix: str, i: int) -> tuple[str, str, str]:
-    """(namespace, node-side veth, pod IPv4) of burst pod i."""
-    return f"{prefix}-bp{i}", f"cali{prefix}b{i:x}", f"10.233.119.{180 + i}"
+    """(namespace, node-side veth, pod IPv4) of burst pod i. The veth lives in the lab's own node
+    netns, so its name needs to be unique only there (and stay within 15 characters)."""
+    return f"{prefix}-bp{i}", f"calibp{i:02x}", f"10.233.119.{180 + i}"
 
 
 class StepFailed(RuntimeError):

@@ -171,10 +171,6 @@ def report(r: Results) -> tuple[list[str], list[str]]:
         emit(fmt_row(f"one NIC DEL increment {v}-a (ms)", inc_del[v]))
     for v in "bcd":
         emit(fmt_row(f"8-rail pod ADD increment per NIC ({v}-a)/8 (ms)", inc8[v]))
-    emit("")
-    emit(f"Resident increment per NIC before the engine became a node service (metrics, repair, "
-         f"handover): {RESIDENT_INCREMENT_BEFORE_SERVICE} ms median ({RESIDENT_INCREMENT_BEFORE_RUN}); "
-         f"this run: {statistics.median(inc['d']):.1f} ms.")
     r_res, r_inp = ratio(inc["d"], inc["b"]), ratio(inc["c"], inc["b"])
     r_res8, r_inp8 = ratio(inc8["d"], inc8["b"]), ratio(inc8["c"], inc8["b"])
     r_pod, r_pod_c = ratio(s["d"]["add8"], s["b"]["add8"]), ratio(s["c"]["add8"], s["b"]["add8"])
@@ -184,6 +180,10 @@ def report(r: Results) -> tuple[list[str], list[str]]:
     emit(fmt_row("ratio (c-a)/(b-a), per NIC of the 8-rail pod ADD", r_inp8, digits=2))
     emit(fmt_row("ratio d/b, 8-rail pod ADD", r_pod, digits=2))
     emit(fmt_row("ratio c/b, 8-rail pod ADD", r_pod_c, digits=2))
+    emit("")
+    emit(f"Resident increment per NIC before the engine became a node service (metrics, repair, "
+         f"handover): {RESIDENT_INCREMENT_BEFORE_SERVICE} ms median ({RESIDENT_INCREMENT_BEFORE_RUN}); "
+         f"this run: {statistics.median(inc['d']):.1f} ms.")
     emit("")
     floor = max(peak.get(("floor", "true", c), 0) for c in ("ADD", "DEL")) / 1024
     emit(f"Peak RSS in MiB: ru_maxrss of each plugin process (a static C wrapper's wait4; max over one "
