@@ -19,7 +19,7 @@ from cniplugin.records.objects import (MAIN_TABLE, RESERVED_TABLES, SCOPE_LINK, 
                                        NftTable, Route, Rule, Sysctl, Veth, connected_metric,
                                        default_dst, default_metric)
 
-__all__ = ["plan", "keeps_its_mac", "node_veth_name", "planned_mac"]
+__all__ = ["plan", "why_mac_is_kept", "node_veth_name", "planned_mac"]
 
 ETH0_REPLY_TABLE = 100          # overlay: eth0's replies; underlay: replies steered to veth0
 FIRST_SECONDARY_TABLE = 101
@@ -45,7 +45,7 @@ def planned_mac(container_id: str, role: str) -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-def keeps_its_mac(link: Link | None) -> str:
+def why_mac_is_kept(link: Link | None) -> str:
     """Why podMACPrefix leaves ``link``'s MAC alone ("" when it rewrites it).
 
     The prefix exists for interfaces a plugin created in the pod with a random MAC (macvlan).
@@ -260,7 +260,7 @@ class _Plan:
         if self.config.tx_queue_len:
             self.pod_owned.append(LinkAttr(self.netk, "txqlen", str(self.config.tx_queue_len)))
         if self.att.mac:
-            why = keeps_its_mac(self.pod.link(self.netk))
+            why = why_mac_is_kept(self.pod.link(self.netk))
             if why:
                 self.warnings.append(f"podMACPrefix not applied: {self.netk} {why}; it keeps "
                                      f"its MAC")
