@@ -333,6 +333,8 @@ class _Plan:
             if route.proto != RTPROT_ROUTE_TUNE and not route.is_default \
                     and not _is_link_local_prefix(route.dst):
                 self.pod_owned.append(_ours(route, table))
+        if self.underlay and not self.first:
+            self.pod_owned += self._eth0_subnets(family, table)
         if gateway:
             self.pod_owned.append(Route(family, table, default_dst(family), netk,
                                         gateway=gateway, metric=metric))
@@ -348,6 +350,16 @@ class _Plan:
             self.pod_shared += self._cluster_routes(family, MAIN_TABLE)
             self.pod_shared += self._cluster_neighbours(family)
         self._main_default(family, gateway)
+
+    def _eth0_subnets(self, family: int, table: int) -> list[Route]:
+        """Underlay: eth0's connected subnets, copied into a rail's table. There the pods'
+        eth0 addresses live (the underlay's pod network), yet they are no cluster CIDR (main has
+        eth0's connected route for them), so without the copy a rail-bound source would reach
+        another pod's eth0 through its rail's gateway. Only connected routes: an eth0 route
+        via a gateway could cover the rail fabric's own subnets."""
+        return [_ours(route, table) for route in self.pod.main_routes_of(self.eth0, family)
+                if route.proto != RTPROT_ROUTE_TUNE and not route.is_default
+                and not route.gateway and not _is_link_local_prefix(route.dst)]
 
     def _policy_routes(self, family: int, table: int) -> list[Route]:
         out = []

@@ -150,14 +150,33 @@ def run_flows(flows: list[Flow], size: int = 2 << 20, timeout: float = 60.0,
     return _paths(flows, results, counts, transit)
 
 
-def send_datagrams(flows: list[Flow], count: int = 5) -> list[FlowPath]:
-    """`count` UDP datagrams per flow, nobody answering: where the requests left (and, if they
-    got there, arrived). For paths whose replies the lab does not route back."""
+def send_datagrams(flows: list[Flow], count: int = 5, reflect: bool = False,
+                   timeout: float = 5.0) -> list[FlowPath]:
+    """`count` UDP datagrams per flow: where the requests left (and, if they got there,
+    arrived). For paths whose replies the lab does not route back: with `reflect` the server
+    answers every datagram, so where the answers left the server is counted too (`server_out`),
+    although they never reach the client."""
     with FlowCounters([f.src_ns for f in flows] + [f.dst_ns for f in flows]) as counters:
-        results = {}
-        for src_ns in dict.fromkeys(f.src_ns for f in flows):
-            specs = [f"{f.src},{f.dst},{f.port},{count}" for f in flows if f.src_ns == src_ns]
-            results[src_ns] = json.loads(run(*_python_in(src_ns, "datagrams", *specs)).stdout)
+        servers = []
+        try:
+            for dst_ns in dict.fromkeys(f.dst_ns for f in flows) if reflect else ():
+                specs = [f"{f.dst},{f.port},{count}" for f in flows if f.dst_ns == dst_ns]
+                proc = subprocess.Popen(_python_in(dst_ns, "reflect", "--timeout", str(timeout), *specs),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                servers.append(proc)
+                if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+                    raise RuntimeError(f"datagram reflector in {dst_ns} failed: {proc.stderr.read()}")  # type: ignore[union-attr]
+            results = {}
+            for src_ns in dict.fromkeys(f.src_ns for f in flows):
+                specs = [f"{f.src},{f.dst},{f.port},{count}" for f in flows if f.src_ns == src_ns]
+                results[src_ns] = json.loads(run(*_python_in(src_ns, "datagrams", *specs)).stdout)
+        finally:
+            for proc in servers:  # each exits once it has answered every datagram sent to it
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         counts = {ns: counters.read(ns) for ns in counters.namespaces}
     return _paths(flows, results, counts)
 

@@ -3,6 +3,7 @@
     ip netns exec NS python -I -S stream.py serve [--timeout S] ADDR,PORT ...
     ip netns exec NS python -I -S stream.py send [--timeout S] SRC,DST,PORT,BYTES ...
     ip netns exec NS python -I -S stream.py datagrams SRC,DST,PORT,COUNT ...
+    ip netns exec NS python -I -S stream.py reflect [--timeout S] ADDR,PORT,COUNT ...
 
 `serve` listens on every ADDR,PORT, prints `ready` once all listen, echoes everything each
 listener's one connection sends, and exits when all connections are done (or at the timeout).
@@ -11,6 +12,9 @@ sends BYTES while reading the echo, and prints one JSON list of
 `{"src", "dst", "port", "local", "sent", "received", "ok", "error"}` in spec order.
 `datagrams` sends COUNT small UDP datagrams per spec and expects no answer (a one-way probe
 for paths whose replies the lab does not route); it prints the same list (`sent` = datagrams).
+`reflect` listens on every ADDR,PORT for UDP, prints `ready`, sends every datagram back to its
+sender (so the answer's way out of the server can be counted even when it never arrives) and
+exits once each listener has answered COUNT datagrams (or at the timeout).
 """
 
 from __future__ import annotations
@@ -134,12 +138,39 @@ def datagrams(specs: list[str], timeout: float) -> int:
     return 0
 
 
+def reflect(specs: list[str], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    left: dict[socket.socket, int] = {}
+    for spec in specs:
+        addr, port, count = spec.split(",")
+        sock = socket.socket(_family(addr), socket.SOCK_DGRAM)
+        sock.bind((addr, int(port)))
+        left[sock] = int(count)
+    print("ready", flush=True)
+    while left and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(left), [], [], max(0.0, deadline - time.monotonic()))
+        for sock in ready:
+            data, peer = sock.recvfrom(CHUNK)
+            try:
+                sock.sendto(data, peer)
+            except OSError:  # no route back is a finding of the counters, not a failure here
+                pass
+            left[sock] -= 1
+            if not left[sock]:
+                del left[sock]
+                sock.close()
+    for sock in left:
+        sock.close()
+    return 0
+
+
 def main(argv: list[str]) -> int:
     command, argv = argv[0], argv[1:]
     timeout = 30.0
     if argv[:1] == ["--timeout"]:
         timeout, argv = float(argv[1]), argv[2:]
-    return {"serve": serve, "send": send, "datagrams": datagrams}[command](argv, timeout)
+    return {"serve": serve, "send": send, "datagrams": datagrams,
+            "reflect": reflect}[command](argv, timeout)
 
 
 if __name__ == "__main__":

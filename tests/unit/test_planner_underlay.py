@@ -120,3 +120,24 @@ def test_state_round_trip_keeps_underlay_objects():
     desired = plan(config(), eth0(v6=True), underlay_facts(v6=True))
     again = Desired.from_dict(desired.to_dict())
     assert again == desired and again.mode == "underlay"
+
+
+def test_rail_tables_route_the_underlay_subnet_through_eth0():
+    """A rail-bound source reaches another pod's eth0 through eth0: every later table holds
+    copies of eth0's connected subnets (IPv6 without src), but neither eth0's routes via a
+    gateway (they could cover the rail fabric), nor its link-local or default routes, nor the
+    routes route-tune itself put in main."""
+    facts = underlay_facts(veth=True, v6=True)
+    extra = (Route(6, MAIN_TABLE, "fd00:6::/64", "eth0", metric=256, proto=2),
+             Route(6, MAIN_TABLE, "fe80::/64", "eth0", metric=256, proto=2),
+             Route(4, MAIN_TABLE, "10.7.0.0/16", "eth0", gateway="10.6.0.1", proto=4),
+             Route(4, MAIN_TABLE, "192.0.2.0/24", "eth0", scope="link", proto=231))
+    facts = Facts(PodFacts(**{**facts.pod.__dict__, "main_routes": facts.pod.main_routes + extra,
+                              "addrs": facts.pod.addrs + (Addr("net1", 6, "fd00:16:11::10", 64),),
+                              "used_tables": frozenset({100, 101, 254})}), facts.node)
+    rail = Attachment(CID, "net1", "rail", ("172.16.11.10/24", "fd00:16:11::10/64"),
+                      ("172.16.11.254", "fd00:16:11::254"))
+    desired = plan(config(), rail, facts)
+    via_eth0 = {(r.family, r.dst, r.src, r.gateway, r.metric) for r in desired.pod_owned
+                if isinstance(r, Route) and r.table == 102 and r.dev == "eth0"}
+    assert via_eth0 == {(4, "10.6.0.0/24", "10.6.0.50", "", 0), (6, "fd00:6::/64", "", "", 256)}
