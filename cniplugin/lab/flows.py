@@ -17,7 +17,9 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,21 +119,37 @@ def _python_in(ns: str, *args: str) -> list[str]:
     return ["ip", "netns", "exec", ns, sys.executable, "-I", "-S", str(STREAM_SCRIPT), *args]
 
 
+@contextmanager
+def _servers(flows: list[Flow], command: str, spec, timeout: float) -> Iterator[None]:
+    """One `stream.py <command>` per destination namespace (its specs: `spec(flow)`), each
+    listening before the block runs; after it, each is waited for (it exits once its flows are
+    done, or at `timeout`) and killed if it outlives that."""
+    servers = []
+    try:
+        for dst_ns in dict.fromkeys(f.dst_ns for f in flows):
+            specs = [spec(f) for f in flows if f.dst_ns == dst_ns]
+            proc = subprocess.Popen(_python_in(dst_ns, command, "--timeout", str(timeout), *specs),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            servers.append(proc)
+            if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+                raise RuntimeError(f"stream.py {command} in {dst_ns} failed: {proc.stderr.read()}")  # type: ignore[union-attr]
+        yield
+    finally:
+        for proc in servers:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def run_flows(flows: list[Flow], size: int = 2 << 20, timeout: float = 60.0,
               transit: tuple[str, ...] = ()) -> list[FlowPath]:
     """Every flow at once (one server per destination namespace, one client process per source
     namespace), each sending `size` bytes and reading them echoed back; counted per interface,
     also in the `transit` namespaces (routers: a bridge's switching is not seen there)."""
     with FlowCounters([f.src_ns for f in flows] + [f.dst_ns for f in flows] + list(transit)) as counters:
-        servers = []
-        try:
-            for dst_ns in dict.fromkeys(f.dst_ns for f in flows):
-                specs = [f"{f.dst},{f.port}" for f in flows if f.dst_ns == dst_ns]
-                proc = subprocess.Popen(_python_in(dst_ns, "serve", "--timeout", str(timeout), *specs),
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                servers.append(proc)
-                if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
-                    raise RuntimeError(f"stream server in {dst_ns} failed: {proc.stderr.read()}")  # type: ignore[union-attr]
+        with _servers(flows, "serve", lambda f: f"{f.dst},{f.port}", timeout):
             by_src = list(dict.fromkeys(f.src_ns for f in flows))
 
             def client(src_ns: str) -> list[dict]:
@@ -139,13 +157,6 @@ def run_flows(flows: list[Flow], size: int = 2 << 20, timeout: float = 60.0,
                 return json.loads(run(*_python_in(src_ns, "send", "--timeout", str(timeout), *specs)).stdout)
             with ThreadPoolExecutor(len(by_src)) as pool:
                 results = dict(zip(by_src, pool.map(client, by_src)))
-        finally:
-            for proc in servers:
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
         counts = {ns: counters.read(ns) for ns in counters.namespaces}
     return _paths(flows, results, counts, transit)
 
@@ -157,26 +168,11 @@ def send_datagrams(flows: list[Flow], count: int = 5, reflect: bool = False,
     answers every datagram, so where the answers left the server is counted too (`server_out`),
     although they never reach the client."""
     with FlowCounters([f.src_ns for f in flows] + [f.dst_ns for f in flows]) as counters:
-        servers = []
-        try:
-            for dst_ns in dict.fromkeys(f.dst_ns for f in flows) if reflect else ():
-                specs = [f"{f.dst},{f.port},{count}" for f in flows if f.dst_ns == dst_ns]
-                proc = subprocess.Popen(_python_in(dst_ns, "reflect", "--timeout", str(timeout), *specs),
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                servers.append(proc)
-                if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
-                    raise RuntimeError(f"datagram reflector in {dst_ns} failed: {proc.stderr.read()}")  # type: ignore[union-attr]
+        with _servers(flows if reflect else [], "reflect", lambda f: f"{f.dst},{f.port},{count}", timeout):
             results = {}
             for src_ns in dict.fromkeys(f.src_ns for f in flows):
                 specs = [f"{f.src},{f.dst},{f.port},{count}" for f in flows if f.src_ns == src_ns]
                 results[src_ns] = json.loads(run(*_python_in(src_ns, "datagrams", *specs)).stdout)
-        finally:
-            for proc in servers:  # each exits once it has answered every datagram sent to it
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
         counts = {ns: counters.read(ns) for ns in counters.namespaces}
     return _paths(flows, results, counts)
 
