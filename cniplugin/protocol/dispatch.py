@@ -19,7 +19,9 @@ the engine. VERSION and the about text need neither; a DEL whose netns is gone b
 store.
 
 Every failure is one JSON object on stdout (``cniVersion``, ``code``, ``msg``, ``details``) and
-exit 1; an unexpected exception is code 999 with its traceback only in the log.
+exit 1; an unexpected exception is code 999 with its traceback only in the log. The ``Outcome``
+also carries that code (0 for success) and the state dir of the request's ``Invocation``, so
+that a transport counts the request without parsing the reply or reading the node defaults again.
 """
 
 from __future__ import annotations
@@ -46,34 +48,48 @@ _FALLBACK_VERSION = SUPPORTED_VERSIONS[-1]
 
 
 class Outcome:
-    """What the plugin process prints and returns.
+    """What the plugin process prints and returns, and what the protocol layer knew about it.
 
     ``stdout``: exactly what goes to stdout (the result, the error JSON, or b"");
-    ``exit_code``: 0 or 1; ``stderr``: only the about text (logs go through logging).
+    ``exit_code``: 0 or 1; ``stderr``: only the about text (logs go through logging);
+    ``code``: the CNI result code, 0 for success, else the code of the error replied (999 for an
+    unexpected one); None only when whoever built the Outcome did not know it;
+    ``state_dir``: the state dir the request used (its ``Invocation``'s), None when the request
+    failed before an ``Invocation`` existed (or needs none: VERSION, the about text).
+
+    The transports count the request from ``code`` and ``state_dir`` without parsing ``stdout``
+    or reading the node defaults file again. Equality and repr cover every field.
     """
 
-    __slots__ = ("stdout", "exit_code", "stderr")
+    __slots__ = ("stdout", "exit_code", "stderr", "code", "state_dir")
 
-    def __init__(self, stdout: bytes, exit_code: int, stderr: bytes = b"") -> None:
+    def __init__(self, stdout: bytes, exit_code: int, stderr: bytes = b"", *,
+                 code: int | None = None, state_dir: str | None = None) -> None:
         self.stdout = stdout
         self.exit_code = exit_code
         self.stderr = stderr
+        self.code = 0 if code is None and exit_code == 0 else code
+        self.state_dir = state_dir
+
+    def _key(self) -> tuple:
+        return (self.stdout, self.exit_code, self.stderr, self.code, self.state_dir)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Outcome) and (self.stdout, self.exit_code, self.stderr) == (
-            other.stdout, other.exit_code, other.stderr)
+        return isinstance(other, Outcome) and self._key() == other._key()
 
     def __repr__(self) -> str:
-        return f"Outcome(stdout={self.stdout!r}, exit_code={self.exit_code}, stderr={self.stderr!r})"
+        return (f"Outcome(stdout={self.stdout!r}, exit_code={self.exit_code}, "
+                f"stderr={self.stderr!r}, code={self.code!r}, state_dir={self.state_dir!r})")
 
 
 # about_text and version_reply live in cniplugin._version (import-free), so that the plugin
 # executable answers them without importing this module; re-exported here.
 
 
-def error_outcome(error: CNIError, cni_version: str = _FALLBACK_VERSION) -> Outcome:
-    """The reply for ``error``: its JSON on stdout, exit 1."""
-    return Outcome(error.reply(cni_version), 1)
+def error_outcome(error: CNIError, cni_version: str = _FALLBACK_VERSION, *,
+                  state_dir: str | None = None) -> Outcome:
+    """The reply for ``error``: its JSON on stdout, exit 1, its code in ``code``."""
+    return Outcome(error.reply(cni_version), 1, code=error.code, state_dir=state_dir)
 
 
 def _reply_version(stdin: bytes, inv: Invocation | None) -> str:
@@ -121,19 +137,26 @@ def run(environ: Mapping[str, str], stdin: bytes, engine: Engine, *,
         except CNIError as error:
             logger.warning("%s failed: code %d: %s%s", command, error.code, error.msg,
                            f" ({error.details})" if error.details else "")
-            return error_outcome(error, error.cni_version or _reply_version(stdin, inv))
+            return error_outcome(error, error.cni_version or _reply_version(stdin, inv),
+                                 state_dir=_state_dir(inv))
         except Exception as exc:  # the one broad catch: the edge turns surprises into 999
             logger.error("%s failed unexpectedly: %r", command, exc, exc_info=True)
             error = InternalError(f"internal error: {type(exc).__name__}: {exc}",
                                   "the traceback is in the route-tune log")
-            return error_outcome(error, _reply_version(stdin, inv))
+            return error_outcome(error, _reply_version(stdin, inv), state_dir=_state_dir(inv))
+
+
+def _state_dir(inv: Invocation | None) -> str | None:
+    """The state dir the request used: its ``Invocation``'s (the config's, or the node defaults'
+    for a DEL built without one); None before there is an ``Invocation``."""
+    return inv.state_dir if inv is not None else None
 
 
 def _reply(inv: Invocation, result: Result | None) -> Outcome:
     """ADD prints its result in the negotiated version; the other commands print nothing."""
     if inv.command != "ADD":
-        return Outcome(b"", 0)
+        return Outcome(b"", 0, state_dir=inv.state_dir)
     from cniplugin.protocol.wire import dump_result
     # Go's PrintResult: json.MarshalIndent(obj, "", "    "), no trailing newline.
     return Outcome(json.dumps(dump_result(result, inv.cni_version), indent=4,
-                              ensure_ascii=False).encode(), 0)
+                              ensure_ascii=False).encode(), 0, state_dir=inv.state_dir)

@@ -7,14 +7,17 @@ per request with a single ``O_APPEND`` write (atomic between concurrent plugins,
 so a file's size is its count. The engine reads the sizes at scrape time.
 
 Stdlib only and cheap: it runs after every in-process request, whose reply is already decided;
-a failure to count is swallowed (counting never fails a request).
+a failure to count is swallowed (counting never fails a request). The result code and the state
+dir come from the request as the protocol layer served it (``protocol.dispatch.Outcome``): the
+reply is not parsed, and the node defaults file is read again only for a request that failed
+before its ``Invocation`` existed (so that it still counts where every other request does).
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["COUNTS_DIR", "counts_dir", "node_state_dir", "result_code", "command_label",
+__all__ = ["COUNTS_DIR", "counts_dir", "node_state_dir", "code_label", "command_label",
            "record_outcome", "read_counts"]
 
 COUNTS_DIR = "requests-in-process"
@@ -44,23 +47,23 @@ def command_label(command: str) -> str:
     return command if command in _COMMANDS else "other"
 
 
-def result_code(exit_code: int, stdout: bytes) -> str:
-    """"0" for success, else the CNI error code of the reply ("other" when it names none)."""
-    if exit_code == 0:
+def code_label(code: int | None) -> str:
+    """"0" for success, else the CNI error code ("other" when there is none, or not a CNI code:
+    the labels stay a small fixed set)."""
+    if code == 0:
         return "0"
-    import json
-    try:
-        code = json.loads(stdout).get("code")
-    except (ValueError, AttributeError):
-        return "other"
     return str(code) if isinstance(code, int) and 0 < code < 1000 else "other"
 
 
-def record_outcome(environ, command: str, exit_code: int, stdout: bytes) -> None:
-    """Count one in-process request (never raises)."""
-    name = f"{command_label(command)}.{result_code(exit_code, stdout)}"
+def record_outcome(environ, command: str, code: int | None, state_dir: str | None) -> None:
+    """Count one in-process request (never raises): ``code`` is its CNI result code (0 for
+    success), ``state_dir`` the one its ``Invocation`` used (``Outcome.state_dir``); without one
+    (the request failed before it was built), the node's, from the node defaults file."""
+    name = f"{command_label(command)}.{code_label(code)}"
     try:
-        directory = counts_dir(node_state_dir(environ))
+        if not (isinstance(state_dir, str) and state_dir):
+            state_dir = node_state_dir(environ)
+        directory = counts_dir(state_dir)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             fd = os.open(os.path.join(directory, name), flags, 0o600)

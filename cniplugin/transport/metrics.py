@@ -29,7 +29,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from cniplugin._version import __version__
 from cniplugin.engine import observe
-from cniplugin.transport.inprocess_counts import command_label, read_counts, result_code
+from cniplugin.transport.inprocess_counts import code_label, command_label, read_counts
 
 __all__ = ["PREFIX", "EngineMetrics", "MetricsListener", "parse_address", "start"]
 
@@ -81,9 +81,11 @@ class EngineMetrics(observe.Observer):
             self.probes.labels(outcome)  # present at 0: rate() works from the first probe
 
     # -- the server's per-request callback --------------------------------------------------
-    def request(self, command: str, exit_code: int, stdout: bytes, seconds: float) -> None:
+    def request(self, command: str, code: int | None, seconds: float) -> None:
+        """One request the server answered: ``code`` is its CNI result code (0 = success), as
+        dispatch's ``Outcome`` carries it."""
         command = command_label(command)
-        key = (command, result_code(exit_code, stdout))
+        key = (command, code_label(code))
         with self._served_mu:
             self._served[key] = self._served.get(key, 0) + 1
         self.request_seconds.labels(command).observe(seconds)

@@ -14,7 +14,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
-__all__ = ["main", "serve_request", "FORWARDER_FAILED"]
+__all__ = ["main", "serve_in_process", "serve_request", "FORWARDER_FAILED"]
 
 #: Commands whose config arrives on stdin (skel reads no stdin for VERSION or the about text).
 _READS_STDIN = ("ADD", "DEL", "CHECK", "GC", "STATUS")
@@ -60,15 +60,26 @@ def main() -> NoReturn:
     sys.modules.setdefault("_hashlib", None)
     from cniplugin.transport.pydantic_setup import disable_plugin_discovery
     disable_plugin_discovery()
-    outcome = serve_request(environ, stdin, via="in-process" if command in _READS_STDIN else "")
-    if command in _READS_STDIN:
-        # Counted for the engine to export once one runs: a node running cold is visible.
-        from cniplugin.transport.inprocess_counts import record_outcome
-        record_outcome(environ, command, outcome.exit_code, outcome.stdout)
+    outcome = serve_in_process(environ, stdin)
     # Exit follows the reply. Interpreter shutdown would run a full cyclic collection over every
     # object pydantic and the engine created; it skips frozen objects.
     gc.freeze()
     _reply_and_exit(outcome.stdout, outcome.stderr, outcome.exit_code)
+
+
+def serve_in_process(environ, stdin: bytes):
+    """``main``'s in-process request: ``serve_request``, then, for a command with a config,
+    counted in the state dir for the engine to export once one runs (a node running cold is
+    visible). The count takes the CNI code and the state dir from dispatch's ``Outcome``: the
+    reply is not parsed, and the node defaults file is not read again once the request's
+    ``Invocation`` was built."""
+    command = environ.get("CNI_COMMAND", "")
+    counted = command in _READS_STDIN
+    outcome = serve_request(environ, stdin, via="in-process" if counted else "")
+    if counted:
+        from cniplugin.transport.inprocess_counts import record_outcome
+        record_outcome(environ, command, outcome.code, outcome.state_dir)
+    return outcome
 
 
 def serve_request(environ, stdin: bytes, **options):

@@ -39,9 +39,10 @@ DEFAULT_THREADS = 32
 TRACE_ENV = "ROUTE_TUNE_SERVER_TEST_TRACE"
 DELAY_ENV = "ROUTE_TUNE_SERVER_TEST_DELAY"
 
-Runner = Callable[..., object]  # _protocol.run's signature
-#: Called after every request: (CNI_COMMAND, exit code, stdout, seconds) - the metrics' count.
-ReplyHook = Callable[[str, int, bytes, float], None]
+Runner = Callable[..., object]  # _protocol.run's signature: returns an Outcome
+#: Called after every request: (CNI_COMMAND, CNI result code, seconds) - the metrics' count. The
+#: code is the runner's ``Outcome.code`` (0 = success; 999 when the runner itself failed).
+ReplyHook = Callable[[str, "int | None", float], None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,21 +276,23 @@ class Server:
             stdout, stderr, code = bytes(out.stdout), bytes(out.stderr), int(out.exit_code)
             if not 0 <= code <= 255:
                 raise ValueError(f"exit code {code} out of range")
+            cni_code = out.code  # dispatch ran here: it knows the code, stdout is not parsed
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure is a 999 reply
             log.error("internal error serving %s: %r", env.get("CNI_COMMAND", "?"), exc,
                       exc_info=True)
-            reply = error_frame(InternalError("internal error", repr(exc)), stdin)
-            self._replied(env, 1, b'{"code": 999}', started)
+            error = InternalError("internal error", repr(exc))
+            reply = error_frame(error, stdin)
+            self._replied(env, error.code, started)
             return reply
         with _logging.request_context(_logging.request_fields(env), self._log_options):
             log.info("served via resident engine (exit %d)", code)
-        self._replied(env, code, stdout, started)
+        self._replied(env, cni_code, started)
         return frame(code, stdout, stderr)
 
-    def _replied(self, env: Mapping[str, str], code: int, stdout: bytes, started: float) -> None:
+    def _replied(self, env: Mapping[str, str], cni_code: int | None, started: float) -> None:
         if self.on_reply is not None:
             try:
-                self.on_reply(env.get("CNI_COMMAND", ""), code, stdout,
+                self.on_reply(env.get("CNI_COMMAND", ""), cni_code,
                               time.monotonic() - started)
             except Exception:  # counting must never cost a reply
                 log.exception("request metrics failed")

@@ -178,6 +178,26 @@ def test_in_process_requests_are_exported_and_two_engines_share_the_address(rig,
     assert rig.server is not None and rig.server.alive()
 
 
+@pytest.mark.parametrize("engine", ["inprocess"], indirect=True)
+def test_in_process_adds_are_counted_in_the_configured_state_dir(make_rig):
+    """Real requests served in-process (no engine running): an ADD that fails with code 11 (its
+    gateway down), one that succeeds and the DEL after it are counted under their command and
+    code in the node defaults' stateDir, where the engine reads them (the files read back)."""
+    rig = make_rig(rails=2)
+    lab = rig.lab
+    prev = rig.bare().add(1)
+    lab.ip(lab.gw(1), "link", "set", "rail", "down")
+    try:
+        assert_cni_error(rig.rt("ADD", 1, prev, keys=PROBES), 11)
+    finally:
+        lab.ip(lab.gw(1), "link", "set", "rail", "up")
+    assert rig.rt("ADD", 1, prev, keys=PROBES).code == 0
+    assert rig.rt("DEL", 1, prev, keys=PROBES).code == 0
+    counts = rig.penv.state_dir / "requests-in-process"
+    assert {f.name: f.stat().st_size for f in counts.iterdir()} == {
+        "ADD.11": 1, "ADD.0": 1, "DEL.0": 1}
+
+
 def test_pod_drift_is_reported_and_the_pod_left_alone(rig):
     """Drift made in the pod (its source rule deleted) is reported by the engine's periodic
     check: a warning naming the pod, the drift metrics, and ``show``; the pod is not rewritten."""

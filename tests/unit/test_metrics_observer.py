@@ -30,9 +30,10 @@ def test_events_become_bounded_series(tmp_path):
         metrics.event(name, fields)
     metrics.phase("ADD", "gather", 0.002)
     metrics.phase("ADD", "not-a-phase", 0.002)
-    metrics.request("BOGUS", 1, b"not json", 0.01)
-    metrics.request("ADD", 1, json.dumps({"code": 11, "msg": "x"}).encode(), 0.01)
-    metrics.request("ADD", 0, b"{}", 0.01)
+    metrics.request("BOGUS", None, 0.01)
+    metrics.request("ADD", 11, 0.01)
+    metrics.request("ADD", 0, 0.01)
+    metrics.request("ADD", 1000, 0.01)
     assert samples(metrics, "route_tune_node") == {
         ("route_tune_node_repairs_total", (("kind", "rule"),)): 2.0,
         ("route_tune_node_repairs_total", (("kind", "route"),)): 1.0,
@@ -50,6 +51,8 @@ def test_events_become_bounded_series(tmp_path):
     assert samples(metrics, "route_tune_requests") == {
         ("route_tune_requests_total", (("code", "other"), ("command", "other"),
                                        ("via", "resident"))): 1,
+        ("route_tune_requests_total", (("code", "other"), ("command", "ADD"),
+                                       ("via", "resident"))): 1,
         ("route_tune_requests_total", (("code", "11"), ("command", "ADD"),
                                        ("via", "resident"))): 1,
         ("route_tune_requests_total", (("code", "0"), ("command", "ADD"),
@@ -57,22 +60,23 @@ def test_events_become_bounded_series(tmp_path):
 
 
 def test_in_process_counts_are_exact_under_concurrency(tmp_path):
-    """Plugins counting at once lose nothing; the engine reads what they left, and so does its
-    attachments gauge (state files, not parsed)."""
+    """Plugins counting at once lose nothing, whether they name the state dir (an Invocation was
+    built) or fall back to the node defaults' (the request failed before); the engine reads what
+    they left, and so does its attachments gauge (state files, not parsed)."""
     defaults = tmp_path / "defaults.json"
     defaults.write_text(json.dumps({"stateDir": str(tmp_path / "state")}))
     environ = {"ROUTE_TUNE_DEFAULTS": str(defaults)}
-    failed = json.dumps({"cniVersion": "1.0.0", "code": 7, "msg": "bad"}).encode()
 
     def plugin(i: int) -> None:
+        state_dir = str(tmp_path / "state") if i % 4 < 2 else None
         for _ in range(25):
-            inprocess_counts.record_outcome(environ, "ADD", *((0, b"") if i % 2 else (1, failed)))
+            inprocess_counts.record_outcome(environ, "ADD", 0 if i % 2 else 7, state_dir)
     threads = [threading.Thread(target=plugin, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    inprocess_counts.record_outcome(environ, "NOPE", 0, b"")
+    inprocess_counts.record_outcome(environ, "NOPE", 0, None)
     assert inprocess_counts.read_counts(str(tmp_path / "state")) == {
         ("ADD", "0"): 100, ("ADD", "7"): 100, ("other", "0"): 1}
     (tmp_path / "state/attachments/c1").mkdir(parents=True)
@@ -93,8 +97,15 @@ def test_an_unusable_state_dir_never_fails_the_request(tmp_path):
     (tmp_path / "file").write_text("")
     defaults = tmp_path / "defaults.json"
     defaults.write_text(json.dumps({"stateDir": str(tmp_path / "file" / "state")}))
-    inprocess_counts.record_outcome({"ROUTE_TUNE_DEFAULTS": str(defaults)}, "ADD", 0, b"")
+    inprocess_counts.record_outcome({"ROUTE_TUNE_DEFAULTS": str(defaults)}, "ADD", 0, None)
+    inprocess_counts.record_outcome({}, "ADD", 0, str(tmp_path / "file" / "state"))
     assert inprocess_counts.read_counts(str(tmp_path / "file" / "state")) == {}
+
+
+@pytest.mark.parametrize("code, label", [(0, "0"), (1, "1"), (11, "11"), (999, "999"),
+                                         (1000, "other"), (-1, "other"), (None, "other")])
+def test_code_labels(code, label):
+    assert inprocess_counts.code_label(code) == label
 
 
 @pytest.mark.parametrize("text, address", [
