@@ -107,8 +107,8 @@ def node_defaults(environ=None):
 
 
 def state_dir(args) -> str:
-    from cniplugin.records.defaults import STATE_DIR
-    return args.state_dir or node_defaults().values.get("stateDir") or STATE_DIR
+    from cniplugin.records.defaults import node_state_dir
+    return args.state_dir or node_state_dir(node_defaults().values)
 
 
 def host_rule_table() -> int:

@@ -329,12 +329,10 @@ class _Plan:
                                         metric=connected_metric(family)))
         self.pod_owned += self._cluster_routes(family, table)
         self.pod_owned += self._policy_routes(family, table)
-        for route in self.pod.main_routes_of(netk, family):
-            if route.proto != RTPROT_ROUTE_TUNE and not route.is_default \
-                    and not _is_link_local_prefix(route.dst):
-                self.pod_owned.append(_ours(route, table))
+        self.pod_owned += self._copies(netk, family, table)
         if self.underlay and not self.first:
-            self.pod_owned += self._eth0_subnets(family, table)
+            # eth0's connected subnets: docs/underlay.md, "Later invocations"
+            self.pod_owned += self._copies(self.eth0, family, table, connected_only=True)
         if gateway:
             self.pod_owned.append(Route(family, table, default_dst(family), netk,
                                         gateway=gateway, metric=metric))
@@ -351,15 +349,20 @@ class _Plan:
             self.pod_shared += self._cluster_neighbours(family)
         self._main_default(family, gateway)
 
-    def _eth0_subnets(self, family: int, table: int) -> list[Route]:
-        """Underlay: eth0's connected subnets, copied into a rail's table. There the pods'
-        eth0 addresses live (the underlay's pod network), yet they are no cluster CIDR (main has
-        eth0's connected route for them), so without the copy a rail-bound source would reach
-        another pod's eth0 through its rail's gateway. Only connected routes: an eth0 route
-        via a gateway could cover the rail fabric's own subnets."""
-        return [_ours(route, table) for route in self.pod.main_routes_of(self.eth0, family)
+    def _copies(self, dev: str, family: int, table: int, *,
+                connected_only: bool = False) -> list[Route]:
+        """Copies into ``table`` of ``dev``'s main-table routes that are not ours, not a default
+        and not link-local (``fe80::/64``, multicast).
+
+        ``connected_only``: only routes without a gateway. Underlay rail tables copy eth0's
+        connected subnets, where the pods' eth0 addresses live (no cluster CIDR can name them:
+        main has eth0's connected route), so a rail-bound source reaches another pod's eth0
+        through eth0; a route via a gateway could cover the rail fabric's own subnets.
+        """
+        return [_ours(route, table) for route in self.pod.main_routes_of(dev, family)
                 if route.proto != RTPROT_ROUTE_TUNE and not route.is_default
-                and not route.gateway and not _is_link_local_prefix(route.dst)]
+                and not _is_link_local_prefix(route.dst)
+                and not (connected_only and route.gateway)]
 
     def _policy_routes(self, family: int, table: int) -> list[Route]:
         out = []

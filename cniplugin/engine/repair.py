@@ -378,13 +378,9 @@ class Repairer:
                         where, kind, obj.render(), pause)
 
 
-def start(settings: Settings | None = None, environ=None) -> Repairer:
-    """Start repairing this node's recorded attachments: those under the node defaults'
-    ``stateDir`` (the one the engine's requests use; a node-only key)."""
-    from cniplugin.protocol.env import read_node_defaults
-    from cniplugin.records.defaults import STATE_DIR
-    state_dir = read_node_defaults(os.environ if environ is None else environ) \
-        .values.get("stateDir") or STATE_DIR
+def start(state_dir: str, settings: Settings | None = None) -> Repairer:
+    """Start repairing this node's recorded attachments: those under ``state_dir`` (the node
+    defaults' ``stateDir``, the one the engine's requests use)."""
     log.info("repairing the node objects recorded in %s (full reconcile every %.0f s)",
              state_dir, (settings or Settings()).reconcile_interval)
     return Repairer(state_dir, settings).start()

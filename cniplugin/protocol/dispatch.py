@@ -138,18 +138,12 @@ def run(environ: Mapping[str, str], stdin: bytes, engine: Engine, *,
             logger.warning("%s failed: code %d: %s%s", command, error.code, error.msg,
                            f" ({error.details})" if error.details else "")
             return error_outcome(error, error.cni_version or _reply_version(stdin, inv),
-                                 state_dir=_state_dir(inv))
+                                 state_dir=inv and inv.state_dir)
         except Exception as exc:  # the one broad catch: the edge turns surprises into 999
             logger.error("%s failed unexpectedly: %r", command, exc, exc_info=True)
             error = InternalError(f"internal error: {type(exc).__name__}: {exc}",
                                   "the traceback is in the route-tune log")
-            return error_outcome(error, _reply_version(stdin, inv), state_dir=_state_dir(inv))
-
-
-def _state_dir(inv: Invocation | None) -> str | None:
-    """The state dir the request used: its ``Invocation``'s (the config's, or the node defaults'
-    for a DEL built without one); None before there is an ``Invocation``."""
-    return inv.state_dir if inv is not None else None
+            return error_outcome(error, _reply_version(stdin, inv), state_dir=inv and inv.state_dir)
 
 
 def _reply(inv: Invocation, result: Result | None) -> Outcome:

@@ -158,10 +158,10 @@ def from_request(environ: Mapping[str, str], config: bytes | Mapping[str, Any],
         model = prev_result = None
         if command == "DEL" and _netns_gone(env.netns, pod_netns_fd):
             # The light DEL: no config model (no pydantic); the engine works from the state store.
-            from cniplugin.records.defaults import STATE_DIR, normalise_mode
+            from cniplugin.records.defaults import node_state_dir, normalise_mode
             disabled = normalise_mode(raw.get("mode", node_defaults.values.get(
                 "mode", "auto"))) == "disabled"
-            state_dir = node_defaults.values.get("stateDir", STATE_DIR)
+            state_dir = node_state_dir(node_defaults.values)
         else:
             from cniplugin.protocol.config import build
             model = build(raw, node_defaults)  # option errors are code 7 before anything

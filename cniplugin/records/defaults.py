@@ -14,6 +14,13 @@ HOST_RULE_PRIORITY = 1000
 # records/objects.py's RESERVED_TABLES.
 
 
+def node_state_dir(values) -> str:
+    """The node's state dir from the node defaults' values: ``stateDir`` when it is a non-empty
+    string (a node-only key), else the built-in one."""
+    configured = values.get("stateDir")
+    return configured if isinstance(configured, str) and configured else STATE_DIR
+
+
 def normalise_mode(value):
     """``disable`` is accepted for ``disabled`` (coordinator spells it both ways)."""
     return "disabled" if value == "disable" else value

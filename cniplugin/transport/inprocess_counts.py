@@ -31,12 +31,11 @@ def node_state_dir(environ) -> str:
     node-only key, so every request of a node counts into the same place)."""
     from cniplugin.protocol.env import read_node_defaults
     from cniplugin.protocol.errors import CNIError
-    from cniplugin.records.defaults import STATE_DIR
+    from cniplugin.records.defaults import node_state_dir as of_values
     try:
-        configured = read_node_defaults(environ).values.get("stateDir")
+        return of_values(read_node_defaults(environ).values)
     except CNIError:
-        configured = None
-    return configured if isinstance(configured, str) and configured else STATE_DIR
+        return of_values({})
 
 
 def counts_dir(state_dir: str) -> str:
@@ -61,9 +60,7 @@ def record_outcome(environ, command: str, code: int | None, state_dir: str | Non
     (the request failed before it was built), the node's, from the node defaults file."""
     name = f"{command_label(command)}.{code_label(code)}"
     try:
-        if not (isinstance(state_dir, str) and state_dir):
-            state_dir = node_state_dir(environ)
-        directory = counts_dir(state_dir)
+        directory = counts_dir(state_dir or node_state_dir(environ))
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             fd = os.open(os.path.join(directory, name), flags, 0o600)

@@ -145,7 +145,7 @@ def _start_background(state_dir: str, repair, pod_drift_interval: float) -> list
     tasks = []
     if repair is not None:
         from cniplugin.engine import repair as _repair
-        tasks.append(_repair.start(repair))
+        tasks.append(_repair.start(state_dir, repair))
     if pod_drift_interval:
         from cniplugin.engine.drift import PodDriftChecker
         drift = PodDriftChecker(state_dir, pod_drift_interval)
