@@ -139,7 +139,7 @@ def from_request(environ: Mapping[str, str], config: bytes | Mapping[str, Any],
     from cniplugin.protocol.versions import negotiate, version_at_least
 
     env = parse_env(environ)
-    _logging.note_request(environ)
+    _logging.note_request(environ, env.args)
     raw = decode_config(config) if isinstance(config, (bytes, bytearray)) else dict(config)
     _check_name(raw)
     cni_version = negotiate(raw)

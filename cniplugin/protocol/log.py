@@ -348,20 +348,22 @@ def request_context(fields: dict, options: LogOptions | None) -> Iterator[None]:
         _context.reset(token)
 
 
-def request_fields(environ: Mapping[str, str]) -> dict:
-    """The request identity every log line of a request carries, from its CNI_* variables."""
-    args = parse_cni_args(environ.get("CNI_ARGS", ""))
+def request_fields(environ: Mapping[str, str], args=None) -> dict:
+    """The request identity every log line of a request carries, from its CNI_* variables
+    (``args``: ``CNI_ARGS`` already parsed, else parsed here)."""
+    if args is None:
+        args = parse_cni_args(environ.get("CNI_ARGS", ""))
     return {"containerID": environ.get("CNI_CONTAINERID", ""),
             "netns": environ.get("CNI_NETNS", ""), "ifname": environ.get("CNI_IFNAME", ""),
             "podNamespace": args.pod_namespace, "podName": args.pod_name,
             "command": environ.get("CNI_COMMAND", "")}
 
 
-def note_request(environ: Mapping[str, str]) -> None:
+def note_request(environ: Mapping[str, str], args=None) -> None:
     """Add the request identity to the bound request context (none bound: nothing to do)."""
     ctx = _context.get()
     if ctx is not _NO_REQUEST:
-        ctx.fields.update(request_fields(environ))
+        ctx.fields.update(request_fields(environ, args))
 
 
 def set_request_options(options: LogOptions | None) -> None:

@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 
+from cniplugin._version import SUPPORTED_VERSIONS
 from cniplugin.kernel import netns as _netns
 from cniplugin.protocol.errors import CNIError
 from cniplugin.transport import shim as _shim
@@ -42,11 +43,9 @@ def frame(exit_code: int, stdout: bytes, stderr: bytes) -> bytes:
 
 
 def error_frame(err: CNIError, stdin: bytes = b"") -> bytes:
-    """An error reply shaped exactly like the plugin's own (``protocol.dispatch.error_outcome``)."""
-    from cniplugin.protocol.dispatch import error_outcome  # stdlib-only module, loaded by warm_up anyway
-
-    out = error_outcome(err, _shim.config_version(stdin) or "1.1.0")
-    return frame(out.exit_code, out.stdout, out.stderr)
+    """An error reply shaped exactly like the plugin's own: the error JSON in the config's
+    version, exit 1."""
+    return frame(1, err.reply(_shim.config_version(stdin) or SUPPORTED_VERSIONS[-1]), b"")
 
 
 def _collect_fds(ancdata, fds: list[int]) -> None:

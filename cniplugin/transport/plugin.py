@@ -110,10 +110,10 @@ def _read_stdin(command: str) -> bytes:
     try:
         return sys.stdin.buffer.read()
     except OSError as exc:
-        from cniplugin.protocol import dispatch as _protocol
+        from cniplugin._version import SUPPORTED_VERSIONS
         from cniplugin.protocol.errors import IOFailure
-        outcome = _protocol.error_outcome(IOFailure(f"error reading from stdin: {exc}"))
-        _reply_and_exit(outcome.stdout, outcome.stderr, outcome.exit_code)
+        error = IOFailure(f"error reading from stdin: {exc}")
+        _reply_and_exit(error.reply(SUPPORTED_VERSIONS[-1]), b"", 1)
 
 
 def _reply_and_exit(stdout: bytes, stderr: bytes, exit_code: int) -> NoReturn:
