@@ -24,7 +24,7 @@ from cniplugin.protocol.errors import (CheckFailed, GatewayUnreachable, IOFailur
 from cniplugin.records.facts import Facts
 from cniplugin.engine import rollback as _rollback
 from cniplugin.engine.compare import Drift, diff_state
-from cniplugin.engine.journal import Applier, Step, undo
+from cniplugin.engine.journal import Applier, Step
 from cniplugin.records.objects import Desired, KernelObject, LinkAttr, Route, Sysctl, Veth, apply_order
 from cniplugin.engine.gather import (Gathered, gather_invocation, owned_node_objects,
                                      owned_pod_objects, sessions_bound_to)
@@ -73,13 +73,6 @@ def _pod_fd(inv: Invocation, required: bool) -> Iterator[int | None]:
 # -- facts and plan ----------------------------------------------------------------------
 def _plan(inv: Invocation, gathered: Gathered, prior: Desired | None) -> Desired:
     return plan(inv.config, gathered.attachment, gathered.facts, prior, mode=gathered.mode)
-
-
-def gather_for(inv: Invocation, *, strict: bool = True) -> Gathered:
-    """What ADD would gather for ``inv``, changing nothing (the CLI's live ``plan``)."""
-    with _pod_fd(inv, required=True) as pod_fd, _node_fd(inv) as node_fd, \
-            sessions_bound_to(pod_fd, node_fd) as (pod_nl, node_nl):
-        return gather_invocation(inv, pod_nl, node_nl, node_fd, strict=strict)
 
 
 def plan_for(inv: Invocation, gathered: Gathered) -> Desired:
@@ -186,8 +179,7 @@ def _apply_node(store: Store, state: AttachmentState, nl, node_fd: int,
                 applier.apply(obj, shared=obj.key() in shared)
         except BaseException:
             # Undo the node part while still holding the node lock, then let _rollback do the pod.
-            listed = store.still_listed(state, [s.obj for s in journal[start:]], node=True)
-            failed += undo(nl, journal[start:], lambda o: o.key() in listed)
+            failed += _rollback.undo_steps(store, state, nl, journal[start:], node=True)
             del journal[start:]
             raise
 
@@ -418,16 +410,8 @@ def clean_up(store: Store, state: AttachmentState, node_fd: int, *,
     """Tear down one recorded attachment from its record alone, as GC does (its pod reached
     through the recorded netns path, if it is still that sandbox); removes the record when
     everything is gone and returns what could not be removed."""
-    pod_fd = None
-    try:
-        pod_fd = _netns.open_netns(state.netns) if state.netns else None
-    except OSError:
-        pass
-    try:
+    with _netns.opened_if_same(state.netns, state.netns_inode) as pod_fd:
         return _teardown(store, state, pod_fd, node_fd, only_phase=only_phase)
-    finally:
-        if pod_fd is not None:
-            os.close(pod_fd)
 
 
 def cmd_status(inv: Invocation) -> None:

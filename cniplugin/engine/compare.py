@@ -28,13 +28,18 @@ class Drift:
         return text
 
 
-def diff_state(state: AttachmentState, pod_fd: int, node_fd: int) -> list[Drift]:
-    """Recorded intent of one attachment vs the kernel (the CLI's verify uses this too)."""
+def diff_state(state: AttachmentState, pod_fd: int, node_fd: int, *,
+               node_side: bool = True) -> list[Drift]:
+    """Recorded intent of one attachment vs the kernel (the CLI's verify uses this too).
+
+    ``node_side`` False compares the pod side only (the pod drift check): no node dumps. The
+    node session is opened either way: reading the underlay veth pair needs its node end.
+    """
     desired = state.desired
     drifts: list[Drift] = []
     with sessions_bound_to(pod_fd, node_fd) as (pod_nl, node_nl):
         drifts += compare(pod_nl, "pod", desired.pod_objects(), owned_pod_objects(pod_nl))
-        if desired.node_objects():
+        if node_side and desired.node_objects():
             live = owned_node_objects(node_nl, desired.host_rule_table, desired.host_peer,
                                       by_peer=False)
             drifts += compare(node_nl, "node", desired.node_objects(), live)

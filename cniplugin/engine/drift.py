@@ -23,7 +23,7 @@ import time
 
 from cniplugin.engine import observe
 from cniplugin.engine.compare import diff_state
-from cniplugin.engine.store import PHASE_APPLIED, AttachmentState, Store
+from cniplugin.engine.store import PHASE_APPLIED, AttachmentState, Store, write_atomic
 from cniplugin.kernel import netns as _netns
 from cniplugin.protocol.errors import CNIError
 
@@ -60,28 +60,20 @@ def read_status(state_dir: str) -> dict | None:
 def _compare(store: Store, state: AttachmentState, node_fd: int) -> list[str] | None:
     """The pod-side drifts of one attachment (described), or None when it cannot be compared
     now (netns gone or another sandbox, record gone or changed while waiting for the lock)."""
-    try:
-        pod_fd = _netns.open_netns(state.netns) if state.netns else None
-    except OSError:
-        return None
-    if pod_fd is None:
-        return None
-    try:
-        if _netns.inode(pod_fd) != state.netns_inode:
+    with _netns.opened_if_same(state.netns, state.netns_inode) as pod_fd:
+        if pod_fd is None:
             return None
-        with _netns.pod_lock(pod_fd):
-            current = store.load(state.container_id, state.ifname)
-            if current is None or current.phase != PHASE_APPLIED or \
-                    current.netns_inode != state.netns_inode:
-                return None
-            drifts = diff_state(current, pod_fd, node_fd)
-    except CNIError as err:
-        log.debug("pod drift check of %s/%s skipped: %s", state.container_id, state.ifname,
-                  err.msg)
-        return None
-    finally:
-        os.close(pod_fd)
-    return [d.describe() for d in drifts if d.side == "pod"]
+        try:
+            with _netns.pod_lock(pod_fd):
+                current = store.load_applied(state)
+                if current is None:
+                    return None
+                drifts = diff_state(current, pod_fd, node_fd, node_side=False)
+        except CNIError as err:
+            log.debug("pod drift check of %s/%s skipped: %s", state.container_id, state.ifname,
+                      err.msg)
+            return None
+    return [d.describe() for d in drifts]
 
 
 class PodDriftChecker:
@@ -162,12 +154,7 @@ class PodDriftChecker:
 
     def _write_status(self, status: dict) -> None:
         path = os.path.join(self.state_dir, STATUS_FILE)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        try:
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(status, f, sort_keys=True)
-            os.rename(tmp, path)
+        try:  # a report, rewritten every round: not worth an fsync
+            write_atomic(path, json.dumps(status, sort_keys=True), durable=False)
         except OSError as err:
             log.warning("cannot write %s: %s", path, err)

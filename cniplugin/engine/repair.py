@@ -122,7 +122,6 @@ class Repairer:
         self._underlay = False
         self._heard: set[int] = set()   # underlay pods the watch hears (they have an id here)
         self._stale = True
-        self._in_flight = False
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> Repairer:
@@ -189,13 +188,12 @@ class Repairer:
                         first = first if pending else now
                         last = now
                         pending.add(scope)
+            retry = self._retry_at is not None and now >= self._retry_at
             if now >= next_full:
                 self._guarded(self.reconcile)
                 next_full = time.monotonic() + self._period()
                 pending.clear()
-            elif (pending and now >= min(last + s.debounce, first + s.debounce_max)) or \
-                    (self._retry_at is not None and now >= self._retry_at):
-                retry = self._retry_at is not None and now >= self._retry_at
+            elif retry or (pending and now >= min(last + s.debounce, first + s.debounce_max)):
                 if retry:
                     self._retry_at = None  # a pass that still finds it deferred sets it again
                 if "node" in pending or retry:
@@ -225,7 +223,7 @@ class Repairer:
             if c.name != NFT_TABLE:
                 return ""
             if not self._underlay and self._stale:
-                self._refresh(self._node_states())
+                self._refresh(self._node_records())
             return "nft" if self._underlay else ""
         if c.kind in ("rule", "route", "neighbour"):
             if c.proto == RTPROT_ROUTE_TUNE:
@@ -237,68 +235,68 @@ class Repairer:
                 return "node"       # a foreign object written over one of ours
             return ""
         if c.name not in self._peers and self._stale:  # links: a host peer's routes die with it
-            self._refresh(self._node_states())
+            self._refresh(self._node_records())
         return "node" if c.name in self._peers else ""
 
     # -- records ------------------------------------------------------------------------
-    def _node_states(self, phase: str = PHASE_APPLIED) -> list[AttachmentState]:
-        states = [s for s in self.store.all() if s.node_inode == self._node_inode]
-        # An ADD in flight may bring a new host peer, table or underlay pod: look again later.
-        self._in_flight = any(s.phase == PHASE_APPLYING for s in states)
-        return [s for s in states if s.phase == phase]
+    def _node_records(self) -> list[AttachmentState]:
+        """This node's records, in every phase: one read of the state files, shared by a
+        pass (``_in_phase`` picks the ones a step wants)."""
+        return [s for s in self.store.all() if s.node_inode == self._node_inode]
 
-    def _refresh(self, states: list[AttachmentState]) -> None:
+    def _refresh(self, records: list[AttachmentState]) -> list[AttachmentState]:
+        """Note what events can concern (host peers, tables, underlay pods) from this node's
+        ``records``; returns the applied ones."""
+        states = _in_phase(records, PHASE_APPLIED)
         self._peers = {s.desired.host_peer for s in states if s.desired.host_peer}
         self._tables = {s.desired.host_rule_table for s in states if s.desired.host_rule_table}
         underlay = {s.netns_inode: s.netns for s in states if s.netns and
                     any(isinstance(o, NftTable) for o in s.desired.pod_owned)}
         self._underlay = bool(underlay)
-        self._stale = self._in_flight
+        # An ADD in flight may bring a new host peer, table or underlay pod: look again later.
+        self._stale = any(s.phase == PHASE_APPLYING for s in records)
         for inode, path in underlay.items():
             if inode not in self._heard:
                 self._hear(inode, path)
         self._heard &= set(underlay)
+        return states
 
     def _hear(self, inode: int, path: str) -> None:
         """Make sure the watch hears this underlay pod's nftables changes (an id for it here)."""
-        try:
-            pod_fd = _netns.open_netns(path)
-        except OSError:
-            return  # the pod is gone: DEL or GC cleans up
-        try:
-            if _netns.inode(pod_fd) == inode:
+        with _netns.opened_if_same(path, inode) as pod_fd:
+            if pod_fd is not None:  # else the pod is gone: DEL or GC cleans up
                 ensure_peer_id(pod_fd)
                 self._heard.add(inode)
-        finally:
-            os.close(pod_fd)
 
     # -- passes -------------------------------------------------------------------------
     def reconcile(self) -> None:
         """One full pass: the node objects, the underlay nft tables, and what failed ADDs
-        left behind."""
-        for state in self._node_states(PHASE_LEFTOVER):
+        left behind. The state files are read once for the whole pass (the node repair reads
+        them again under the node lock)."""
+        records = self._node_records()
+        for state in _in_phase(records, PHASE_LEFTOVER):  # their records alone change here
             errors = clean_up(self.store, state, self._node_fd, only_phase=PHASE_LEFTOVER)
             what = f"what a failed ADD of {state.container_id}/{state.ifname} left behind"
             if errors:
                 log.warning("could not remove %s: %s", what, "; ".join(errors))
             else:
                 log.info("removed %s", what)
-        self.repair_node()
-        self.repair_nft()
+        self.repair_node(records)
+        self.repair_nft(records)
         self.backoff.prune(time.monotonic())
 
-    def repair_node(self) -> None:
-        """Put back the recorded node objects that are missing or changed."""
-        states = self._node_states()
-        self._refresh(states)
+    def repair_node(self, records: list[AttachmentState] | None = None) -> None:
+        """Put back the recorded node objects that are missing or changed (``records``: this
+        node's, as the pass read them; None: read them now)."""
+        states = self._refresh(self._node_records() if records is None else records)
         if not any(s.desired.node_objects() for s in states):
             return
         with Netlink.bound_to(self._node_fd) as nl:
             if not self._node_drift(nl, states):  # the common case: no lock taken
                 return
             with _netns.node_lock(self._node_fd):
-                states = self._node_states()  # again, under the lock: DEL may have begun
-                self._refresh(states)
+                # Again, under the lock: DEL may have begun.
+                states = self._refresh(self._node_records())
                 self._put_back(nl, self._node_drift(nl, states))
 
     def _node_drift(self, nl: Netlink, states: list[AttachmentState]) -> list[KernelObject]:
@@ -322,30 +320,25 @@ class Repairer:
             self._repair_one(f"node|{key_text(obj)}", obj, lambda o=obj: (
                 nl.create_route(o) if isinstance(o, Route) else nl.apply(o)), "node")
 
-    def repair_nft(self) -> None:
-        """Put back the reply-steering table of every underlay pod that lost it."""
-        for state in self._node_states():
+    def repair_nft(self, records: list[AttachmentState] | None = None) -> None:
+        """Put back the reply-steering table of every underlay pod that lost it (``records``
+        as for ``repair_node``)."""
+        for state in _in_phase(self._node_records() if records is None else records,
+                               PHASE_APPLIED):
             table = next((o for o in state.desired.pod_owned if isinstance(o, NftTable)), None)
-            if table is None or not state.netns:
+            if table is None:
                 continue
-            try:
-                pod_fd = _netns.open_netns(state.netns)
-            except OSError:
-                continue  # the pod is gone: DEL or GC cleans up
-            try:
-                if _netns.inode(pod_fd) == state.netns_inode:
+            with _netns.opened_if_same(state.netns, state.netns_inode) as pod_fd:
+                if pod_fd is not None:  # else gone or another sandbox: DEL or GC cleans up
                     self._repair_pod_table(state, table, pod_fd)
-            finally:
-                os.close(pod_fd)
 
     def _repair_pod_table(self, state: AttachmentState, table: NftTable, pod_fd: int) -> None:
         with Netlink.bound_to(pod_fd) as nl:
             if nl.read(table) == table:
                 return
             with _netns.pod_lock(pod_fd):
-                now = self.store.load(state.container_id, state.ifname)
-                if now is None or now.phase != PHASE_APPLIED or \
-                        now.netns_inode != state.netns_inode or table not in now.desired.pod_owned:
+                now = self.store.load_applied(state)
+                if now is None or table not in now.desired.pod_owned:
                     return
                 if nl.read(table) != table:
                     self._repair_one(f"nft|{state.netns_inode}", table,
@@ -355,8 +348,7 @@ class Repairer:
         kind = KINDS.get(type(obj), type(obj).__name__.lower())
         now = time.monotonic()
         if not self.backoff.allowed(key, now):
-            due = self.backoff.not_before(key)
-            self._retry_at = due if self._retry_at is None else min(self._retry_at, due)
+            self._retry_by(self.backoff.not_before(key))
             return
         try:
             action()
@@ -364,8 +356,7 @@ class Repairer:
             pause = self.backoff.record(key, now, failed=True)
             log.warning("could not repair %s %s `%s`: %s; next try in %.0f s", where, kind,
                         obj.render(), err, pause)
-            self._retry_at = now + pause if self._retry_at is None else \
-                min(self._retry_at, now + pause)
+            self._retry_by(now + pause)
             return
         observe.event("repair", kind=kind)
         log.info("repaired %s %s `%s`", where, kind, obj.render())
@@ -376,6 +367,14 @@ class Repairer:
                         "without ManageForeignRoutingPolicyRules=no / ManageForeignRoutes=no, a "
                         "firewall reload?): repairing it again in %.0f s at the earliest",
                         where, kind, obj.render(), pause)
+
+    def _retry_by(self, at: float) -> None:
+        """A pass is due at ``at`` at the latest (the earliest of the deferred repairs)."""
+        self._retry_at = at if self._retry_at is None else min(self._retry_at, at)
+
+
+def _in_phase(records: list[AttachmentState], phase: str) -> list[AttachmentState]:
+    return [s for s in records if s.phase == phase]
 
 
 def start(state_dir: str, settings: Settings | None = None) -> Repairer:

@@ -28,13 +28,20 @@ def undo_journal(store: Store, state: AttachmentState, pod_nl, node_nl, node_fd:
     node_steps = [s for s in journal if s.side == "node"]
     if node_steps:
         with _netns.node_lock(node_fd):
-            listed = store.still_listed(state, [s.obj for s in node_steps], node=True)
-            failed += undo(node_nl, node_steps, lambda o: o.key() in listed)
+            failed += undo_steps(store, state, node_nl, node_steps, node=True)
     pod_steps = [s for s in journal if s.side == "pod"]
     if pod_steps:
-        listed = store.still_listed(state, [s.obj for s in pod_steps], node=False)
-        failed += undo(pod_nl, pod_steps, lambda o: o.key() in listed)
+        failed += undo_steps(store, state, pod_nl, pod_steps, node=False)
     return failed
+
+
+def undo_steps(store: Store, state: AttachmentState, nl, steps: list[Step], *,
+               node: bool) -> list[tuple[Step, str]]:
+    """Undo ``steps`` of one side through ``nl``, keeping the shared objects another attachment
+    still lists (``Store.still_listed``: the node's others with ``node``, else the pod's).
+    Returns the steps that could not be undone."""
+    listed = store.still_listed(state, [s.obj for s in steps], node=node)
+    return undo(nl, steps, lambda o: o.key() in listed)
 
 
 def record(store: Store, state: AttachmentState, prior: AttachmentState | None,

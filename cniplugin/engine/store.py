@@ -68,12 +68,6 @@ class AttachmentState:
                    phase=data.get("phase", PHASE_APPLYING),
                    pod_namespace=data.get("pod_namespace", ""), pod_name=data.get("pod_name", ""))
 
-    def lists(self, obj: KernelObject) -> bool:
-        key = obj.key()
-        d = self.desired
-        return any(o.key() == key for o in (*d.pod_owned, *d.pod_shared, *d.node_owned,
-                                            *d.node_shared))
-
 
 class Store:
     def __init__(self, state_dir: str) -> None:
@@ -113,23 +107,22 @@ class Store:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise IOFailure(f"state of {container_id}/{ifname} is unreadable: {err}") from None
 
+    def load_applied(self, state: AttachmentState) -> AttachmentState | None:
+        """``state``'s record read again (the caller holds the pod lock), if it is still
+        ``applied`` and of the same sandbox (``netns_inode``); None otherwise."""
+        current = self.load(state.container_id, state.ifname)
+        if current is None or current.phase != PHASE_APPLIED or \
+                current.netns_inode != state.netns_inode:
+            return None
+        return current
+
     def write(self, state: AttachmentState) -> None:
-        directory = self._container_dir(state.container_id)
         path = self.path(state.container_id, state.ifname)
-        tmp = f"{path}.tmp.{os.getpid()}"
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                # Compact: the C encoder (an indent falls back to the slower pure-Python one).
-                f.write(json.dumps(state.to_dict(), sort_keys=True, separators=(",", ":")))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, path)
-            _fsync_dir(directory)
+            # Compact: the C encoder (an indent falls back to the slower pure-Python one).
+            write_atomic(path, json.dumps(state.to_dict(), sort_keys=True,
+                                          separators=(",", ":")))
         except OSError as err:
-            with suppress(OSError):
-                os.unlink(tmp)
             raise IOFailure(f"cannot write state {path}: {err}") from None
 
     def remove(self, container_id: str, ifname: str) -> None:
@@ -177,10 +170,6 @@ class Store:
                         out.append(other)
         return out
 
-    def node_peers(self, state: AttachmentState) -> list[AttachmentState]:
-        """Every other attachment on the same node netns."""
-        return list(self._node_peers(state))
-
     def _node_peers(self, state: AttachmentState) -> Iterator[AttachmentState]:
         for other in self.all():
             if other.node_inode == state.node_inode and \
@@ -212,6 +201,29 @@ def _component(name: str) -> str:
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise IOFailure(f"{name!r} cannot name a state file")
     return name
+
+
+def write_atomic(path: str, text: str, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``text`` at once: a tmp file (0600) renamed over it, its directory
+    created (0700) if need be. ``durable``: the file and then its directory are fsynced (the
+    rename survives a crash). On OSError the tmp file is removed and the error raised."""
+    directory = os.path.dirname(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, path)
+        if durable:
+            _fsync_dir(directory)
+    except OSError:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _fsync_dir(directory: str) -> None:

@@ -19,6 +19,7 @@ import struct
 import time
 from collections.abc import Sequence
 
+from cniplugin.kernel.packets import inet_checksum
 from cniplugin.records.values import value
 
 __all__ = ["EchoResult", "echo_all"]
@@ -38,19 +39,10 @@ class EchoResult:
     error: str = ""
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def _request(family: int, ident: int, seq: int) -> bytes:
     header = struct.pack("!BBHHH", _ECHO_REQUEST[family], 0, 0, ident, seq)
     # IPv6: the kernel computes the ICMPv6 checksum (it needs the pseudo header).
-    csum = _checksum(header + _PAYLOAD) if family == 4 else 0
+    csum = inet_checksum(header + _PAYLOAD) if family == 4 else 0
     return struct.pack("!BBHHH", _ECHO_REQUEST[family], 0, csum, ident, seq) + _PAYLOAD
 
 

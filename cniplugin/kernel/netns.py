@@ -35,6 +35,25 @@ def open_netns(path: str) -> int:
     return fd
 
 
+@contextlib.contextmanager
+def opened_if_same(path: str, netns_inode: int) -> Iterator[int | None]:
+    """The netns at ``path`` if it is still the one recorded (nsfs inode ``netns_inode``),
+    closed after the body; None when ``path`` is empty, gone, not a netns, or now names
+    another namespace (another sandbox)."""
+    try:
+        fd = open_netns(path) if path else None
+    except OSError:
+        fd = None
+    if fd is not None and inode(fd) != netns_inode:
+        os.close(fd)
+        fd = None
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def is_netns(fd: int) -> bool:
     """True when ``fd`` is a network namespace (not a file, nor another namespace type)."""
     # NS_GET_NSTYPE answers only on nsfs files, with the namespace's CLONE_* type.

@@ -14,8 +14,8 @@ from cniplugin.records.values import value
 __all__ = [
     "ETH_P_ARP", "ETH_P_IPV6", "ARP_REQUEST", "ARP_REPLY", "ND_NS", "ND_NA", "BROADCAST",
     "ZERO_MAC", "NA_ROUTER", "NA_SOLICITED", "NA_OVERRIDE", "ArpPacket", "NdPacket",
-    "mac_to_bytes", "mac_to_str", "solicited_node", "multicast_mac", "icmpv6_checksum",
-    "build_arp", "parse_arp", "build_ns", "build_na", "parse_nd", "ALL_NODES",
+    "mac_to_bytes", "mac_to_str", "solicited_node", "multicast_mac", "inet_checksum",
+    "icmpv6_checksum", "build_arp", "parse_arp", "build_ns", "build_na", "parse_nd", "ALL_NODES",
     "Check", "Program", "bpf_program", "arp_sender_filter", "na_target_filter",
 ]
 
@@ -87,15 +87,21 @@ def multicast_mac(ip: ipaddress.IPv6Address) -> bytes:
     return b"\x33\x33" + ip.packed[12:]
 
 
-def icmpv6_checksum(src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address, body: bytes) -> int:
-    """RFC 4443 §2.3: one's-complement sum over pseudo-header + message (checksum field zero)."""
-    data = src.packed + dst.packed + struct.pack("!I3xB", len(body), _IPPROTO_ICMPV6) + body
+def inet_checksum(data: bytes) -> int:
+    """RFC 1071: the Internet checksum (one's complement of the one's-complement sum of
+    ``data``'s 16-bit words, an odd length padded with a zero byte)."""
     if len(data) % 2:
         data += b"\x00"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
+
+
+def icmpv6_checksum(src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address, body: bytes) -> int:
+    """RFC 4443 §2.3: one's-complement sum over pseudo-header + message (checksum field zero)."""
+    return inet_checksum(src.packed + dst.packed
+                         + struct.pack("!I3xB", len(body), _IPPROTO_ICMPV6) + body)
 
 
 def build_arp(op: int, eth_src: bytes, sender_ip: str | ipaddress.IPv4Address,

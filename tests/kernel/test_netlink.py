@@ -29,3 +29,19 @@ def test_route_get_reports_the_policy_table(policy_netns, dst, src):
     finally:
         os.close(fd)
     assert (got.table, got.dev) == (100, "lo")
+
+
+def test_opened_if_same_yields_the_recorded_netns_only(policy_netns, tmp_path):
+    """The recorded netns while it is still that sandbox; None when the path is empty, gone,
+    not a netns, or names another namespace now (and the fd is closed after the body)."""
+    from cniplugin.kernel import netns as _netns
+    recorded = os.stat(policy_netns).st_ino
+    with _netns.opened_if_same(policy_netns, recorded) as fd:
+        assert fd is not None and _netns.inode(fd) == recorded
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    (tmp_path / "file").write_text("")
+    for path, inode in [("", recorded), (str(tmp_path / "gone"), recorded),
+                        (str(tmp_path / "file"), recorded), (policy_netns, recorded + 1)]:
+        with _netns.opened_if_same(path, inode) as fd:
+            assert fd is None, (path, inode)

@@ -57,6 +57,16 @@ def test_icmpv6_checksum_of_kernel_frames(frame: bytes, expected: int) -> None:
     assert pk.icmpv6_checksum(src, dst, body[:2] + b"\0\0" + body[4:]) == expected
 
 
+def test_inet_checksum_rfc1071_and_an_icmp_echo() -> None:
+    """RFC 1071 §3's worked example, an odd length (zero-padded), and an echo request the
+    kernel's own checksum accepts (a message with its checksum in place sums to zero)."""
+    assert pk.inet_checksum(bytes.fromhex("0001f203f4f5f6f7")) == 0x220D
+    assert pk.inet_checksum(b"\x01") == pk.inet_checksum(b"\x01\x00") == 0xFEFF
+    echo = bytes.fromhex("0800") + b"\0\0" + bytes.fromhex("12340001") + b"route-tune-reach"
+    csum = pk.inet_checksum(echo)
+    assert pk.inet_checksum(echo[:2] + csum.to_bytes(2, "big") + echo[4:]) == 0
+
+
 # --- parsing --------------------------------------------------------------------------------
 
 def test_parse_kernel_frames() -> None:
