@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _spawn import Spawner, compile_c
+from _spawn import Spawner, compile_c, start_serve
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -166,16 +166,9 @@ class Bench:
 
     def start_server(self) -> None:
         os.makedirs(os.path.dirname(self.sock), mode=0o700, exist_ok=True)
-        log = open(self.work / "server.log", "ab")
         env = {**self.base_env, "ROUTE_TUNE_LOG_STDERR_LEVEL": "warning"}
-        self.server = subprocess.Popen([str(BIN / "cni-route-tune"), "serve", "--socket", self.sock,
-                                        "--metrics-address", "127.0.0.1:9731"],
-                                       env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(self.sock):
-            if self.server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {(self.work / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.02)
+        self.server = start_serve(BIN / "cni-route-tune", self.sock, "--metrics-address", "127.0.0.1:9731",
+                                  env=env, log=self.work / "server.log")
 
     def stop_server(self) -> None:
         if self.server and self.server.poll() is None:
@@ -213,20 +206,19 @@ class Bench:
 
     # -- sanity: the variants really do their work and DEL leaves the pod clean -------------
     def sanity(self, rails: range = range(1, 3)) -> None:
-        from cniplugin.lab.topology import OverlayLab, state_diff
-        lab = OverlayLab.__new__(OverlayLab)  # only the inspection helpers (no build)
+        from cniplugin.lab.topology import namespace_state, state_diff
         pod, node = self.cfg["pod"], self.cfg["node"]
-        before = (lab.state(pod), lab.state(node))
+        before = (namespace_state(pod), namespace_state(node))
         for v in VARIANTS:
             for k in rails:
                 self.step("add", v, k)
-            rules = [r for r in lab.state(pod)["rules4"] if r.get("priority") == 31000]
+            rules = [r for r in namespace_state(pod)["rules4"] if r.get("priority") == 31000]
             want = len(rails) + 1 if v in "cd" else 0  # eth0's reply rule + one per rail
             if len(rules) != want:
                 raise RuntimeError(f"sanity: variant {v} left {len(rules)} pref-31000 rules, want {want}")
             for k in reversed(rails):
                 self.step("del", v, k)
-            diff = state_diff(before[0], lab.state(pod)) + state_diff(before[1], lab.state(node))
+            diff = state_diff(before[0], namespace_state(pod)) + state_diff(before[1], namespace_state(node))
             if diff:
                 raise RuntimeError(f"sanity: variant {v}: pod/node not clean after DEL:\n{diff}")
 

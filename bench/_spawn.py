@@ -1,4 +1,5 @@
-"""Process helpers shared by chain.py and _profile.py: spawn-to-exit timing, tiny C programs.
+"""Process helpers shared by the benchmarks: spawn-to-exit timing, tiny C programs, a resident
+engine started and waited for (``start_serve``: chain.py, repair.py, handover.py).
 
 Timing is ``posix_spawn`` to ``wait4`` with stdin/stdout/stderr on memory files, so that a process as
 short as sbr's VERSION is not drowned by the measuring side's own pipes and threads.
@@ -115,3 +116,26 @@ def static_true(directory: Path) -> tuple[Path, bool]:
     directory.mkdir(parents=True, exist_ok=True)
     binary = directory / "static-true"
     return binary, compile_c(TRUE_C, binary)
+
+
+def start_serve(cni_route_tune: Path, socket: str | os.PathLike, *args: str, env: dict[str, str],
+                log: Path, ready: Path | None = None, wrapper: tuple[str, ...] = (),
+                timeout: float = 60.0, poll: float = 0.02) -> subprocess.Popen:
+    """Start ``[*wrapper] cni-route-tune serve --socket SOCKET *args`` (stdout and stderr appended
+    to ``log``) and return it once ``ready`` (default: the socket) exists. Raises RuntimeError
+    with the log's tail if the engine exits first or is not ready within ``timeout`` seconds."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([*wrapper, str(cni_route_tune), "serve", "--socket", str(socket), *args],
+                                env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    ready = Path(socket) if ready is None else ready
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            what = (f"exited {proc.returncode}" if proc.returncode is not None
+                    else f"did not serve within {timeout:g} s")
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+            raise RuntimeError(f"cni-route-tune serve {what}: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(poll)
+    return proc

@@ -23,28 +23,21 @@ import threading
 import time
 from pathlib import Path
 
+from _spawn import start_serve
+
 from cniplugin.transport import shim as _shim
 
 ROOT = Path(__file__).resolve().parents[1]
 CNI_ROUTE_TUNE = ROOT / ".venv" / "bin" / "cni-route-tune"
 
 
-def start_engine(sock: Path, work: Path, n: int) -> tuple[subprocess.Popen, Path]:
+def start_engine(sock: Path, work: Path, n: int) -> subprocess.Popen:
+    """Engine n on `sock` (taking it from the one serving it), returned once its ready file exists."""
     ready = work / f"engine{n}.ready"
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
            "ROUTE_TUNE_DEFAULTS": str(work / "defaults.json")}
-    with open(work / f"engine{n}.stderr", "wb") as err:
-        proc = subprocess.Popen([str(CNI_ROUTE_TUNE), "serve", "--socket", str(sock),
-                                 "--ready-file", str(ready)], env=env, stdout=subprocess.DEVNULL,
-                                stderr=err, stdin=subprocess.DEVNULL)
-    return proc, ready
-
-
-def wait_for(ready: Path, proc: subprocess.Popen) -> None:
-    while not ready.exists():
-        if proc.poll() is not None:
-            sys.exit(f"engine exited {proc.returncode} before serving")
-        time.sleep(0.002)
+    return start_serve(CNI_ROUTE_TUNE, sock, "--ready-file", str(ready), env=env,
+                       log=work / f"engine{n}.stderr", ready=ready, poll=0.002)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -73,8 +66,7 @@ def main() -> None:
             code, _, _ = _shim.forward(env, b"")
             records.append((start, time.monotonic(), code))
 
-    proc, ready = start_engine(sock, work, 0)
-    wait_for(ready, proc)
+    proc = start_engine(sock, work, 0)
     clients = [threading.Thread(target=client) for _ in range(args.clients)]
     for thread in clients:
         thread.start()
@@ -84,8 +76,7 @@ def main() -> None:
         time.sleep(1.0)
         for n in range(1, args.handovers + 1):
             launched = time.monotonic()
-            proc, ready = start_engine(sock, work, n)
-            wait_for(ready, proc)
+            proc = start_engine(sock, work, n)
             windows.append((launched, time.monotonic()))
             engines.append(proc)
             if engines[-2].wait(timeout=60) != 0:

@@ -24,17 +24,18 @@ import argparse
 import os
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _spawn import start_serve
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 BIN = REPO / ".venv" / "bin"
 TAG = "rtR"
 
+from cniplugin._version import RTPROT_ROUTE_TUNE  # noqa: E402
 from cniplugin.engine.store import Store  # noqa: E402
 from cniplugin.kernel import netns as _netns  # noqa: E402
 from cniplugin.kernel.netlink import Netlink  # noqa: E402
@@ -61,7 +62,7 @@ def wait_back(watch: Watch, wanted: dict[str, int], limit: float = 30.0) -> floa
         if remaining <= 0:
             raise RuntimeError(f"not back within {limit:g} s: {left}")
         for change in watch.wait(remaining) or []:
-            if change.kind in left and not change.removed and change.proto == 231:
+            if change.kind in left and not change.removed and change.proto == RTPROT_ROUTE_TUNE:
                 left[change.kind] -= 1
     return time.perf_counter()
 
@@ -100,27 +101,19 @@ def main() -> int:
     args = parser.parse_args()
     names = LabNames(TAG)
     names.cleanup_stale()
-    work = Path(tempfile.mkdtemp(prefix="rtR-bench-"))
     lab = OverlayLab(names.next(), rails=args.rails, family="dual").__enter__()
     server = None
     try:
+        work = lab.tmp  # removed with the lab
         sock = work / "run" / "engine.sock"
         penv = PluginEnv(work / "penv", family="dual",
                          env={"ROUTE_TUNE_ENGINE": "resident", "ROUTE_TUNE_SOCKET": str(sock)})
-        log = open(work / "server.log", "ab")
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", lab.node, str(BIN / "cni-route-tune"), "serve", "--socket",
-             str(sock)], env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                              "ROUTE_TUNE_DEFAULTS": str(penv.defaults_file)},
-            stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((work / "server.log").read_text()[-2000:])
-            time.sleep(0.05)
+        server = start_serve(BIN / "cni-route-tune", sock, wrapper=("ip", "netns", "exec", lab.node),
+                             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                  "ROUTE_TUNE_DEFAULTS": str(penv.defaults_file)},
+                             log=work / "server.log", timeout=30, poll=0.05)
         pod = RailPod(lab, penv, PyRuntime(lab.node, penv), container_id="rtr-bench-pod")
-        for k in pod.rails:
-            pod.add(k)
+        pod.add_all()
         node_fd = _netns.open_netns(f"/run/netns/{lab.node}")
         try:
             flush, flushed, singles = measure(node_fd, Store(str(penv.state_dir)))
@@ -131,8 +124,7 @@ def main() -> int:
         print(f"  networkd-style flush of {flushed} objects: all back in {flush:.1f} ms")
         print(f"  one object at a time (n={len(singles)}): median {statistics.median(singles):.1f} ms,"
               f" p99 {q(singles, 0.99):.1f} ms, max {max(singles):.1f} ms")
-        for k in reversed(pod.rails):
-            pod.delete(k)
+        pod.delete_all()
     finally:
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGTERM)

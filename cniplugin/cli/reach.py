@@ -57,10 +57,10 @@ class Reach:
         return all(not p.problem for p in self.paths)
 
 
-def _rails(nl, family: int, default_nic: str, ifname: str) -> list[tuple[str, str]]:
-    """(interface, address) of the family per rail: every link but lo and the pod's default
-    NIC, or just ``ifname``; in interface order."""
-    links = {link.index: link.name for link in nl.links()}
+def _rails(nl, links: dict[int, str], family: int, default_nic: str,
+           ifname: str) -> list[tuple[str, str]]:
+    """(interface, address) of the family per rail: every link (``links``: index -> name) but
+    lo and the pod's default NIC, or just ``ifname``; in interface order."""
     if ifname and ifname not in links.values():
         raise InterfaceNotFound(f"no interface {ifname} in the pod netns")
     order = {name: index for index, name in links.items()}
@@ -79,7 +79,8 @@ def reach(pod_fd: int, netns: str, peer: str, *, default_nic: str = "eth0", ifna
     family = ipaddress.ip_address(peer).version
     out = Reach(netns, peer, family)
     with _netlink.Netlink.entered(pod_fd) as nl:
-        rails = _rails(nl, family, default_nic, ifname)
+        names = {link.index: link.name for link in nl.links()}
+        rails = _rails(nl, names, family, default_nic, ifname)
         out.paths = [Path(rail, address, True) for rail, address in rails] + [Path("", "", False)]
         for path in out.paths:
             try:
@@ -88,7 +89,6 @@ def reach(pod_fd: int, netns: str, peer: str, *, default_nic: str = "eth0", ifna
                 path.route_error = err.msg
             else:
                 path.source = path.source or path.route.prefsrc
-        names = {link.index: link.name for link in nl.links()}
     probed = [p for p in out.paths if p.route is not None]
     with _netns.entered(pod_fd):
         results = _echo.echo_all([(p.source if p.bound else "", peer) for p in probed],

@@ -23,7 +23,8 @@ from .topology import LabError, OverlayLab, run, state_diff
 FAMILY_NAME = {"4": "IPv4", "6": "IPv6", "dual": "dual stack"}
 
 
-def _section(title: str, text: str) -> None:
+def section(title: str, text: str) -> None:
+    """Print `text` indented under `--- title` ("(empty)" when there is none)."""
     print(f"--- {title}")
     body = "\n".join(line.rstrip() for line in text.strip().splitlines())
     print("\n".join("    " + line for line in body.splitlines()) if body else "    (empty)")
@@ -39,21 +40,21 @@ def _rule_tables(lab: OverlayLab) -> dict[str, str]:
     return out
 
 
-def _table(ns: str, fam: str, table: str) -> str:
+def route_table(ns: str, fam: str, table: str) -> str:
     """`ip route show table T`; a table that does not exist (yet) is simply empty."""
     return run("ip", "-n", ns, fam, "route", "show", "table", table, check=False).stdout
 
 
 def _show_state(lab: OverlayLab, fams: list[str]) -> None:
     for fam in fams:
-        _section(f"pod: ip {fam} rule", lab.ip(lab.pod, fam, "rule", "show"))
+        section(f"pod: ip {fam} rule", lab.ip(lab.pod, fam, "rule", "show"))
     tables = ["100"] + [str(100 + k) for k in range(1, lab.rails + 1)] + ["main"]
     for table in tables:
-        text = "".join(_table(lab.pod, fam, table) for fam in fams)
-        _section(f"pod: table {table}", text)
+        text = "".join(route_table(lab.pod, fam, table) for fam in fams)
+        section(f"pod: table {table}", text)
     for fam in fams:
-        _section(f"node: ip {fam} rule", lab.ip(lab.node, fam, "rule", "show"))
-    _section("node: table 500", "".join(_table(lab.node, fam, "500") for fam in fams))
+        section(f"node: ip {fam} rule", lab.ip(lab.node, fam, "rule", "show"))
+    section("node: table 500", "".join(route_table(lab.node, fam, "500") for fam in fams))
 
 
 def connectivity(lab: OverlayLab) -> tuple[list[str], bool]:

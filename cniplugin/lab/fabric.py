@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .runtime import Libcni, PluginEnv, PyRuntime, RailPod, cluster_defaults
 from .topology import (CALI_LL6, CALI_MAC, FAMILIES, HIJACK_GW4, LabError, NetnsTools,
-                       ip_batch, run)
+                       ip_batch, one_address_ranges)
 
 MODES = ("overlay", "underlay")
 LAYOUTS = ("separate", "shared")
@@ -73,10 +73,6 @@ class FabricLab(NetnsTools):
             raise ValueError("rails and nodes must be 1..9 (rail K uses 172.16.1K.0/24)")
 
     # -- names -------------------------------------------------------------------------------
-    @property
-    def families(self) -> tuple[str, ...]:
-        return FAMILIES[self.family]
-
     def node(self, i: int) -> str:
         return f"{self.prefix}-n{i}"
 
@@ -154,9 +150,8 @@ class FabricLab(NetnsTools):
         return f"fd00:16::1{k}:0/112" if self.layout == "shared" else f"fd00:16:1{k}::/64"
 
     def rail_ranges(self, i: int, k: int) -> list[list[dict]]:
-        return [[{"subnet": self.rail_subnet(k, fam), "rangeStart": self.rail_ip(i, k, fam),
-                  "rangeEnd": self.rail_ip(i, k, fam), "gateway": self.gw_ip(k, fam)}]
-                for fam in self.families]
+        return one_address_ranges((self.rail_subnet(k, fam), self.rail_ip(i, k, fam), self.gw_ip(k, fam))
+                                  for fam in self.families)
 
     def node_defaults(self) -> dict[str, list[str]]:
         """Every node's route-tune defaults: the lab's cluster CIDRs, and the node network as a
@@ -204,10 +199,9 @@ class FabricLab(NetnsTools):
         """Until every link with carrier has its IPv6 link-local address: the kernel adds them
         after the link comes up, and a snapshot taken before would differ from any later one."""
         def settled(ns: str) -> bool:
-            links = json.loads(run("ip", "-j", "-n", ns, "link", "show").stdout)
-            addrs = json.loads(run("ip", "-j", "-6", "-n", ns, "addr", "show", "scope", "link").stdout)
-            with_ll = {a["ifname"] for a in addrs if a.get("addr_info")}
-            return all(link["ifname"] in with_ll for link in links
+            return all(any(a.get("family") == "inet6" and a.get("scope") == "link"
+                           for a in link.get("addr_info", []))
+                       for link in json.loads(self.ip(ns, "-j", "addr", "show"))
                        if "LOWER_UP" in link.get("flags", []) and "LOOPBACK" not in link.get("flags", []))
         deadline = time.monotonic() + timeout
         pending = list(self.namespaces)
@@ -309,26 +303,23 @@ class FabricNode:
     index: int
 
     node = property(lambda self: self.fabric.node(self.index))
-    pod = property(lambda self: self.fabric.pod(self.index))
     pod_netns = property(lambda self: self.fabric.pod_netns(self.index))
     rails = property(lambda self: self.fabric.rails)
     family = property(lambda self: self.fabric.family)
-    families = property(lambda self: self.fabric.families)
-    prefix = property(lambda self: self.node)
 
     def rail_ranges(self, k: int) -> list[list[dict]]:
         return self.fabric.rail_ranges(self.index, k)
 
 
-def eth0_conflist(fabric: FabricLab, i: int, data_dir: str | Path, keys: dict | None = None) -> dict:
+def eth0_conflist(fabric: FabricLab, i: int, data_dir: str | Path) -> dict:
     """Underlay pod i's default network: macvlan on the node's uplink with host-local IPAM (one
     address), then route-tune on eth0 in underlay mode (it creates veth0 to the node)."""
-    ranges = [[{"subnet": "10.6.0.0/24" if f == "4" else "fd00:6::/64", "rangeStart": fabric.pod_ip(i, f),
-                "rangeEnd": fabric.pod_ip(i, f), "gateway": UNDERLAY_GW[f]}] for f in fabric.families]
+    ranges = one_address_ranges(("10.6.0.0/24" if f == "4" else "fd00:6::/64", fabric.pod_ip(i, f), UNDERLAY_GW[f])
+                                for f in fabric.families)
     return {"cniVersion": "1.0.0", "name": "underlay", "plugins": [
         {"type": "macvlan", "master": "uplink", "mode": "bridge",
          "ipam": {"type": "host-local", "dataDir": str(data_dir), "ranges": ranges}},
-        {"type": "route-tune", "mode": "underlay", **(keys or {})}]}
+        {"type": "route-tune", "mode": "underlay"}]}
 
 
 @dataclass
@@ -368,9 +359,6 @@ class FabricPods:
     def __getitem__(self, i: int) -> RailPod:
         return self.pods[i]
 
-    def eth0_conflist(self, i: int) -> dict:
-        return eth0_conflist(self.fabric, i, self.penvs[i].ipam_dir)
-
     def setup_eth0(self) -> None:
         """Underlay: ADD every pod's eth0 chain (nothing to do in overlay: the lab built eth0)."""
         self._eth0("add")
@@ -383,8 +371,8 @@ class FabricPods:
         if self.fabric.mode != "underlay":
             return
         for i, pod in self.pods.items():
-            getattr(pod.runtime, command)(self.eth0_conflist(i), netns=pod.lab.pod_netns, ifname="eth0",
-                                          container_id=pod.container_id)
+            getattr(pod.runtime, command)(eth0_conflist(self.fabric, i, self.penvs[i].ipam_dir),
+                                          netns=pod.lab.pod_netns, ifname="eth0", container_id=pod.container_id)
 
     def add_rails(self) -> None:
         """ADD net1..netK on every node, the nodes in parallel (each has its own runtime)."""

@@ -13,30 +13,20 @@ import argparse
 import os
 import time
 
+from .demo import FAMILY_NAME, route_table, section
 from .fabric import FabricLab, FabricPods
 from .flows import Flow, FlowPath, run_flows
 from .runtime import CniFailure, build_cnirunner
-from .topology import LabError, run, state_diff
-
-FAMILY_NAME = {"4": "IPv4", "6": "IPv6", "dual": "dual stack"}
-
-
-def _section(title: str, text: str) -> None:
-    print(f"--- {title}")
-    lines = [line.rstrip() for line in text.strip().splitlines()]
-    print("\n".join("    " + line for line in lines) if lines else "    (empty)")
+from .topology import LabError, state_diff
 
 
 def _show_state(lab: FabricLab) -> None:
     fams = [f"-{f}" for f in lab.families]
     for i in lab.node_ids:
         for fam in fams:
-            _section(f"node {i} pod: ip {fam} rule", lab.ip(lab.pod(i), fam, "rule", "show"))
-        _section(f"node {i} pod: table 101",
-                 "".join(run("ip", "-n", lab.pod(i), fam, "route", "show", "table", "101", check=False).stdout
-                         for fam in fams))
-        _section(f"node {i}: table 500", "".join(
-            run("ip", "-n", lab.node(i), fam, "route", "show", "table", "500", check=False).stdout for fam in fams))
+            section(f"node {i} pod: ip {fam} rule", lab.ip(lab.pod(i), fam, "rule", "show"))
+        section(f"node {i} pod: table 101", "".join(route_table(lab.pod(i), fam, "101") for fam in fams))
+        section(f"node {i}: table 500", "".join(route_table(lab.node(i), fam, "500") for fam in fams))
 
 
 def _cell(ifaces: dict[str, int]) -> str:

@@ -96,13 +96,10 @@ class FlowCounters:
 
     def read(self, ns: str) -> dict[str, dict[tuple[str, str, int, int], int]]:
         """{"arrived"|"left": {(ifname, proto, sport, dport): packets}} in `ns`."""
-        out: dict[str, dict[tuple[str, str, int, int], int]] = {}
-        for name in ("arrived", "left"):
-            doc = json.loads(run("ip", "netns", "exec", ns, "nft", "-j", "list", "set", "inet", TABLE,
-                                 name).stdout)
-            entries = next(item["set"] for item in doc["nftables"] if "set" in item).get("elem", [])
-            out[name] = {tuple(e["elem"]["val"]["concat"]): e["elem"]["counter"]["packets"] for e in entries}
-        return out
+        doc = json.loads(run("ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", TABLE).stdout)
+        sets = {item["set"]["name"]: item["set"] for item in doc["nftables"] if "set" in item}
+        return {name: {tuple(e["elem"]["val"]["concat"]): e["elem"]["counter"]["packets"]
+                       for e in sets[name].get("elem", [])} for name in ("arrived", "left")}
 
 
 def by_iface(counts: dict[tuple[str, str, int, int], int], *, sport: int | None = None,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .topology import rail_ranges
 
 RUNNER_SRC = Path(__file__).with_name("cnirunner") / "main.go"
 SYSTEM_CNI_DIR = "/usr/lib/cni"
@@ -155,20 +156,13 @@ def rail_conflist(k: int, family: str = "4", extra_route_tune_keys: dict | None 
     exclusive mode give a pod: a netdev of the node, not a macvlan); `ipam="static"` gives each
     range's one address with its gateway instead of host-local.
 
-    `ranges` (host-local's) default to the one-node lab's: pod gets .10 / ::10, gateway .254.
-    The range holds that one address: host-local hands out addresses round-robin, so a
-    wider range would give a re-ADDed rail a different address; one pod per node needs one.
+    `ranges` (host-local's) default to the one-node lab's (`topology.rail_ranges`): pod gets
+    .10 / ::10, gateway .254, and the range holds that one address (`one_address_ranges`).
 
     `chained=None` gives the bare macvlan list; `chained="sbr"` the differential variant.
     """
     if ranges is None:
-        ranges = []
-        if family in ("4", "dual"):
-            ranges.append([{"subnet": f"172.16.1{k}.0/24", "rangeStart": f"172.16.1{k}.10",
-                            "rangeEnd": f"172.16.1{k}.10", "gateway": f"172.16.1{k}.254"}])
-        if family in ("6", "dual"):
-            ranges.append([{"subnet": f"fd00:16:1{k}::/64", "rangeStart": f"fd00:16:1{k}::10",
-                            "rangeEnd": f"fd00:16:1{k}::10", "gateway": f"fd00:16:1{k}::254"}])
+        ranges = rail_ranges(k, family)
     if ipam == "static":
         ipam_conf: dict = {"type": "static", "addresses": [
             {"address": f"{r[0]['rangeStart']}/{r[0]['subnet'].split('/')[1]}", "gateway": r[0]["gateway"]}

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,21 @@ def rail_addr(k: int, family: str, host: int | str) -> str:
 def behind_addr(k: int, family: str) -> str:
     """The address only gateway k routes (on its lo)."""
     return f"198.18.{k}.1" if family == "4" else f"fd00:198:18:{k}::1"
+
+
+def one_address_ranges(per_family: Iterable[tuple[str, str, str]]) -> list[list[dict]]:
+    """host-local `ranges` holding one address each, from (subnet, address, gateway) per family.
+
+    One address, because host-local hands out addresses round-robin: a wider range would give a
+    re-ADDed interface a different address, and one pod per node needs only one."""
+    return [[{"subnet": subnet, "rangeStart": address, "rangeEnd": address, "gateway": gateway}]
+            for subnet, address, gateway in per_family]
+
+
+def rail_ranges(k: int, family: str) -> list[list[dict]]:
+    """host-local `ranges` for the seed pod's netK: its one address (.10 / ::10), gateway .254 / ::254."""
+    return one_address_ranges((f"172.16.1{k}.0/24" if fam == "4" else f"fd00:16:1{k}::/64",
+                               rail_addr(k, fam, 10), rail_addr(k, fam, 254)) for fam in FAMILIES[family])
 
 
 def netns_names(prefix: str) -> list[str]:
@@ -111,7 +127,12 @@ class NetnsTools:
     `OverlayLab` and `fabric.FabricLab` both build on it."""
 
     prefix: str
+    family: str
     tmp: Path
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return FAMILIES[self.family]
 
     def __enter__(self):  # -> the lab itself (its own class)
         cleanup(self.prefix + "-")
@@ -195,10 +216,6 @@ class OverlayLab(NetnsTools):
             raise ValueError("prefix must be at most 11 characters (cali<prefix> is an ifname)")
 
     # -- names ---------------------------------------------------------------
-    @property
-    def families(self) -> tuple[str, ...]:
-        return FAMILIES[self.family]
-
     node = property(lambda self: f"{self.prefix}-node", doc="the node's netns")
     pod = property(lambda self: f"{self.prefix}-pod", doc="the pod's netns")
     infra = property(lambda self: f"{self.prefix}-infra", doc="the uplink's far end")
@@ -237,10 +254,7 @@ class OverlayLab(NetnsTools):
 
     def rail_ranges(self, k: int) -> list[list[dict]]:
         """host-local `ranges` for pod netK: the one address `rail_ip` (see `runtime.rail_conflist`)."""
-        subnets = {"4": f"172.16.1{k}.0/24", "6": f"fd00:16:1{k}::/64"}
-        return [[{"subnet": subnets[fam],
-                  "rangeStart": self.rail_ip(k, fam), "rangeEnd": self.rail_ip(k, fam),
-                  "gateway": self.gw_ip(k, fam)}] for fam in self.families]
+        return rail_ranges(k, self.family)
 
     def _build(self) -> None:
         v4, v6 = "4" in self.families, "6" in self.families
