@@ -13,7 +13,8 @@ import dataclasses
 import logging
 
 from cniplugin.engine.journal import Step, kept, undo
-from cniplugin.engine.store import PHASE_LEFTOVER, AttachmentState, Store
+from cniplugin.engine.store import (PHASE_APPLIED, PHASE_LEFTOVER, PHASE_REMOVING,
+                                    AttachmentState, Store)
 from cniplugin.kernel import netns as _netns
 from cniplugin.protocol.errors import CNIError, InternalError
 
@@ -23,7 +24,14 @@ log = logging.getLogger("cniplugin.engine")
 def undo_journal(store: Store, state: AttachmentState, pod_nl, node_nl, node_fd: int,
               journal: list[Step]) -> list[tuple[Step, str]]:
     """Undo the journal: node steps (a failure after the node part) under the node lock, then
-    the pod steps. Returns the steps that could not be undone."""
+    the pod steps. Returns the steps that could not be undone.
+
+    A record already ``applied`` is marked ``removing`` first, as DEL marks it: the resident
+    engine repairs the node objects of applied records, and would otherwise put back what this
+    undo removes (and nobody would own it once the record is gone)."""
+    if state.phase == PHASE_APPLIED:
+        state.phase = PHASE_REMOVING
+        store.write(state)
     failed = []
     node_steps = [s for s in journal if s.side == "node"]
     if node_steps:
