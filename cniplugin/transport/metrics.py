@@ -164,7 +164,8 @@ def _recorded_attachments(state_dir: str) -> int:
 def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6; an empty host means every IPv4 address)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٨٠" (= 80).
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"metrics address {text!r} is not HOST:PORT (e.g. 0.0.0.0:9731)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

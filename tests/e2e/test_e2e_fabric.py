@@ -15,7 +15,8 @@ import pytest
 
 from cniplugin.lab.flows import Flow, run_flows, send_datagrams
 from cniplugin.lab.topology import state_diff
-from harness.fabric import arp_answers
+from harness.kernel import arp_answers
+from harness.snapshot import rules_sorted, without_addrs
 
 pytestmark = [pytest.mark.netns, pytest.mark.libcni]
 
@@ -29,11 +30,7 @@ def _paths_text(paths) -> str:
 def test_every_rail_carries_its_own_stream_both_ways(fabric_rig):
     """A netK -> B netK for K = 1..8 (every family) at the same time, a 2 MiB echo each: every
     stream left and arrived on netK in both pods, replies included, and on no other interface."""
-    lab = fabric_rig.lab
-    flows = {(k, fam): fabric_rig.rail_flow(k, fam) for fam in lab.families for k in lab.rail_ids}
-    paths = run_flows(list(flows.values()))
-    bad = [p for (k, _), p in zip(flows, paths) if not (p.ok and p.only(f"net{k}", f"net{k}"))]
-    assert not bad, _paths_text(bad)
+    fabric_rig.assert_streams_on_own_rails()
 
 
 def test_different_rails_bound_and_unbound(fabric_rig):
@@ -99,7 +96,8 @@ def test_no_arp_answer_crosses_rails(fabric_rig):
             macs[lab.rail_ip(i, k, "4")] = (k, json.loads(link)[0]["address"])
     problems = []
     for k in lab.rail_ids:
-        answers = arp_answers(lab.leaf(k), "seg", lab.gw_ip(k, "4"), list(macs))
+        own = {target: {mac} for target, (owner, mac) in macs.items() if owner == k}
+        answers = arp_answers(lab.leaf(k), "seg", lab.gw_ip(k, "4"), list(macs), expect=own)
         for target, (owner, mac) in macs.items():
             pod_macs = answers.get(target, set()) & {m for _, m in macs.values()}
             want = {mac} if owner == k else set()
@@ -119,23 +117,17 @@ def test_del_of_one_rail_leaves_the_peer_and_other_rails_then_readd_restores(fab
     after = fabric_rig.states()
     for ns in (lab.pod(2), lab.node(2)):
         assert state_diff(full[ns], after[ns]) == "", ns
-    addrs = {lab.rail_ip(1, k, fam) for fam in lab.families}
-    gone = state_diff(full[lab.node(1)], after[lab.node(1)]).splitlines()
-    assert gone and all(": - " in line and any(f'"{a}"' in line for a in addrs) for line in gone), gone
-    others = [r for r in lab.rail_ids if r != k]
-    flows = {(r, fam): fabric_rig.rail_flow(r, fam) for fam in lab.families for r in others}
-    paths = run_flows(list(flows.values()))
-    bad = [p for (r, _), p in zip(flows, paths) if not (p.ok and p.only(f"net{r}", f"net{r}"))]
-    assert not bad, _paths_text(bad)
+    node1, addrs = lab.node(1), {lab.rail_ip(1, k, fam) for fam in lab.families}
+    want = without_addrs(full[node1], addrs)
+    assert want != full[node1], f"node 1 had no entry naming net{k}'s addresses {addrs}"
+    assert state_diff(want, after[node1]) == "", f"node 1 is not exactly as before minus net{k}'s entries"
+    fabric_rig.assert_streams_on_own_rails(r for r in lab.rail_ids if r != k)
 
     pod_a.add(k)
     again = fabric_rig.states()
     for ns in full:
         assert state_diff(_recreated(full[ns], f"net{k}"), _recreated(again[ns], f"net{k}")) == "", ns
-    flows = {(r, fam): fabric_rig.rail_flow(r, fam) for fam in lab.families for r in lab.rail_ids}
-    paths = run_flows(list(flows.values()))
-    bad = [p for (r, _), p in zip(flows, paths) if not (p.ok and p.only(f"net{r}", f"net{r}"))]
-    assert not bad, _paths_text(bad)
+    fabric_rig.assert_streams_on_own_rails()
 
 
 def test_del_of_everything_restores_both_nodes(fabric_rig):
@@ -158,9 +150,7 @@ def _recreated(state: dict, ifname: str) -> dict:
         return entry.get("dev") == ifname and str(entry.get("local", entry.get("dst", ""))).startswith("fe80:")
     links = [{k: v for k, v in link.items() if not (link.get("ifname") == ifname and k == "address")}
              for link in state["links"]]
-    out = {**state, "links": sorted(links, key=lambda link: json.dumps(link, sort_keys=True))}
+    out = {**rules_sorted(state), "links": sorted(links, key=lambda link: json.dumps(link, sort_keys=True))}
     for key in ("addrs", "routes6"):
         out[key] = [e for e in state[key] if not own_ll(e)]
-    for key in ("rules4", "rules6"):
-        out[key] = sorted(state[key], key=lambda r: json.dumps(r, sort_keys=True))
     return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 
 import pytest
@@ -25,18 +24,16 @@ from cniplugin.lab.flows import run_flows
 from cniplugin.lab.topology import ip_batch, state_diff
 from harness.cli import Run, cli
 from harness.fabric import FabricRig
-from harness.golden import assert_golden, normalise
+from harness.golden import assert_golden, mask_rtt, normalise
 from harness.host import require
 from harness.lab import NAMES
-from harness.snapshot import without_dev
+from harness.snapshot import only_dev, rules_sorted, without_addrs, without_dev
 
 pytestmark = pytest.mark.usefixtures("lab_session")
 
 TXQLEN = 4321
 #: route-tune keys on every rail: podMACPrefix must leave a moved netdev's MAC alone.
 KEYS = {"txQueueLen": TXQLEN, "podMACPrefix": "0a:1b"}
-_RTT_TEXT = re.compile(r" +\d+\.\d{3} ms")
-_RTT_JSON = re.compile(r'"rtt_ms": [0-9.]+')
 
 
 class Moved(FabricRig):
@@ -57,8 +54,7 @@ class Moved(FabricRig):
                    defaults=self.pods.penvs[i].defaults_file, inside=self.lab.node(i))
 
     def golden(self, run: Run, name: str) -> None:
-        text = _RTT_JSON.sub('"rtt_ms": "<rtt>"', _RTT_TEXT.sub(" <rtt>", run.out))
-        assert_golden(normalise(f"{text}[exit {run.code}]\n", NAMES.prefix), f"cli/{name}.txt")
+        assert_golden(normalise(f"{mask_rtt(run.out)}[exit {run.code}]\n", NAMES.prefix), f"cli/{name}.txt")
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +78,8 @@ def _paths_on_own_rail(run: Run) -> None:
             assert (path["dev"], path["reply_dev"]) == (path["rail"], path["rail"]), path
 
 
-def _streams_on_own_rails(moved: Moved, rails) -> None:
-    """A netK -> B netK for every K in ``rails`` and family at once, a 2 MiB echo each: every
-    stream left and arrived on netK in both pods, replies included, and on no other interface."""
-    flows = {(k, fam): moved.rail_flow(k, fam) for fam in moved.lab.families for k in rails}
-    paths = run_flows(list(flows.values()))
-    bad = [p for (k, _), p in zip(flows, paths) if not (p.ok and p.only(f"net{k}", f"net{k}"))]
-    assert not bad, "\n".join(f"{p.flow}: ok={p.ok} {p.error} {p.ifaces()}" for p in bad)
-
-
 def test_every_rail_carries_its_own_stream_both_ways(moved: Moved):
-    _streams_on_own_rails(moved, moved.lab.rail_ids)
+    moved.assert_streams_on_own_rails()
 
 
 def test_different_rails_bound_and_unbound(moved: Moved):
@@ -127,10 +114,14 @@ def test_reach_cluster_service_stays_on_eth0(moved: Moved):
 
 
 def test_reach_usage_and_missing_netns(moved: Moved):
-    assert moved.reach(1, "not-an-ip").code == 2
-    assert moved.reach(1, "10.0.0.1", "--ifname", "net9").code == 2
-    gone = cli("reach", "10.0.0.1", "--netns", f"{NAMES.prefix}-none")
-    assert gone.code == 3, gone.err
+    """A peer that is no address and an interface the pod lacks: usage errors (exit 2); a netns
+    that does not exist: exit 3. Nothing on stdout, the whole message on stderr."""
+    runs = {"reach_not_an_ip": (moved.reach(1, "not-an-ip"), 2),
+            "reach_no_such_ifname": (moved.reach(1, "10.0.0.1", "--ifname", "net9"), 2),
+            "reach_not_found": (cli("reach", "10.0.0.1", "--netns", f"{NAMES.prefix}-none"), 3)}
+    for name, (run, code) in runs.items():
+        assert (run.code, run.out) == (code, ""), (name, run.code, run.out, run.err)
+        assert_golden(normalise(run.err, NAMES.prefix), f"cli/{name}.txt")
 
 
 def test_moved_netdev_keeps_its_mac_and_takes_txqueuelen(moved: Moved):
@@ -142,7 +133,8 @@ def test_moved_netdev_keeps_its_mac_and_takes_txqueuelen(moved: Moved):
             assert (link["address"], link["txqlen"], link.get("ifalias")) == (
                 moved.vf_macs[(i, k)], TXQLEN, f"rail{k}")
             result = moved.pods[i].results[k]
-            assert result["interfaces"][0]["mac"] == moved.vf_macs[(i, k)]
+            assert result["interfaces"] == [{"name": f"net{k}", "mac": moved.vf_macs[(i, k)],
+                                             "sandbox": lab.pod_netns(i)}], result
 
 
 def test_del_returns_the_device_and_readd_restores_the_matrix(moved: Moved):
@@ -156,18 +148,19 @@ def test_del_returns_the_device_and_readd_restores_the_matrix(moved: Moved):
     after = moved.states()
     for ns in (lab.pod(2), lab.node(2)):
         assert state_diff(full[ns], after[ns]) == "", ns
-    node1 = lab.node(1)
-    addrs = {lab.rail_ip(1, k, fam) for fam in lab.families}
-    gone = state_diff(full[node1], without_dev(after[node1], f"rail{k}")).splitlines()
-    assert gone and all(": - " in line and any(f'"{a}"' in line for a in addrs) for line in gone), gone
-    assert state_diff(_of_dev(after[node1], f"rail{k}"),
-                      _of_dev(moved.before_add[node1], f"rail{k}")) == ""
-    _streams_on_own_rails(moved, [r for r in lab.rail_ids if r != k])
+    node1, addrs = lab.node(1), {lab.rail_ip(1, k, fam) for fam in lab.families}
+    want = without_addrs(full[node1], addrs)
+    assert want != full[node1], f"node 1 had no entry naming net{k}'s addresses {addrs}"
+    assert state_diff(want, without_dev(after[node1], f"rail{k}")) == "", \
+        f"node 1 (rail{k} aside) is not exactly as before minus net{k}'s entries"
+    assert state_diff(only_dev(after[node1], f"rail{k}"),
+                      only_dev(moved.before_add[node1], f"rail{k}")) == ""
+    moved.assert_streams_on_own_rails(r for r in lab.rail_ids if r != k)
     pods[1].add(k)
     again = moved.states()
     for ns in full:
-        assert state_diff(_rules_sorted(full[ns]), _rules_sorted(again[ns])) == "", ns
-    _streams_on_own_rails(moved, lab.rail_ids)
+        assert state_diff(rules_sorted(full[ns]), rules_sorted(again[ns])) == "", ns
+    moved.assert_streams_on_own_rails()
 
 
 def test_del_of_everything_gives_both_nodes_back(moved: Moved):
@@ -177,19 +170,3 @@ def test_del_of_everything_gives_both_nodes_back(moved: Moved):
     for ns, state in moved.before_add.items():
         assert state_diff(state, now[ns]) == "", ns
 
-
-def _of_dev(state: dict, dev: str) -> dict:
-    """The entries of ``state`` (``ns_state``) that belong to interface ``dev``."""
-    out: dict = {}
-    for key, value in state.items():
-        if isinstance(value, list):
-            out[key] = [e for e in value if dev in (e.get("dev"), e.get("ifname"))]
-        elif isinstance(value, dict):
-            out[key] = {name: v for name, v in value.items() if f".{dev}." in name}
-    return out
-
-
-def _rules_sorted(state: dict) -> dict:
-    """The kernel lists rules of one priority in insertion order; a re-ADD appends its own."""
-    return {**state, **{key: sorted(state[key], key=lambda r: json.dumps(r, sort_keys=True))
-                        for key in ("rules4", "rules6")}}

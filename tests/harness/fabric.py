@@ -1,6 +1,6 @@
 """The two-node fabric suites' harness: a module-scoped lab with its pods set up through libcni
-(``fabric_rig``), whole-state snapshots of both nodes and pods, the cross-node flows, and an
-active ARP probe from a leaf's segment.
+(``fabric_rig``), whole-state snapshots of both nodes and pods, and the cross-node flows (every
+rail's own stream: ``assert_streams_on_own_rails``). The ARP probe is ``harness.kernel``'s.
 
 ``fabric_rig`` is parametrised over ``CASES`` (mode, layout, family); pytest groups a module's
 tests by case, so each case builds its lab once. Tests that change the lab (DEL, re-ADD) leave
@@ -10,19 +10,14 @@ it as they found it; the module's last test DELs everything and compares with th
 from __future__ import annotations
 
 import itertools
-import select
-import socket
-import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
-from cniplugin.kernel import packets as pk
 from cniplugin.lab.fabric import FabricLab, FabricPods
-from cniplugin.lab.flows import Flow
+from cniplugin.lab.flows import Flow, run_flows
 from cniplugin.lab.topology import netns_names
-from harness.host import in_netns
 from harness.lab import NAMES
 from harness.snapshot import ns_state
 
@@ -30,8 +25,6 @@ from harness.snapshot import ns_state
 #: shared subnet; the dual-stack cases cover IPv4 too, so IPv4 alone runs once per mode.
 CASES = [("overlay", "separate", "4"), ("overlay", "separate", "dual"), ("overlay", "shared", "dual"),
          ("underlay", "separate", "dual"), ("underlay", "shared", "4")]
-ANSWER_WINDOW = 0.5  # seconds a leaf listens for ARP answers after its last request
-PACKET_OUTGOING = 4
 
 
 @dataclass
@@ -67,6 +60,17 @@ class FabricRig:
         return Flow(self.a, self.b, self.lab.rail_ip(1, k, fam) if bound else "",
                     self.lab.rail_ip(2, j, fam), self.port())
 
+    def assert_streams_on_own_rails(self, rails: Iterable[int] | None = None) -> None:
+        """A netK -> B netK for every K in ``rails`` (default: all) and every family at once, a
+        2 MiB echo each: every stream left and arrived on netK in both pods, replies included,
+        and on no other interface."""
+        rails = self.lab.rail_ids if rails is None else list(rails)
+        flows = {(k, fam): self.rail_flow(k, fam) for fam in self.lab.families for k in rails}
+        paths = run_flows(list(flows.values()))
+        bad = [p for (k, _), p in zip(flows, paths) if not (p.ok and p.only(f"net{k}", f"net{k}"))]
+        assert not bad, "\n".join(f"{p.flow.src} -> {p.flow.dst}: ok={p.ok} {p.error} local={p.local} "
+                                  f"(A out, B in, B out, A in) {p.ifaces()}" for p in bad)
+
     def cluster_dev(self) -> str:
         """Where the pod's cluster traffic leaves: Calico's eth0, or the underlay's veth0."""
         return "eth0" if self.lab.mode == "overlay" else "veth0"
@@ -89,22 +93,3 @@ def fabric_rig(request: pytest.FixtureRequest, lab_session: None, libcni: str) -
         pods.add_rails()
         yield rig
 
-
-def arp_answers(ns: str, dev: str, sender_ip: str, targets: list[str]) -> dict[str, set[str]]:
-    """From ``dev`` in ``ns``: one ARP request for each target; target -> MACs that answered."""
-    def body() -> dict[str, set[str]]:
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(pk.ETH_P_ARP)) as sock:
-            sock.bind((dev, pk.ETH_P_ARP))
-            mac = sock.getsockname()[4]
-            for target in targets:
-                sock.send(pk.build_arp(pk.ARP_REQUEST, mac, sender_ip, target))
-            answers: dict[str, set[str]] = {}
-            deadline = time.monotonic() + ANSWER_WINDOW
-            while (left := deadline - time.monotonic()) > 0 and select.select([sock], [], [], left)[0]:
-                frame, addr = sock.recvfrom(65535)
-                packet = pk.parse_arp(frame)
-                if addr[2] != PACKET_OUTGOING and packet and packet.op == pk.ARP_REPLY \
-                        and str(packet.sender_ip) in targets:
-                    answers.setdefault(str(packet.sender_ip), set()).add(pk.mac_to_str(packet.sender_mac))
-            return answers
-    return in_netns(ns, body)

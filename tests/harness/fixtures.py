@@ -13,7 +13,8 @@
   suites (tag from ``NAMES``, ``tmp`` the test's tmp_path), cleaned up at teardown.
 - ``calico_rails(rails=3, v4=True, v6=False)``, ``underlay_factory(v4=True, v6=False, rails=1)``,
   ``fabric(layout, rails, families)``: built ``harness.topologies`` of the kernel suites.
-- ``cni_env``: an ADD's environment needing no namespace (node defaults with a log dir only).
+- ``cni_env``: an ADD's environment needing no namespace (``harness.plugin.request_env``: node
+  defaults with a log dir and a state dir in tmp).
 - ``make_netns(role="ns", lines=(), lines6=())``: an empty throwaway netns (lo up, no DAD, then
   ``ip -batch`` ``lines`` and ``ip -6 -batch`` ``lines6``), named by ``NAMES``; returns its name.
 """
@@ -21,7 +22,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from collections.abc import Callable, Iterator
 
@@ -31,7 +31,7 @@ from cniplugin.lab.runtime import Libcni, PluginEnv, RailPod, build_cnirunner
 from cniplugin.lab.topology import OverlayLab
 from harness.host import require
 from harness.lab import NAMES, lab_session, scratch_netns
-from harness.plugin import Rig
+from harness.plugin import Rig, request_env
 from harness.resident import Resident
 from harness.topologies import CalicoRails, Fabric, NetnsGroup, Underlay
 
@@ -151,11 +151,8 @@ def netns_group(tmp_path, lab_session: None) -> Iterator[Callable[..., NetnsGrou
 
 @pytest.fixture
 def cni_env(tmp_path) -> dict[str, str]:
-    """An ADD's environment that needs no namespace (node defaults: only a log dir in tmp)."""
-    defaults = tmp_path / "defaults.json"
-    defaults.write_text(json.dumps({"logDir": str(tmp_path / "log")}))
-    return {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "rtA-c1", "CNI_NETNS": "/run/netns/rtA-x",
-            "CNI_IFNAME": "net1", "CNI_PATH": "/usr/lib/cni", "ROUTE_TUNE_DEFAULTS": str(defaults)}
+    """An ADD's environment that needs no namespace (``request_env``: node defaults in tmp)."""
+    return request_env(tmp_path)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Running route-tune as a runtime does: ``Reply``, ``assert_cni_error`` and ``Rig``.
+"""Running route-tune as a runtime does: ``Reply``, ``assert_ok``, ``assert_cni_error``, ``Rig``,
+and ``request_env`` (+ ``PREV``): a request needing no namespace.
 
 ``Rig``: a lab plus everything one engine mode needs: its own node defaults, state and log dirs,
 the Python runtime (``PyRuntime``), and in resident mode a ``cni-route-tune serve`` inside the
@@ -13,6 +14,7 @@ import json
 import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cniplugin._version import SUPPORTED_VERSIONS
 from cniplugin.lab.runtime import PluginEnv, PyRuntime, RailPod, rail_conflist
@@ -48,6 +50,11 @@ def details_repeat(msg: str, details: str) -> str:
     return ""
 
 
+def assert_ok(reply: Reply) -> None:
+    """Exit 0 (the whole reply in the failure message)."""
+    assert reply.code == 0, str(reply)
+
+
 def assert_cni_error(reply: Reply, code: int | tuple[int, ...]) -> dict:
     """Exit 1 and exactly ONE well-formed CNI error object on stdout with ``code``."""
     assert reply.code == 1, str(reply)
@@ -64,6 +71,21 @@ def assert_cni_error(reply: Reply, code: int | tuple[int, ...]) -> dict:
     repeated = details_repeat(err["msg"], err.get("details", ""))
     assert not repeated, f"details repeats msg ({repeated!r}):\n{reply}"
     return err
+
+
+#: A rail's prevResult for requests that need no namespace (its sandbox is never opened).
+PREV = {"cniVersion": "1.0.0", "interfaces": [{"name": "net1", "sandbox": "/run/netns/p"}],
+        "ips": [{"address": "10.9.0.5/24", "gateway": "10.9.0.1", "interface": 0}]}
+
+
+def request_env(tmp: Path, command: str = "ADD", **extra: str) -> dict[str, str]:
+    """A request's environment needing no namespace: node defaults in ``tmp`` whose log dir is
+    ``tmp/log`` and state dir ``tmp/state``; ``extra`` adds or overrides variables."""
+    defaults = tmp / "defaults.json"
+    defaults.write_text(json.dumps({"logDir": str(tmp / "log"), "stateDir": str(tmp / "state")}))
+    return {"CNI_COMMAND": command, "CNI_CONTAINERID": "rtA-c1", "CNI_NETNS": "/run/netns/rtA-x",
+            "CNI_IFNAME": "net1", "CNI_PATH": "/usr/lib/cni", "ROUTE_TUNE_DEFAULTS": str(defaults),
+            **extra}
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The resident-server starter: ``cni-route-tune serve`` on a private socket, in a lab netns."""
+"""The resident-server starter: ``cni-route-tune serve`` on a private socket, in a lab netns; the
+plugin's log (``plugin_log``) and what it says the engine served (``served_count``)."""
 
 from __future__ import annotations
 
@@ -155,9 +156,12 @@ class Resident:
         assert status in (0, -signal.SIGKILL, None), f"server exited {status}:\n{self.log()[-3000:]}"
 
 
+def plugin_log(penv: PluginEnv) -> str:
+    """The plugin's whole log in ``penv``'s log dir (``route-tune.log`` and its rotated files)."""
+    return "".join(path.read_text(errors="replace")
+                   for path in sorted(penv.log_dir.glob("route-tune.log*")))
+
+
 def served_count(penv: PluginEnv) -> int:
     """Requests the resident engine answered (its "served via resident engine" log lines)."""
-    total = 0
-    for path in penv.log_dir.glob("route-tune.log*"):
-        total += path.read_text(errors="replace").count("served via resident engine")
-    return total
+    return plugin_log(penv).count("served via resident engine")

@@ -8,6 +8,7 @@ every file under it.
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +48,43 @@ def without_dev(state: dict, dev: str) -> dict:
         else:
             out[key] = {k: v for k, v in value.items() if f".{dev}." not in k}
     return out
+
+
+def only_dev(state: dict, dev: str) -> dict:
+    """The complement of ``without_dev``: the entries of ``state`` (``ns_state``) that belong to
+    interface ``dev`` (list entries naming it, sysctls of it); the nft ruleset is left out."""
+    out: dict = {}
+    for key, value in state.items():
+        if isinstance(value, list):
+            out[key] = [e for e in value if dev in (e.get("dev"), e.get("ifname"))]
+        elif isinstance(value, dict):
+            out[key] = {k: v for k, v in value.items() if f".{dev}." in k}
+    return out
+
+
+def _names(value: object, addrs: set[str]) -> bool:
+    """Whether ``value`` (an entry of ``ns_state``, nested) holds one of ``addrs`` as a whole
+    string value."""
+    if isinstance(value, dict):
+        return any(_names(v, addrs) for v in value.values())
+    if isinstance(value, list):
+        return any(_names(v, addrs) for v in value)
+    return isinstance(value, str) and value in addrs
+
+
+def without_addrs(state: dict, addrs: set[str] | list[str]) -> dict:
+    """``ns_state`` minus every list entry (rule, route, neighbour, address...) that names one
+    of ``addrs``; sysctls and the nft ruleset are kept whole."""
+    wanted = set(addrs)
+    return {key: [e for e in value if not _names(e, wanted)] if isinstance(value, list) else value
+            for key, value in state.items()}
+
+
+def rules_sorted(state: dict) -> dict:
+    """``state`` with its rules in one order: the kernel lists rules of one priority in insertion
+    order, so a re-ADD that appends its own changes only their order."""
+    return {**state, **{key: sorted(state[key], key=lambda r: json.dumps(r, sort_keys=True))
+                        for key in ("rules4", "rules6") if key in state}}
 
 
 #: What the state dir holds for monitoring, not for any attachment: the in-process request counts

@@ -25,8 +25,8 @@ from cniplugin.transport import handover as _handover
 from cniplugin.transport import shim as _shim
 from harness.host import require_root, run_plugin, wait_until
 from harness.lab import NAMES, Farm
-from harness.resident import Resident, served_count
-from harness.snapshot import ns_state, snapshot_diff
+from harness.resident import Resident, plugin_log, served_count
+from harness.snapshot import assert_same, snapshot
 
 pytestmark = pytest.mark.netns
 
@@ -131,20 +131,12 @@ def _ran(trace: list) -> Counter:
 
 
 def _states(f: Farm) -> dict:
-    return {ns: ns_state(ns) for ns in [f.node] + [f.pod(i) for i in range(PODS)]}
-
-
-def _assert_states(before: dict, after: dict) -> None:
-    diffs = [snapshot_diff({ns: before[ns]}, {ns: after[ns]}) for ns in before]
-    assert not any(diffs), "\n".join(d for d in diffs if d)
+    """The whole state of the farm's node and pods (``harness.snapshot.snapshot``)."""
+    return snapshot(f, namespaces=[f.node] + [f.pod(i) for i in range(PODS)])
 
 
 def _failure(proc) -> str:
     return f"exit {proc.returncode}: {proc.stdout.decode(errors='replace')[:500]}"
-
-
-def _logs(penv: PluginEnv) -> str:
-    return "".join(p.read_text(errors="replace") for p in penv.log_dir.glob("route-tune.log*"))
 
 
 def test_burst_across_a_handover(farm, tmp_path):
@@ -173,9 +165,9 @@ def test_burst_across_a_handover(farm, tmp_path):
     runs = _ran(entries)
     assert set(runs.values()) == {1}, [r for r, n in runs.items() if n > 1]
     assert sum(runs.values()) == len(burst.calls) == served_count(penv)
-    assert "served in-process" not in _logs(penv)
+    assert "served in-process" not in plugin_log(penv)
     assert "taken over from the running engine" in new.log()
-    _assert_states(before, _states(f))
+    assert_same(before, _states(f), "the farm after the burst")
 
 
 def test_burst_across_sigkill_and_restart(farm, tmp_path):
@@ -204,8 +196,8 @@ def test_burst_across_sigkill_and_restart(farm, tmp_path):
     runs = _ran(_trace(trace))
     assert set(runs.values()) == {1}, [r for r, n in runs.items() if n > 1]
     assert len(ok) <= sum(runs.values()) <= len(burst.calls)
-    assert "served in-process" not in _logs(penv)
-    _assert_states(before, _states(f))
+    assert "served in-process" not in plugin_log(penv)
+    assert_same(before, _states(f), "the farm after the burst")
 
 
 # ------------------------------------------------------------------ races and refusals

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cniplugin._version import __version__
 from cniplugin.engine.drift import read_status
 from cniplugin.kernel import netns as _netns
 from cniplugin.lab.runtime import PluginEnv
@@ -136,7 +137,7 @@ def test_requests_phases_and_probes_are_counted_exactly(rig):
 def test_build_info_and_bounded_labels(rig):
     """``route_tune_build_info`` carries the version; no route-tune series has a per-pod label."""
     samples = scrape(rig.lab.node)
-    assert series(samples, "route_tune_build_info") == {(("version", "0.1.0"),): 1.0}
+    assert series(samples, "route_tune_build_info") == {(("version", __version__),): 1.0}
     labels = {k for (name, found), _ in samples.items() if name.startswith("route_tune_")
               for k, _ in found}
     assert labels == {"command", "code", "via", "phase", "outcome", "version", "le"}

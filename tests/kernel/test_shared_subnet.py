@@ -17,7 +17,9 @@ fd00:198:18::1). The node, the Calico-style pod eth0 and cluster CIDRs are as in
 test_engine.py. route-tune runs as the installed executable in the node namespace.
 
 Peers send raw ARP requests / neighbour solicitations (cniplugin.kernel.packets) for every rail
-address on every segment and record who answers with which MAC.
+address on every segment and record who answers with which MAC (``harness.kernel``'s
+``listen_answers``: until every owner the test expects answered, then a quiet window in which
+nobody else may).
 """
 
 from __future__ import annotations
@@ -28,55 +30,33 @@ import select
 import socket
 import struct
 import sys
-import time
 
 import pytest
 
 from harness.host import in_netns, wait_until
 from cniplugin.kernel import packets as pk
 from cniplugin.lab.topology import PING_SCRIPT
-from harness.kernel import nsx
+from harness.kernel import PACKET_OUTGOING, Answers, listen_answers, nsx
+from harness.kernel import arp_answers as _arp_answers
 from harness.topologies import GW, REMOTE, SUBNET_PEER, Fabric
 from harness.topologies import fabric_ip as rail_ip
 
 pytestmark = pytest.mark.netns
 SUBNET = {4: "172.16.0.0/16", 6: "fd00:16::/64"}
-ETH_P_ALL, PACKET_OUTGOING = 0x0003, 4
-ANSWER_WINDOW = 0.5  # seconds a peer listens for answers after its last request
+ETH_P_ALL = 0x0003
+
 
 # -- who answers ---------------------------------------------------------------------------------
-def _listen(sock: socket.socket, parse) -> dict[str, set[str]]:
-    """target -> MACs claiming it, from what arrives within ANSWER_WINDOW (a bounded wait)."""
-    answers: dict[str, set[str]] = {}
-    deadline = time.monotonic() + ANSWER_WINDOW
-    while (left := deadline - time.monotonic()) > 0 and select.select([sock], [], [], left)[0]:
-        frame, addr = sock.recvfrom(65535)
-        if addr[2] != PACKET_OUTGOING and (hit := parse(frame)):
-            answers.setdefault(hit[0], set()).add(hit[1])
-    return answers
+def arp_answers(ns: str, targets: list[str], expect: Answers) -> Answers:
+    """From ``ns``'s seg, as the gateway: an ARP request for each target; who replies with what
+    (listening until every ``expect``ed answer came, then for the quiet window)."""
+    return _arp_answers(ns, "seg", GW[4], targets, expect)
 
 
-def arp_answers(ns: str, targets: list[str]) -> dict[str, set[str]]:
-    """From ``ns``'s seg, as the gateway: an ARP request for each target; who replies with what."""
-    def body():
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(pk.ETH_P_ARP)) as s:
-            s.bind(("seg", pk.ETH_P_ARP))
-            mac = s.getsockname()[4]
-            for target in targets:
-                s.send(pk.build_arp(pk.ARP_REQUEST, mac, GW[4], target))
-
-            def parse(frame):
-                p = pk.parse_arp(frame)
-                if p and p.op == pk.ARP_REPLY and str(p.sender_ip) in targets:
-                    return str(p.sender_ip), pk.mac_to_str(p.sender_mac)
-                return None
-            return _listen(s, parse)
-    return in_netns(ns, body)
-
-
-def ns_answers(ns: str, targets: list[str], all_nodes: bool = False) -> dict[str, set[str]]:
+def ns_answers(ns: str, targets: list[str], expect: Answers, all_nodes: bool = False) -> Answers:
     """From ``ns``'s seg, as the gateway: a neighbour solicitation for each target (to its
-    solicited-node group, or to ff02::1 so that every interface receives it); who answers."""
+    solicited-node group, or to ff02::1 so that every interface receives it); who answers
+    (listening until every ``expect``ed answer came, then for the quiet window)."""
     def body():
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(pk.ETH_P_IPV6)) as s:
             s.bind(("seg", pk.ETH_P_IPV6))
@@ -97,7 +77,7 @@ def ns_answers(ns: str, targets: list[str], all_nodes: bool = False) -> dict[str
                 if p and p.type == pk.ND_NA and str(p.target) in targets:
                     return str(p.target), pk.mac_to_str(p.lladdr or p.eth_src)
                 return None
-            return _listen(s, parse)
+            return listen_answers(s, parse, expect)
     return in_netns(ns, body)
 
 
@@ -129,7 +109,8 @@ def test_segments_ipv4_each_rail_answers_only_for_itself(fabric):
     macs = {k: fab.mac(k) for k in rails}
     addrs = [rail_ip(k, 4) for k in rails]
     flux = {k: {a: {macs[k]} for a in addrs} for k in rails}  # netK claims its siblings too
-    assert {k: arp_answers(fab.peer(k), addrs) for k in rails} == flux
+    own = {k: {rail_ip(k, 4): {macs[k]}} for k in rails}
+    assert {k: arp_answers(fab.peer(k), addrs, flux[k]) for k in rails} == flux
     before = pod_sysctls(fab)
     assert {before[f"{d}/arp_ignore"] for d in ("all", "eth0", "net1")} == {"0"}
 
@@ -141,16 +122,15 @@ def test_segments_ipv4_each_rail_answers_only_for_itself(fabric):
     assert after == want, "netK only: `all` and eth0 keep their values"
     for k in rails:
         fab.ok("CHECK", k, prevs[k])
-    assert {k: arp_answers(fab.peer(k), addrs) for k in rails} == {
-        k: {rail_ip(k, 4): {macs[k]}} for k in rails}
+    assert {k: arp_answers(fab.peer(k), addrs, own[k]) for k in rails} == own
 
     del_all(fab, prevs)
     assert pod_sysctls(fab) == before
-    assert {k: arp_answers(fab.peer(k), addrs) for k in rails} == flux
+    assert {k: arp_answers(fab.peer(k), addrs, flux[k]) for k in rails} == flux
 
     add_all(fab, prevs, podARPIsolation=False)
     assert pod_sysctls(fab) == before
-    assert {k: arp_answers(fab.peer(k), addrs) for k in rails} == flux
+    assert {k: arp_answers(fab.peer(k), addrs, flux[k]) for k in rails} == flux
     del_all(fab, prevs)
 
 
@@ -164,7 +144,7 @@ def test_segments_ipv6_neighbour_solicitations_are_answered_per_interface(fabric
     own = {k: {rail_ip(k, 6): {fab.mac(k)}} for k in rails}
     for phase in ("before ADD", "after ADD"):
         for all_nodes in (False, True):
-            got = {k: ns_answers(fab.peer(k), addrs, all_nodes) for k in rails}
+            got = {k: ns_answers(fab.peer(k), addrs, own[k], all_nodes) for k in rails}
             assert got == own, (phase, all_nodes)
         if phase == "before ADD":
             add_all(fab, prevs)
@@ -245,9 +225,10 @@ def test_flat_segment_eight_rails_one_subnet(fabric):
     peer = fab.peer(1)
     for fam, ask in ((4, arp_answers), (6, ns_answers)):
         addrs = [rail_ip(k, fam) for k in rails]
-        assert ask(peer, addrs) == {rail_ip(k, fam): {macs[k]} for k in rails}, fam
-    assert ns_answers(peer, [rail_ip(k, 6) for k in rails], all_nodes=True) == {
-        rail_ip(k, 6): {macs[k]} for k in rails}
+        own = {rail_ip(k, fam): {macs[k]} for k in rails}
+        assert ask(peer, addrs, own) == own, fam
+    own6 = {rail_ip(k, 6): {macs[k]} for k in rails}
+    assert ns_answers(peer, list(own6), own6, all_nodes=True) == own6
 
     rules = json.loads(nsx(fab.pod, "ip", "-j", "rule", "show")) + json.loads(
         nsx(fab.pod, "ip", "-j", "-6", "rule", "show"))
@@ -293,8 +274,8 @@ def test_flat_segment_eight_rails_one_subnet(fabric):
 @pytest.mark.parametrize("dad", [False, True], ids=["address-settled", "address-tentative"])
 def test_add_announces_so_a_stale_gateway_learns_the_new_mac(fabric, dad):
     """Issue 4/12: with detection off, the gateway's STALE entry of another MAC for a reused
-    address is replaced with net1's MAC within 2 s of ADD: GARP (IPv4) and unsolicited NA
-    (IPv6), the NA sent once the address left DAD."""
+    address is replaced with net1's MAC after ADD, without any traffic of its own: GARP (IPv4)
+    and unsolicited NA (IPv6), the NA sent once the address left DAD."""
     fab = fabric("segments", 1, (4, 6))
     gw = fab.peer(1)
     for fam in (4, 6):
@@ -309,6 +290,13 @@ def test_add_announces_so_a_stale_gateway_learns_the_new_mac(fabric, dad):
                                     "dev", "seg"))[0].get("lladdr") for fam in (4, 6)}
     assert gateway_macs() == {4: "02:00:00:00:00:99", 6: "02:00:00:00:00:99"}
     fab.ok("ADD", 1, prev)
-    wait_until(lambda: gateway_macs() == {4: fab.mac(1), 6: fab.mac(1)},
-               what=f"the gateway to learn net1's MAC (it has {gateway_macs()})")
+    seen: list[dict[int, str]] = []
+
+    def learned() -> bool:
+        seen[:] = [gateway_macs()]
+        return seen[0] == {4: fab.mac(1), 6: fab.mac(1)}
+    try:
+        wait_until(learned, what="the gateway to learn net1's MAC")
+    except AssertionError as err:
+        raise AssertionError(f"{err} (it has {seen[0]}, net1's is {fab.mac(1)})") from None
     fab.ok("DEL", 1, prev)

@@ -29,17 +29,13 @@ import signal
 import pytest
 
 from harness.lab import UnderlayLab
-from harness.plugin import assert_cni_error
+from harness.plugin import assert_cni_error, assert_ok
 from harness.resident import Resident, served_count
 from harness.snapshot import snapshot_diff
 
 pytestmark = [pytest.mark.netns]
 KILL = {"ROUTE_TUNE_FAULT_ACTION": "kill"}
 RAISE = {"ROUTE_TUNE_FAULT_ACTION": "raise"}
-
-
-def ok(reply) -> None:
-    assert reply.code == 0, str(reply)
 
 
 class Sweep:
@@ -53,7 +49,7 @@ class Sweep:
         self.pre = rig.snapshot()
         self.points = self.count("ADD")
         self.post = rig.snapshot()
-        ok(call("DEL", {}))
+        assert_ok(call("DEL", {}))
         rig.assert_unchanged(self.pre, "after a clean ADD + DEL")
 
     def count(self, command: str) -> list[str]:
@@ -62,7 +58,7 @@ class Sweep:
         read from the server's own environment only), so there the log must not even appear."""
         log = self.rig.lab.tmp / "fault-points.log"
         log.unlink(missing_ok=True)
-        ok(self.call(command, {"ROUTE_TUNE_FAULT_LOG": str(log)}))
+        assert_ok(self.call(command, {"ROUTE_TUNE_FAULT_LOG": str(log)}))
         if self.rig.engine == "resident":
             assert not log.exists(), "a request's ROUTE_TUNE_FAULT_LOG reached the resident engine"
             return []
@@ -84,7 +80,7 @@ def rail_sweep(rig, k: int, recover_env: dict | None = None) -> Sweep:
     bare = rig.bare()
     prevs = {j: bare.add(j) for j in range(1, rig.lab.rails + 1)}
     for j in range(1, k):
-        ok(rig.rt("ADD", j, prevs[j]))
+        assert_ok(rig.rt("ADD", j, prevs[j]))
     return Sweep(rig, lambda command, env: rig.rt(command, k, prevs[k], extra_env=env), recover_env)
 
 
@@ -121,7 +117,7 @@ def check_cycle(s: Sweep, where: str) -> list[str]:
         return problems + [f"{where}: fresh ADD failed:\n{reply}"]
     if diff := s.diff(s.post):
         problems.append(f"{where}: fresh ADD did not converge:\n{diff}")
-    ok(s.recover("DEL"))
+    assert_ok(s.recover("DEL"))
     if diff := s.diff(s.pre):
         problems.append(f"{where}: final DEL left:\n{diff}")
     return problems
@@ -136,7 +132,7 @@ def raise_sweep(s: Sweep) -> list[str]:
             problems.append(f"raise at point {n} ({name}): want an error reply, got:\n{reply}")
         if diff := s.diff(s.pre):
             problems.append(f"raise at point {n} ({name}): rollback left (before any DEL):\n{diff}")
-            ok(s.call("DEL", {}))
+            assert_ok(s.call("DEL", {}))
     return problems
 
 
@@ -207,11 +203,11 @@ def test_kill_at_every_point_of_del(make_rig):
     """SIGKILL at every fault point of DEL: a retried DEL finishes, the state is as before ADD,
     and ADD works again."""
     s = rail_sweep(make_rig("dual", rails=2), 1)
-    ok(s.call("ADD", {}))
+    assert_ok(s.call("ADD", {}))
     del_points = s.count("DEL")
     problems = []
     for n in range(1, len(del_points) + 1):
-        ok(s.call("ADD", {}))
+        assert_ok(s.call("ADD", {}))
         reply = s.call("DEL", {**KILL, "ROUTE_TUNE_FAULT_AT": str(n)})
         assert reply.code == -signal.SIGKILL, f"DEL point {n}: not killed:\n{reply}"
         reply = s.call("DEL", {})
@@ -239,8 +235,8 @@ def resident_points(s: Sweep) -> list[str]:
     log = s.rig.lab.tmp / "fault-points.log"
     log.unlink(missing_ok=True)
     replace_server(s.rig, {"ROUTE_TUNE_FAULT_LOG": str(log)})
-    ok(s.call("ADD", {}))
-    ok(s.call("DEL", {}))
+    assert_ok(s.call("ADD", {}))
+    assert_ok(s.call("DEL", {}))
     replace_server(s.rig)
     return [p for p in log.read_text().splitlines() if not p.startswith("del:")]
 

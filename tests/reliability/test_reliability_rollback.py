@@ -13,23 +13,20 @@ import json
 
 import pytest
 
+from cniplugin.records.objects import object_from_dict
 from harness.host import wait_until
-from harness.plugin import assert_cni_error
+from harness.plugin import assert_cni_error, assert_ok
 from harness.resident import Resident
 
 pytestmark = [pytest.mark.netns, pytest.mark.parametrize("engine", ["inprocess"], indirect=True)]
-
-
-def ok(reply) -> None:
-    assert reply.code == 0, str(reply)
 
 
 def failing_add(rig, prev: dict) -> tuple[str, dict]:
     """ADD whose rollback cannot undo its first node change: that change's name, the error."""
     log = rig.lab.tmp / "points.log"
     log.unlink(missing_ok=True)
-    ok(rig.rt("ADD", 1, prev, extra_env={"ROUTE_TUNE_FAULT_LOG": str(log)}))
-    ok(rig.rt("DEL", 1, prev))
+    assert_ok(rig.rt("ADD", 1, prev, extra_env={"ROUTE_TUNE_FAULT_LOG": str(log)}))
+    assert_ok(rig.rt("DEL", 1, prev))
     points = log.read_text().splitlines()
     n = next(i for i, p in enumerate(points, 1) if p.startswith("node:ip route"))
     reply = rig.rt("ADD", 1, prev, extra_env={"ROUTE_TUNE_FAULT_ACTION": "raise",
@@ -43,9 +40,9 @@ def assert_tracked(rig, left: str, err: dict) -> None:
     state = json.loads((rig.penv.state_dir / record).read_text())
     assert state["phase"] == "rollback-incomplete", state
     desired = state["desired"]
-    listed = [o for k in ("pod_owned", "pod_shared", "node_owned", "node_shared", "displaced")
-              for o in desired[k]]
-    assert len(listed) == 1, listed
+    lists = ("pod_owned", "pod_shared", "node_owned", "node_shared", "displaced")
+    listed = {k: [object_from_dict(o).render() for o in desired[k]] for k in lists}
+    assert listed == {**{k: [] for k in lists}, "node_owned": [left]}, desired
     assert left in err["msg"] and "could not undo 1 change(s)" in err["msg"], err
     assert "the next DEL, GC or the resident engine removes them" in err["msg"], err
     assert str(rig.penv.state_dir / record) in err["msg"], err
@@ -62,10 +59,10 @@ def test_what_a_rollback_left_is_recorded_and_removed(make_rig, finisher):
     assert left.startswith("ip route replace"), left
     assert_tracked(rig, left, err)
     if finisher == "DEL":
-        ok(rig.rt("DEL", 1, prev))
+        assert_ok(rig.rt("DEL", 1, prev))
     elif finisher == "GC":
         conf = {**rig.conf(1, cni_version="1.1.0"), "cni.dev/valid-attachments": []}
-        ok(rig.exec_plugin(rig.env("GC", "net1"), conf))
+        assert_ok(rig.exec_plugin(rig.env("GC", "net1"), conf))
     else:
         with Resident(rig.lab.node, rig.penv):
             wait_for_no_records(rig)
@@ -79,8 +76,8 @@ def test_a_retried_add_removes_the_leftovers_first(make_rig):
     prev = rig.bare().add(1)
     pre = rig.snapshot()
     failing_add(rig, prev)
-    ok(rig.rt("ADD", 1, prev))
-    ok(rig.rt("DEL", 1, prev))
+    assert_ok(rig.rt("ADD", 1, prev))
+    assert_ok(rig.rt("DEL", 1, prev))
     rig.assert_unchanged(pre, "after a retried ADD and DEL")
 
 

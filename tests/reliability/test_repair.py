@@ -24,16 +24,13 @@ from cniplugin.engine.repair import Repairer, Settings
 from cniplugin.kernel import netns as _netns
 from harness.host import wait_until
 from harness.lab import UnderlayLab
+from harness.plugin import assert_ok
 from harness.resident import Resident
 from harness.snapshot import snapshot_diff
 
 pytestmark = [pytest.mark.netns]
 RESIDENT = pytest.mark.parametrize("engine", ["resident"], indirect=True)
 INPROCESS = pytest.mark.parametrize("engine", ["inprocess"], indirect=True)
-
-
-def ok(reply) -> None:
-    assert reply.code == 0, str(reply)
 
 
 def wait_for(rig, want: dict, what: str) -> None:
@@ -93,7 +90,7 @@ def test_node_objects_are_put_back_exactly(make_rig):
     prevs = {k: bare.add(k) for k in (1, 2)}
     pre = rig.snapshot()
     for k, prev in prevs.items():
-        ok(rig.rt("ADD", k, prev))
+        assert_ok(rig.rt("ADD", k, prev))
     post = rig.snapshot()
     for name, delete in DELETERS.items():
         repaired = repairs_logged(rig)
@@ -101,7 +98,7 @@ def test_node_objects_are_put_back_exactly(make_rig):
         wait_until(lambda: repairs_logged(rig) > repaired, what=f"the engine to repair {name}")
         wait_for(rig, post, f"the engine to repair {name} exactly")
     for k, prev in reversed(prevs.items()):
-        ok(rig.rt("DEL", k, prev))
+        assert_ok(rig.rt("DEL", k, prev))
     rig.assert_unchanged(pre, "after DEL of repaired attachments")
     assert "could not repair" not in rig.server.log()
 
@@ -114,7 +111,7 @@ def test_underlay_nft_table_is_put_back(make_rig):
     conf = {"cniVersion": "1.0.0", "name": "underlay", "type": "route-tune", "mode": "underlay",
             "prevResult": rig.lab.eth0_prev()}
     pre = rig.snapshot()
-    ok(rig.exec_plugin(rig.env("ADD", "eth0"), conf))
+    assert_ok(rig.exec_plugin(rig.env("ADD", "eth0"), conf))
     post = rig.snapshot()
     pod_nft(rig.lab, "flush", "ruleset")
     try:
@@ -125,7 +122,7 @@ def test_underlay_nft_table_is_put_back(make_rig):
     networkd_flush(rig.lab)
     pod_nft(rig.lab, "delete", "table", "inet", "route_tune")
     wait_for(rig, post, "the engine to repair the node and the nft table")
-    ok(rig.exec_plugin(rig.env("DEL", "eth0"), conf))
+    assert_ok(rig.exec_plugin(rig.env("DEL", "eth0"), conf))
     rig.assert_unchanged(pre, "after DEL")
 
 
@@ -140,12 +137,12 @@ def test_a_del_in_flight_is_not_undone(make_rig):
     pre = rig.snapshot()
     inprocess = {"ROUTE_TUNE_ENGINE": "inprocess"}
     for k in (1, 2):
-        ok(rig.rt("ADD", k, prevs[k]))
+        assert_ok(rig.rt("ADD", k, prevs[k]))
     points_log = rig.lab.tmp / "del-points.log"
-    ok(rig.rt("DEL", 1, prevs[1], extra_env={**inprocess, "ROUTE_TUNE_FAULT_LOG": str(points_log)}))
+    assert_ok(rig.rt("DEL", 1, prevs[1], extra_env={**inprocess, "ROUTE_TUNE_FAULT_LOG": str(points_log)}))
     points = points_log.read_text().splitlines()
     first_node = next(i for i, p in enumerate(points, 1) if p.startswith("del:node:"))
-    ok(rig.rt("ADD", 1, prevs[1]))
+    assert_ok(rig.rt("ADD", 1, prevs[1]))
     reply = rig.rt("DEL", 1, prevs[1], extra_env={
         **inprocess, "ROUTE_TUNE_FAULT_AT": str(first_node), "ROUTE_TUNE_FAULT_ACTION": "kill"})
     assert reply.code < 0, str(reply)
@@ -162,7 +159,7 @@ def test_a_del_in_flight_is_not_undone(make_rig):
                what="the engine to repair rail 2's node route")
     assert not rail1_route() and not rail1_neigh(), "the engine resurrected rail 1 during its DEL"
     for k in (1, 2):
-        ok(rig.rt("DEL", k, prevs[k]))
+        assert_ok(rig.rt("DEL", k, prevs[k]))
     rig.assert_unchanged(pre, "after the retried DEL")
 
 
@@ -194,7 +191,7 @@ def test_a_repeated_deleter_meets_backoff(make_rig):
     rig = make_rig("4", rails=1)
     prev = rig.bare().add(1)
     pre = rig.snapshot()
-    ok(rig.rt("ADD", 1, prev))
+    assert_ok(rig.rt("ADD", 1, prev))
     post = rig.snapshot()
     events = Events()
     observe.install(events)
@@ -237,19 +234,20 @@ def test_a_repeated_deleter_meets_backoff(make_rig):
     assert deletions >= repairs - 1
     assert any(level == "WARNING" and re.search(r"keeps being removed .* again in \d+ s", text)
                for level, text in lines.lines), lines.lines
-    ok(rig.rt("DEL", 1, prev))
+    assert_ok(rig.rt("DEL", 1, prev))
     rig.assert_unchanged(pre, "after DEL")
 
 
 @RESIDENT
 def test_an_engine_started_after_the_deletion_repairs_at_startup(make_rig):
     """No engine runs while networkd flushes the node; the engine started afterwards puts
-    everything back before any event."""
+    everything back before any event. DEL then returns to the pre-ADD state."""
     rig = make_rig("4", rails=2)
     bare = rig.bare()
     prevs = {k: bare.add(k) for k in (1, 2)}
+    pre = rig.snapshot()
     for k, prev in prevs.items():
-        ok(rig.rt("ADD", k, prev))
+        assert_ok(rig.rt("ADD", k, prev))
     post = rig.snapshot()
     rig.server.stop()
     networkd_flush(rig.lab)
@@ -257,4 +255,5 @@ def test_an_engine_started_after_the_deletion_repairs_at_startup(make_rig):
     rig.server = Resident(rig.lab.node, rig.penv).start()
     wait_for(rig, post, "the new engine to repair at start-up")
     for k, prev in reversed(prevs.items()):
-        ok(rig.rt("DEL", k, prev))
+        assert_ok(rig.rt("DEL", k, prev))
+    rig.assert_unchanged(pre, "after DEL of the attachments the new engine repaired")

@@ -19,6 +19,7 @@ import pytest
 from cniplugin.lab.topology import run
 from harness.host import PYTHON
 from harness.plugin import assert_cni_error
+from harness.resident import plugin_log
 from harness.snapshot import ns_state, snapshot_diff
 
 pytestmark = [pytest.mark.netns]
@@ -222,8 +223,7 @@ def test_resident_socket_refuses_non_root(make_rig):
     assert got["code"] == 1 and json.loads(got["stdout"])["code"] == 107, got
     rig.assert_unchanged(before, "after a non-root peer asked for ADD")
     assert rig.server.answers()
-    assert "only root may use the engine" in rig.server.log() + "".join(
-        p.read_text(errors="replace") for p in rig.penv.log_dir.glob("route-tune.log*"))
+    assert "only root may use the engine" in rig.server.log() + plugin_log(rig.penv)
 
 
 def nobody_forward(node_ns: str, env: dict, stdin: bytes) -> dict:

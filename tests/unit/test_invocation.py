@@ -15,18 +15,10 @@ from cniplugin.cli.request import build_invocation
 from cniplugin.protocol.dispatch import run
 from cniplugin.protocol.errors import IncompatibleVersion, InvalidConfig, NotChained
 from cniplugin.protocol.invocation import Invocation, from_request
+from harness.plugin import PREV, request_env
 
-PREV = {"cniVersion": "1.0.0", "interfaces": [{"name": "net1", "sandbox": "/run/netns/p"}],
-        "ips": [{"address": "10.9.0.5/24", "gateway": "10.9.0.1", "interface": 0}]}
-
-
-def request_env(tmp: Path, command: str = "ADD", netns: str = "/run/netns/rtA-pod") -> dict:
-    defaults = tmp / "defaults.json"
-    if not defaults.exists():
-        defaults.write_text(json.dumps({"logDir": str(tmp / "log"), "stateDir": str(tmp / "st")}))
-    return {"CNI_COMMAND": command, "CNI_CONTAINERID": "rtA-c1", "CNI_IFNAME": "net1",
-            "CNI_NETNS": netns, "CNI_PATH": "/opt/cni/bin", "ROUTE_TUNE_DEFAULTS": str(defaults),
-            "CNI_ARGS": "K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=trainer-0"}
+#: The pod a runtime names in CNI_ARGS.
+POD_ARGS = {"CNI_ARGS": "K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=trainer-0"}
 
 
 def dispatched(environ: dict, config: dict) -> Invocation:
@@ -71,20 +63,20 @@ def test_dispatch_and_the_cli_build_equal_invocations(config, command):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config = {"name": "rtA-net", "type": "route-tune", **config, "prevResult": PREV}
-        environ = request_env(tmp, command)
+        environ = request_env(tmp, command, **POD_ARGS)
         inv = dispatched(environ, config)
         assert inv == from_cli(tmp, environ, config, command)
         assert inv == from_request(environ, config)  # bytes or the decoded object: the same
         assert (inv.command, inv.container_id, inv.ifname, inv.network, inv.state_dir) == (
-            command, "rtA-c1", "net1", "rtA-net", str(tmp / "st"))
+            command, "rtA-c1", "net1", "rtA-net", str(tmp / "state"))
 
 
 def test_a_del_whose_netns_is_gone_has_no_config_and_reads_the_node_defaults(tmp_path):
-    environ = request_env(tmp_path, "DEL", netns=str(tmp_path / "gone"))
+    environ = request_env(tmp_path, "DEL", CNI_NETNS=str(tmp_path / "gone"), **POD_ARGS)
     config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode": "disable"}
     assert from_request(environ, json.dumps(config).encode()) == Invocation(
         command="DEL", container_id="rtA-c1", ifname="net1", netns=str(tmp_path / "gone"),
-        network="rtA-net", cni_version="1.0.0", state_dir=str(tmp_path / "st"), raw=config,
+        network="rtA-net", cni_version="1.0.0", state_dir=str(tmp_path / "state"), raw=config,
         disabled=True, pod_namespace="team-a", pod_name="trainer-0")
 
 
@@ -122,7 +114,11 @@ def test_command_gates_and_name_check_come_before_the_config(tmp_path):
 
 def test_replace_checks_again(tmp_path):
     config = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "prevResult": PREV}
-    inv = from_request(request_env(tmp_path), config)
-    assert inv.replace(state_dir="/x").state_dir == "/x"
+    inv = from_request(request_env(tmp_path, **POD_ARGS), config)
+    fields = {name: getattr(inv, name) for name in Invocation._fields}
+    moved = inv.replace(state_dir="/x")
+    assert {name: getattr(moved, name) for name in Invocation._fields} == {**fields, "state_dir": "/x"}
+    assert {name: getattr(inv, name) for name in Invocation._fields} == fields  # inv itself unchanged
+    assert inv.state_dir != "/x" and moved == Invocation(**{**fields, "state_dir": "/x"})
     with pytest.raises(NotChained):
         inv.replace(prev_result=None)

@@ -116,9 +116,32 @@ def test_metrics_address(text, address):
     assert parse_address(text) == address
 
 
-@given(st.text(max_size=20).filter(lambda t: not t.rpartition(":")[2].isdigit()
-                                    or not 0 < int(t.rpartition(":")[2]) < 65536
-                                    or ":" not in t))
-def test_a_metrics_address_without_a_port_is_refused(text):
+#: What may stand before the last colon (any text: the port alone decides).
+HOSTS = st.sampled_from(["", "0.0.0.0", "[::]", "fd00::1", "localhost"]) | st.text(max_size=12)
+#: A port that is no decimal number of ASCII digits: empty, signs, spaces, letters, and digits
+#: that str.isdigit() takes but a port is not written in ("²", Arabic-Indic "٨٠", fullwidth "８").
+NOT_DIGITS = st.sampled_from(["", "+80", "-1", " 80", "80 ", "8o", "0x50", "1e3", "80.0", "²",
+                              "٨٠", "８０", "¹²³"]) | st.text(min_size=1, max_size=8).filter(
+    lambda t: ":" not in t and not (t.isascii() and t.isdigit()))
+#: Numbers of ASCII digits outside 1..65535 (leading zeros included).
+OUT_OF_RANGE = st.sampled_from(["0", "00", "65536", "99999"]) | st.integers(65536, 10**12).map(str)
+
+
+@given(st.text(max_size=20).filter(lambda t: ":" not in t))
+def test_a_metrics_address_without_a_colon_is_refused(text):
     with pytest.raises(ValueError, match="is not HOST:PORT"):
+        parse_address(text)
+
+
+@given(HOSTS, NOT_DIGITS | OUT_OF_RANGE)
+def test_a_metrics_address_whose_port_is_no_port_is_refused(host, port):
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        parse_address(f"{host}:{port}")
+
+
+@pytest.mark.parametrize("text", ["a:²", "x:٨٠", "x:８０", "127.0.0.1:0", "[::]:65536", ":", "9731"])
+def test_a_metrics_address_with_a_port_not_in_ascii_digits_or_out_of_range_is_refused(text):
+    """Both "²" and "٨٠" pass str.isdigit(): the first made int() raise its own message, the
+    second was taken as port 80."""
+    with pytest.raises(ValueError, match=r"^metrics address .* is not HOST:PORT \(e\.g\. 0\.0\.0\.0:9731\)$"):
         parse_address(text)

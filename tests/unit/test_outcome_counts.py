@@ -14,18 +14,7 @@ from cniplugin.protocol import dispatch
 from cniplugin.protocol.dispatch import Outcome, error_outcome, run
 from cniplugin.protocol.errors import TryAgainLater
 from cniplugin.transport import inprocess_counts, plugin
-
-PREV = {"cniVersion": "1.0.0", "interfaces": [{"name": "net1", "sandbox": "/run/netns/p"}],
-        "ips": [{"address": "10.9.0.5/24", "gateway": "10.9.0.1", "interface": 0}]}
-
-
-def request_env(tmp: Path, command: str = "ADD", **extra: str) -> dict[str, str]:
-    """An environment whose node defaults put the state dir under ``tmp/state``."""
-    defaults = tmp / "defaults.json"
-    defaults.write_text(json.dumps({"logDir": str(tmp / "log"), "stateDir": str(tmp / "state")}))
-    return {"CNI_COMMAND": command, "CNI_CONTAINERID": "rtA-c1", "CNI_IFNAME": "net1",
-            "CNI_NETNS": str(tmp / "no-such-netns"), "CNI_PATH": "/opt/cni/bin",
-            "ROUTE_TUNE_DEFAULTS": str(defaults), **extra}
+from harness.plugin import PREV, request_env
 
 
 def stdin(**keys: object) -> bytes:

@@ -16,11 +16,6 @@ CONFIG = {"cniVersion": "1.0.0", "name": "rtA-net", "type": "route-tune", "mode"
           "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}}
 
 
-@pytest.fixture
-def base_env(cni_env) -> dict[str, str]:
-    return cni_env
-
-
 def error_bytes(code: int, msg: str, details: str = "", version: str = "1.0.0") -> bytes:
     reply = {"cniVersion": version, "code": code, "msg": msg}
     if details:
@@ -34,23 +29,23 @@ def assert_error(proc, code: int, msg: str, details: str = "", version: str = "1
     assert b"Traceback" not in proc.stdout + proc.stderr
 
 
-def test_p1_no_command_prints_about_on_stderr_and_exits_0(base_env):
-    del base_env["CNI_COMMAND"]
-    proc = run_plugin(base_env, CONFIG)
+def test_p1_no_command_prints_about_on_stderr_and_exits_0(cni_env):
+    del cni_env["CNI_COMMAND"]
+    proc = run_plugin(cni_env, CONFIG)
     assert (proc.returncode, proc.stdout) == (0, b"")
     assert proc.stderr.decode() == ("CNI route-tune plugin v0.1.0\nCNI protocol versions "
                                     "supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0\n")
 
 
-def test_p1_empty_command_is_the_same_as_unset(base_env):
-    proc = run_plugin({**base_env, "CNI_COMMAND": ""}, CONFIG)
+def test_p1_empty_command_is_the_same_as_unset(cni_env):
+    proc = run_plugin({**cni_env, "CNI_COMMAND": ""}, CONFIG)
     assert (proc.returncode, proc.stdout) == (0, b"")
     assert proc.stderr.startswith(b"CNI route-tune plugin v")
 
 
 @pytest.mark.parametrize("command", ["FOO", "add", "VERSIONS"])
-def test_p1_unknown_command_is_code_4_naming_it(base_env, command):
-    proc = run_plugin({**base_env, "CNI_COMMAND": command}, CONFIG)
+def test_p1_unknown_command_is_code_4_naming_it(cni_env, command):
+    proc = run_plugin({**cni_env, "CNI_COMMAND": command}, CONFIG)
     # stdin is not read for a command we do not know, so the reply speaks our newest version
     assert_error(proc, 4, f"unknown CNI_COMMAND: {command}", version="1.1.0")
 
@@ -64,20 +59,20 @@ def test_p1_unknown_command_is_code_4_naming_it(base_env, command):
     (["CNI_PATH"], "GC", "CNI_PATH"),
     (["CNI_PATH"], "STATUS", "CNI_PATH"),
 ])
-def test_p2_all_missing_variables_named_in_one_error(base_env, missing, command, named):
-    env = {k: v for k, v in base_env.items() if k not in missing}
+def test_p2_all_missing_variables_named_in_one_error(cni_env, missing, command, named):
+    env = {k: v for k, v in cni_env.items() if k not in missing}
     proc = run_plugin({**env, "CNI_COMMAND": command}, CONFIG)
     assert_error(proc, 4, f"required env variables [{named}] missing")
 
 
-def test_p2_netns_is_optional_for_del(base_env):
-    env = {k: v for k, v in base_env.items() if k != "CNI_NETNS"}
+def test_p2_netns_is_optional_for_del(cni_env):
+    env = {k: v for k, v in cni_env.items() if k != "CNI_NETNS"}
     proc = run_plugin({**env, "CNI_COMMAND": "DEL"}, CONFIG)
     assert (proc.returncode, proc.stdout) == (0, b"")
 
 
-def test_p2_empty_variable_counts_as_missing(base_env):
-    proc = run_plugin({**base_env, "CNI_IFNAME": ""}, CONFIG)
+def test_p2_empty_variable_counts_as_missing(cni_env):
+    proc = run_plugin({**cni_env, "CNI_IFNAME": ""}, CONFIG)
     assert_error(proc, 4, "required env variables [CNI_IFNAME] missing")
 
 
@@ -90,36 +85,36 @@ def test_p2_empty_variable_counts_as_missing(base_env):
     ("a b", "interface name contains / or : or whitespace characters"),
     ("a\tb", "interface name contains / or : or whitespace characters"),
 ])
-def test_p3_bad_ifname_is_code_4(base_env, ifname, msg):
-    proc = run_plugin({**base_env, "CNI_IFNAME": ifname}, CONFIG)
+def test_p3_bad_ifname_is_code_4(cni_env, ifname, msg):
+    proc = run_plugin({**cni_env, "CNI_IFNAME": ifname}, CONFIG)
     details = "interface name should be less than 16 characters" if "long" in msg else ""
     assert_error(proc, 4, msg, details)
 
 
-def test_p3_fifteen_char_ifname_is_fine(base_env):
-    proc = run_plugin({**base_env, "CNI_IFNAME": "a" * 15}, CONFIG)
+def test_p3_fifteen_char_ifname_is_fine(cni_env):
+    proc = run_plugin({**cni_env, "CNI_IFNAME": "a" * 15}, CONFIG)
     assert proc.returncode == 0, proc.stdout
 
 
 @pytest.mark.parametrize("container_id", ["-abc", "a b", "a/b", "_x", "abc$", "ü1"])
-def test_p3_bad_container_id_is_code_4(base_env, container_id):
-    proc = run_plugin({**base_env, "CNI_CONTAINERID": container_id}, CONFIG)
+def test_p3_bad_container_id_is_code_4(cni_env, container_id):
+    proc = run_plugin({**cni_env, "CNI_CONTAINERID": container_id}, CONFIG)
     assert_error(proc, 4, "invalid characters in containerID", container_id)
 
 
-def test_p5_error_is_one_json_object_and_logs_stay_on_stderr(base_env):
-    proc = run_plugin({**base_env, "CNI_COMMAND": "NOPE"}, CONFIG)
+def test_p5_error_is_one_json_object_and_logs_stay_on_stderr(cni_env):
+    proc = run_plugin({**cni_env, "CNI_COMMAND": "NOPE"}, CONFIG)
     reply = json.loads(proc.stdout)  # exactly one JSON document, nothing before or after
     assert set(reply) <= {"cniVersion", "code", "msg", "details"}
     assert b"NOPE" in proc.stderr  # the failure is logged, on stderr only
 
 
-def test_i2_multus_style_cni_args_are_accepted(base_env):
+def test_i2_multus_style_cni_args_are_accepted(cni_env):
     args = ("IgnoreUnknown=true;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=pod-1;"
             "K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1;K8S_POD_NAME=pod-1;"
             "MAC=c2:11:22:33:44:55;IP=10.9.0.5,fd00::5")
     config = {**CONFIG, "args": {"cni": {"labels": ["x"]}}, "runtimeConfig": {"mac": "c2:1:1:1:1:1"}}
-    proc = run_plugin({**base_env, "CNI_ARGS": args}, config)
+    proc = run_plugin({**cni_env, "CNI_ARGS": args}, config)
     assert proc.returncode == 0, proc.stdout
     assert json.loads(proc.stdout)["ips"] == [{"address": "10.9.0.5/24"}]
 
@@ -244,10 +239,10 @@ def test_env_validator_accepts_every_valid_container_id(container_id):
     ({"CNI_COMMAND": "CHECK"}, {"cniVersion": "0.3.1"}),
     ({"CNI_COMMAND": "GC"}, {}),
 ])
-def test_error_details_add_to_msg_and_never_repeat_it(base_env, env_change, config_change):
+def test_error_details_add_to_msg_and_never_repeat_it(cni_env, env_change, config_change):
     """libcni prints ``msg; details``: what details says must not already be in msg."""
     config = {k: v for k, v in {**CONFIG, **config_change}.items() if v is not None}
-    proc = run_plugin({**base_env, **env_change}, config)
+    proc = run_plugin({**cni_env, **env_change}, config)
     reply = json.loads(proc.stdout)
     assert proc.returncode == 1 and reply["msg"], reply
     assert details_repeat(reply["msg"], reply.get("details", "")) == "", reply
