@@ -266,6 +266,22 @@ def test_server_killed_mid_add_then_del_cleans(make_rig):
     assert_none(server_kill_sweep(s, numbers))
 
 
+@RESIDENT
+def test_rollback_of_an_applied_add_is_not_repaired_back(make_rig):
+    """ADD fails after its record says applied, with the engine's node repair running: the
+    rollback removes the node rule eth0's ADD created, and the repair (which keeps applied
+    records' node objects in place) must not put it back. Underlay eth0, the one attachment that
+    owns the rule alone; the --run-slow sweep below covers every point."""
+    s = underlay_sweep(make_rig("4", rails=1, lab_class=UnderlayLab))
+    s.points = resident_points(s)
+    replace_server(s.rig, {**RAISE, "ROUTE_TUNE_FAULT_AT": str(s.points.index("state:applied") + 1)})
+    reply = s.call("ADD", {})
+    replace_server(s.rig)
+    assert reply.code == 1 and "injected fault" in reply.stdout.decode(), reply
+    diff = s.diff(s.pre)
+    assert not diff, f"rollback left:\n{diff}"
+
+
 @pytest.mark.slow
 @RESIDENT
 @pytest.mark.parametrize("shape", ["overlay net1", "underlay eth0"])
