@@ -16,7 +16,7 @@ finishes what a failed ADD's rollback left behind (``rollback-incomplete`` recor
 Never racing ADD, DEL or GC: a pass first compares without locks; when something is missing it
 takes the node lock (the pod lock for the nft table), reads the records again and repairs only
 attachments still ``applied`` (DEL marks its record ``removing`` under its first lock, before it
-removes anything). Its own writes announce themselves too: creations of route-tune's objects
+removes anything, and so does a failed ADD's rollback). Its own writes announce themselves too: creations of route-tune's objects
 are not events here, and an nft verification after a repair writes nothing, so nothing loops.
 An object removed again and again is repaired with exponential (bounded) back-off, reported
 by a warning and a ``repair_backoff`` event; every repair is a ``repair`` event.
