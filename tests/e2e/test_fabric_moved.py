@@ -23,11 +23,11 @@ from cniplugin.lab.fabric import FabricLab, FabricPods
 from cniplugin.lab.flows import run_flows
 from cniplugin.lab.topology import ip_batch, state_diff
 from harness.cli import Run, cli
-from harness.fabric import FabricRig
+from harness.fabric import FabricRig, assert_rail_del_exact
 from harness.golden import assert_golden, mask_rtt, normalise
 from harness.host import require
 from harness.lab import NAMES
-from harness.snapshot import only_dev, rules_sorted, without_addrs, without_dev
+from harness.snapshot import only_dev, rules_sorted, without_dev
 
 pytestmark = pytest.mark.usefixtures("lab_session")
 
@@ -146,13 +146,8 @@ def test_del_returns_the_device_and_readd_restores_the_matrix(moved: Moved):
     full = moved.states()
     pods[1].delete(k)
     after = moved.states()
-    for ns in (lab.pod(2), lab.node(2)):
-        assert state_diff(full[ns], after[ns]) == "", ns
-    node1, addrs = lab.node(1), {lab.rail_ip(1, k, fam) for fam in lab.families}
-    want = without_addrs(full[node1], addrs)
-    assert want != full[node1], f"node 1 had no entry naming net{k}'s addresses {addrs}"
-    assert state_diff(want, without_dev(after[node1], f"rail{k}")) == "", \
-        f"node 1 (rail{k} aside) is not exactly as before minus net{k}'s entries"
+    assert_rail_del_exact(lab, full, after, k, node1=lambda state: without_dev(state, f"rail{k}"))
+    node1 = lab.node(1)
     assert state_diff(only_dev(after[node1], f"rail{k}"),
                       only_dev(moved.before_add[node1], f"rail{k}")) == ""
     moved.assert_streams_on_own_rails(r for r in lab.rail_ids if r != k)

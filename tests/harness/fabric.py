@@ -17,9 +17,9 @@ import pytest
 
 from cniplugin.lab.fabric import FabricLab, FabricPods
 from cniplugin.lab.flows import Flow, run_flows
-from cniplugin.lab.topology import netns_names
+from cniplugin.lab.topology import netns_names, state_diff
 from harness.lab import NAMES
-from harness.snapshot import ns_state
+from harness.snapshot import ns_state, without_addrs
 
 #: (mode, layout, family): overlay and underlay, IPv4 and dual stack, separate subnets and one
 #: shared subnet; the dual-stack cases cover IPv4 too, so IPv4 alone runs once per mode.
@@ -74,6 +74,19 @@ class FabricRig:
     def cluster_dev(self) -> str:
         """Where the pod's cluster traffic leaves: Calico's eth0, or the underlay's veth0."""
         return "eth0" if self.lab.mode == "overlay" else "veth0"
+
+
+def assert_rail_del_exact(lab, full: dict, after: dict, k: int, *, node1=lambda state: state) -> None:
+    """After a DEL of pod 1's rail ``k`` (``full``/``after``: whole states by namespace): pod 2
+    and node 2 are unchanged, and node 1 (``node1(after)``: the part to compare) is exactly as
+    before minus every entry naming net``k``'s addresses, of which there was one at least."""
+    for ns in (lab.pod(2), lab.node(2)):
+        assert state_diff(full[ns], after[ns]) == "", ns
+    node, addrs = lab.node(1), {lab.rail_ip(1, k, fam) for fam in lab.families}
+    want = without_addrs(full[node], addrs)
+    assert want != full[node], f"node 1 had no entry naming net{k}'s addresses {addrs}"
+    assert state_diff(want, node1(after[node])) == "", \
+        f"node 1 is not exactly as before minus net{k}'s entries"
 
 
 def case_id(case: tuple[str, str, str]) -> str:

@@ -81,17 +81,23 @@ def pod_nft(lab, *words: str) -> None:
     subprocess.run(["ip", "netns", "exec", lab.pod, "nft", *words], check=True)
 
 
-@RESIDENT
-def test_node_objects_are_put_back_exactly(make_rig):
-    """Dual stack, two rails: each deletion is repaired to exactly the post-ADD state; DEL then
-    returns to the pre-ADD state."""
-    rig = make_rig("dual", rails=2)
+def add_both_rails(rig) -> tuple[dict, object, object]:
+    """Rails 1 and 2 ADDed through the rig's engine: their prevResults, and the snapshots
+    before and after."""
     bare = rig.bare()
     prevs = {k: bare.add(k) for k in (1, 2)}
     pre = rig.snapshot()
     for k, prev in prevs.items():
         assert_ok(rig.rt("ADD", k, prev))
-    post = rig.snapshot()
+    return prevs, pre, rig.snapshot()
+
+
+@RESIDENT
+def test_node_objects_are_put_back_exactly(make_rig):
+    """Dual stack, two rails: each deletion is repaired to exactly the post-ADD state; DEL then
+    returns to the pre-ADD state."""
+    rig = make_rig("dual", rails=2)
+    prevs, pre, post = add_both_rails(rig)
     for name, delete in DELETERS.items():
         repaired = repairs_logged(rig)
         delete(rig.lab)
@@ -243,12 +249,7 @@ def test_an_engine_started_after_the_deletion_repairs_at_startup(make_rig):
     """No engine runs while networkd flushes the node; the engine started afterwards puts
     everything back before any event. DEL then returns to the pre-ADD state."""
     rig = make_rig("4", rails=2)
-    bare = rig.bare()
-    prevs = {k: bare.add(k) for k in (1, 2)}
-    pre = rig.snapshot()
-    for k, prev in prevs.items():
-        assert_ok(rig.rt("ADD", k, prev))
-    post = rig.snapshot()
+    prevs, pre, post = add_both_rails(rig)
     rig.server.stop()
     networkd_flush(rig.lab)
     assert snapshot_diff(post, rig.snapshot()) != ""
