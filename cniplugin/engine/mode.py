@@ -10,23 +10,22 @@ from cniplugin.protocol.errors import InvalidConfig, UnderlayNotReady
 from cniplugin.records.objects import UNDERLAY_VETH
 
 
-def resolve_mode(config, ifname: str, pod_links: list[str] | None = None) -> str:
+def resolve_mode(config, ifname: str, pod_links: list[str]) -> str:
     """The effective mode: ``overlay``, ``underlay`` or ``disabled``.
 
     ``auto`` means underlay when route-tune runs for the pod's default NIC (podDefaultCniNic)
     or the underlay veth0 already exists (coordinator's rule), else overlay. ``pod_links`` are
-    the pod's link names; None (unknown, e.g. the CLI's disabled check) skips the checks that
-    need them.
+    the pod's link names.
     """
     mode = config.mode  # PluginConfig holds it normalised
     eth0 = config.pod_default_cni_nic
     if mode == "disabled":
         return "disabled"
-    has_veth = pod_links is not None and UNDERLAY_VETH in pod_links
+    has_veth = UNDERLAY_VETH in pod_links
     if mode == "auto":
         mode = "underlay" if ifname == eth0 or has_veth else "overlay"
     if mode == "underlay":
-        if pod_links is not None and ifname != eth0 and not has_veth:
+        if ifname != eth0 and not has_veth:
             raise UnderlayNotReady(
                 f"underlay mode for {ifname!r} needs the pod's {UNDERLAY_VETH}, and it does not "
                 f"exist: route-tune must run on {eth0} (podDefaultCniNic) first, in underlay "

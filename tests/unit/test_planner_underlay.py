@@ -56,7 +56,6 @@ def net1() -> Attachment:
     ("underlay", "net1", ["lo", "eth0", "veth0", "net1"], "underlay"),
     ("overlay", "net1", ["lo", "eth0", "net1"], "overlay"),
     ("disable", "eth0", ["lo"], "disabled"),
-    ("underlay", "net1", None, "underlay"),      # links unknown (CLI): no veth0 check
 ])
 def test_resolve_mode(mode, ifname, links, want):
     assert resolve_mode(config(mode=mode), ifname, links) == want
