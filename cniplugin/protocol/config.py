@@ -281,8 +281,9 @@ def _format_value(value: Any) -> str:
 
 
 def _translate(exc: ValidationError, raw: Mapping, defaults: NodeDefaults) -> InvalidConfig:
-    """Turn pydantic's errors into "key `x`: value `y` is not valid; expected ..." lines."""
-    problems = []
+    """Turn pydantic's errors into "key `x`: value `y` is not valid; expected ..." lines; a hint
+    an earlier line gave is not repeated (libcni prints ``msg; details`` as one line)."""
+    problems, hints = [], set()
     for error in exc.errors():
         msg = error["msg"].removeprefix("Value error, ")
         if msg.startswith("@"):  # a message already phrased by protocol.log
@@ -293,7 +294,10 @@ def _translate(exc: ValidationError, raw: Mapping, defaults: NodeDefaults) -> In
         msg = msg.removeprefix("Input should be ")
         if not msg.startswith("expected"):
             msg = "expected " + msg
-        line = f"key `{key}`: value `{_format_value(error.get('input'))}` is not valid; {msg}"
+        line = f"key `{key}`: value `{_format_value(error.get('input'))}` is not valid"
+        if msg not in hints:
+            line += f"; {msg}"
+            hints.add(msg)
         if loc and loc[0] not in raw and loc[0] in defaults.values:
             line += f" (from the node defaults file {defaults.path})"
         problems.append(line)

@@ -173,6 +173,16 @@ def test_all_problems_are_reported(environ):
     assert "vethMTU" in err.value.details and "txQueueLen" in err.value.details
 
 
+def test_a_hint_is_given_once(environ):
+    """Two entries wrong the same way: the hint is in msg only (libcni prints "msg; details",
+    so details must not repeat it)."""
+    with pytest.raises(InvalidConfig) as err:
+        load({"name": "n", "overlayPodCIDR": ["", "x"]}, environ)
+    assert (err.value.msg, err.value.details) == (
+        "key `overlayPodCIDR[0]`: value `` is not valid; expected a CIDR such as 10.0.0.0/16 or "
+        "a bare IP", "key `overlayPodCIDR[1]`: value `x` is not valid")
+
+
 def test_cidrs_are_normalised(environ):
     c = load({"name": "n", "hijackCIDR": ["169.254.25.10", "fd00::10", "10.1.2.3/16"],
               "policyRoutes": [{"dst": "192.168.9.9", "gw": "10.0.0.1"}],
